@@ -1,0 +1,184 @@
+"""The capture stream of one volume: numbers records, batches them into frames off the request
+path, and hands the frames to a sink, with bounded memory.
+
+The request path (``emit``/``emit_write``, called on the event loop right after each backing
+system call) only appends a record to the current batch. A batch is handed on when it holds
+``frame_bytes`` of data or ``flush_interval`` has passed; an encoder worker thread adds the
+per-block digests, packs and compresses the batch into a frame; a sink worker thread writes the
+frame. Memory held for captured data (batched, encoding or being written) is bounded by
+``memory_limit``: when the sink is slower than the application, :meth:`wait_for_room` makes the
+writer wait until the sink catches up, so the application runs at the sink's speed and nothing
+captured is dropped (see README, "When capture falls behind").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+import zstandard
+
+from zfsrep import blockhash, frames
+from zfsrep.records import BLOCK_SIZE, Op
+
+log = logging.getLogger(__name__)
+
+#: Bytes a record without data counts for, against the memory limit.
+RECORD_OVERHEAD = 128
+
+
+class FrameSink(Protocol):
+    """Where frames go. Methods are blocking and are called from one worker thread."""
+
+    def write_frame(self, frame: bytes, first_seq: int, last_seq: int) -> None: ...
+
+    def sync(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class CaptureStats:
+    records: int = 0
+    frames: int = 0
+    data_bytes: int = 0  # write payload bytes captured
+    frame_bytes: int = 0  # bytes handed to the sink
+    waits: int = 0  # times a writer waited for memory
+    last_seq_sunk: int = 0
+
+
+class CaptureStream:
+    """Ordered, numbered records of one volume, framed and sunk in the background."""
+
+    def __init__(self, sink: FrameSink, *, next_seq: int = 1, frame_bytes: int = 4 << 20,
+                 memory_limit: int = 64 << 20, flush_interval: float = 0.25,
+                 level: int = 1) -> None:
+        self._sink = sink
+        self._seq = next_seq - 1
+        self._frame_bytes = frame_bytes
+        self._memory_limit = memory_limit
+        self._flush_interval = flush_interval
+        self._level = level
+        self._batch: list[list] = []
+        self._batch_bytes = 0
+        self._held = 0  # bytes of batched + in-flight records
+        self._room = trio.Event()
+        self._room.set()
+        self._send_batch: trio.MemorySendChannel | None = None
+        self._closed = False
+        self.stats = CaptureStats(last_seq_sunk=next_seq - 1)
+
+    # ---- request path (event-loop thread, synchronous) -----------------------------------
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    def emit(self, op: int, *args: object) -> None:
+        self._seq += 1
+        self._batch.append([self._seq, time.time_ns(), op, *args])
+        self._batch_bytes += RECORD_OVERHEAD
+        self._held += RECORD_OVERHEAD
+
+    def emit_write(self, ident: int, offset: int, data: bytes, mtime_ns: int) -> None:
+        self._seq += 1
+        self._batch.append([self._seq, time.time_ns(), Op.WRITE, ident, offset, data, None,
+                            mtime_ns])
+        size = len(data) + RECORD_OVERHEAD
+        self._batch_bytes += size
+        self._held += size
+        if self._batch_bytes >= self._frame_bytes:
+            self._hand_off()
+
+    @property
+    def over_limit(self) -> bool:
+        return self._held > self._memory_limit
+
+    async def wait_for_room(self) -> None:
+        """Wait until captured data held in memory is back under the limit."""
+        self.stats.waits += 1
+        self._hand_off()
+        while self._held > self._memory_limit:
+            self._room = trio.Event()
+            await self._room.wait()
+
+    def _hand_off(self) -> None:
+        if not self._batch or self._send_batch is None:
+            return
+        batch, size = self._batch, self._batch_bytes
+        self._batch, self._batch_bytes = [], 0
+        self._send_batch.send_nowait((batch, size))
+
+    # ---- background workers ------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Run the encoder and sink workers until :meth:`aclose` and the queue is drained."""
+        send_batch, receive_batch = trio.open_memory_channel[tuple[list[list], int]](
+            float("inf"))
+        send_frame, receive_frame = trio.open_memory_channel[tuple[bytes, int, int, int]](1)
+        self._send_batch = send_batch
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._encode_loop, receive_batch, send_frame)
+            nursery.start_soon(self._sink_loop, receive_frame)
+            nursery.start_soon(self._tick_loop)
+            task_status.started()
+        await trio.to_thread.run_sync(self._sink.close)
+
+    async def aclose(self) -> None:
+        """Hand on everything captured and stop; :meth:`run` returns once all of it is sunk."""
+        if self._closed or self._send_batch is None:
+            return
+        self._closed = True
+        self._hand_off()
+        await self._send_batch.aclose()
+
+    async def _tick_loop(self) -> None:
+        while not self._closed:
+            await trio.sleep(self._flush_interval)
+            self._hand_off()
+
+    async def _encode_loop(self, receive: trio.MemoryReceiveChannel,
+                           send: trio.MemorySendChannel) -> None:
+        compressor = zstandard.ZstdCompressor(level=self._level)
+        async with send:
+            async for batch, size in receive:
+                frame = await trio.to_thread.run_sync(encode_batch, batch, compressor)
+                await send.send((frame, batch[0][0], batch[-1][0], size))
+
+    async def _sink_loop(self, receive: trio.MemoryReceiveChannel) -> None:
+        async for frame, first, last, size in receive:
+            await trio.to_thread.run_sync(self._sink.write_frame, frame, first, last)
+            st = self.stats
+            st.frames += 1
+            st.records += last - first + 1
+            st.frame_bytes += len(frame)
+            st.last_seq_sunk = last
+            self._held -= size
+            if self._held <= self._memory_limit:
+                self._room.set()
+
+
+def encode_batch(batch: list[list], compressor: zstandard.ZstdCompressor) -> bytes:
+    """Fill in the block digests of WRITE records and encode the batch as one frame."""
+    for rec in batch:
+        if rec[2] == Op.WRITE and rec[6] is None:
+            rec[6] = blockhash.hash_blocks(rec[5], BLOCK_SIZE)
+    return frames.encode_frame(batch, compressor=compressor)
+
+
+class NullRecorder:
+    """A recorder that records nothing (``zfsrep protect --no-capture``, benchmarks)."""
+
+    over_limit = False
+    last_seq = 0
+
+    def emit(self, op: int, *args: object) -> None:
+        pass
+
+    def emit_write(self, ident: int, offset: int, data: bytes, mtime_ns: int) -> None:
+        pass
+
+    async def wait_for_room(self) -> None:
+        pass

@@ -1,0 +1,266 @@
+"""The ``zfsrep`` command line. Every command is ``main(argv) -> int``; a user error is printed
+as one line (``zfsrep: ...``) and exits with the code documented in the README."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from zfsrep import __version__
+from zfsrep.errors import ExitCode, NotFoundError, OSFailure, UsageError, ZfsrepError
+
+log = logging.getLogger("zfsrep")
+
+READY_FD_ENV = "ZFSREP_READY_FD"
+
+
+def _mib(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of MiB: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1 MiB")
+    return value << 20
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zfsrep",
+        description="Continuous data protection for ordinary Linux directories.",
+        epilog="Exit codes: 0 ok, 1 internal error, 2 usage, 3 not found, 4 wrong state, "
+               "5 corrupt data, 6 I/O error, 7 unsafe (would escape or overwrite).")
+    p.add_argument("--version", action="version", version=f"zfsrep {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    p.add_argument("--log-level", default=None,
+                   choices=["debug", "info", "warning", "error"], help="log level")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    pr = sub.add_parser(
+        "protect", help="mount a protected view over a directory and capture every change",
+        description="Mount MOUNTPOINT as a faithful view of --source; every change made through "
+                    "it is applied to the source and captured, in order, into frames in the "
+                    "--spool directory. Returns once the mount is ready (unless --foreground). "
+                    "Stop with 'fusermount3 -u MOUNTPOINT' or SIGTERM: everything captured is "
+                    "written and fsynced before the daemon exits. MOUNTPOINT may be the source "
+                    "directory itself (mount over it).")
+    pr.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    pr.add_argument("--source", type=Path, required=True, metavar="DIR",
+                    help="the backing directory to protect")
+    pr.add_argument("--spool", type=Path, metavar="SPOOLDIR",
+                    help="directory for the captured frames (created if missing)")
+    pr.add_argument("--foreground", "-f", action="store_true",
+                    help="stay attached; log to stderr")
+    pr.add_argument("--no-capture", action="store_true",
+                    help="pure passthrough, nothing captured (diagnostics and benchmarks)")
+    pr.add_argument("--allow-other", action="store_true",
+                    help="let users other than root use the mount (FUSE allow_other)")
+    pr.add_argument("--memory-limit", type=_mib, default=64 << 20, metavar="MIB",
+                    help="memory for captured data not yet in the spool (default 64)")
+    pr.add_argument("--log", type=Path, metavar="FILE",
+                    help="daemon log file (default SPOOLDIR/mountd.log)")
+    pr.add_argument("--ready-timeout", type=float, default=600.0, help=argparse.SUPPRESS)
+
+    rp = sub.add_parser("replay", help="rebuild a directory from a spool's record stream",
+                        description="Apply every record of SPOOL, in order, to the empty "
+                                    "directory DEST (created if missing).")
+    rp.add_argument("spool", type=Path, metavar="SPOOL")
+    rp.add_argument("dest", type=Path, metavar="DEST")
+    rp.add_argument("--json", action="store_true", help="print a JSON summary")
+
+    sp = sub.add_parser("spool", help="inspect a spool directory")
+    sps = sp.add_subparsers(dest="spool_command", metavar="SUBCOMMAND")
+    show = sps.add_parser("show", help="summary of the frames and records in a spool")
+    show.add_argument("spool", type=Path, metavar="SPOOL")
+    show.add_argument("--records", type=int, default=0, metavar="N",
+                      help="also list the last N records")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _setup_logging(args: argparse.Namespace, stream=None) -> None:
+    level = args.log_level or ("debug" if args.verbose else "info")
+    logging.basicConfig(level=level.upper(), stream=stream or sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# ---- protect -------------------------------------------------------------------------------
+def cmd_protect(args: argparse.Namespace) -> int:
+    from zfsrep.mountd.protect import ProtectOptions, check_options
+
+    opts = ProtectOptions(source=args.source, spool=args.spool, mountpoint=args.mountpoint,
+                          capture=not args.no_capture, allow_other=args.allow_other,
+                          memory_limit=args.memory_limit)
+    check_options(opts)
+    if args.foreground:
+        return _protect_foreground(opts)
+    return _protect_background(args, opts)
+
+
+def _protect_foreground(opts) -> int:
+    import trio
+
+    from zfsrep.mountd.protect import run_protected_mount
+
+    ready_fd = int(os.environ.pop(READY_FD_ENV, "-1"))
+
+    def ready() -> None:
+        nonlocal ready_fd
+        if ready_fd >= 0:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+            ready_fd = -1
+
+    try:
+        trio.run(run_protected_mount, opts, ready)
+    except ZfsrepError as e:
+        if ready_fd >= 0:
+            os.write(ready_fd, f"error {e.exit_code} {e}\n".encode())
+        raise
+    except RuntimeError as e:  # pyfuse3.init failures (e.g. mount refused)
+        if ready_fd >= 0:
+            os.write(ready_fd, f"error {ExitCode.IO} {e}\n".encode())
+        raise OSFailure(f"cannot mount {opts.mountpoint}: {e}") from None
+    return 0
+
+
+def _protect_background(args: argparse.Namespace, opts) -> int:
+    log_path = args.log or ((args.spool or Path("/var/log")) / "mountd.log")
+    if args.spool is not None:
+        args.spool.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "zfsrep.cli"]
+    if args.log_level:
+        argv += ["--log-level", args.log_level]
+    elif args.verbose:
+        argv.append("-v")
+    argv += ["protect", str(args.mountpoint), "--source", str(args.source), "--foreground",
+             "--memory-limit", str(args.memory_limit >> 20)]
+    if args.spool is not None:
+        argv += ["--spool", str(args.spool)]
+    if args.no_capture:
+        argv.append("--no-capture")
+    if args.allow_other:
+        argv.append("--allow-other")
+    r, w = os.pipe()
+    env = dict(os.environ, **{READY_FD_ENV: str(w)})
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                pass_fds=(w,), env=env, start_new_session=True)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        line = pipe.readline().decode(errors="replace").strip()
+    if line == "ready":
+        print(f"protecting {args.source} at {args.mountpoint} (daemon pid {proc.pid}, "
+              f"log {log_path})")
+        return 0
+    try:
+        code = proc.wait(timeout=args.ready_timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = ExitCode.FAILURE
+    if line.startswith("error "):
+        _, code_text, message = line.split(" ", 2)
+        raise ZfsrepError(message, exit_code=int(code_text))
+    raise ZfsrepError(f"the mount daemon exited with status {code}; see {log_path}",
+                      exit_code=ExitCode.FAILURE)
+
+
+# ---- replay and spool ----------------------------------------------------------------------
+def cmd_replay(args: argparse.Namespace) -> int:
+    from zfsrep.replay import Replayer
+    from zfsrep.spool import iter_records, read_identity
+
+    identity = read_identity(args.spool)
+    dest: Path = args.dest
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise UsageError(f"destination {dest} exists and is not an empty directory")
+    dest.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    replayer = Replayer(dest, identity.root_ident)
+    count = replayer.apply_all(iter_records(args.spool))
+    elapsed = time.monotonic() - started
+    if args.json:
+        print(json.dumps({"records": count, "dest": str(dest), "seconds": round(elapsed, 3)}))
+    else:
+        print(f"replayed {count} records into {dest} in {elapsed:.2f} s")
+    return 0
+
+
+def _describe(rec: list) -> str:
+    from zfsrep.records import Op
+
+    seq, ts, op, *rest = rec
+    try:
+        name = Op(op).name
+    except ValueError:
+        name = str(op)
+    shown = []
+    for value in rest:
+        if isinstance(value, bytes) and len(value) > 32:
+            shown.append(f"<{len(value)} bytes>")
+        else:
+            shown.append(repr(value))
+    when = time.strftime("%H:%M:%S", time.localtime(ts / 1e9))
+    return f"{seq:>8} {when} {name:<11} {' '.join(shown)}"
+
+
+def cmd_spool(args: argparse.Namespace) -> int:
+    from zfsrep.spool import iter_records, read_identity, spool_stats
+
+    if args.spool_command != "show":
+        raise UsageError("usage: zfsrep spool show SPOOL")
+    identity = read_identity(args.spool)
+    stats = spool_stats(args.spool)
+    tail: list[list] = []
+    if args.records > 0:
+        for rec in iter_records(args.spool):
+            tail.append(rec)
+            if len(tail) > args.records:
+                tail.pop(0)
+    if args.json:
+        out = dict(stats, source=identity.source, root_ident=identity.root_ident,
+                   block_size=identity.block_size)
+        print(json.dumps(out))
+        return 0
+    print(f"spool {args.spool}: volume {identity.source} (root inode {identity.root_ident})")
+    print(f"  {stats['segments']} segments, {stats['frames']} frames, {stats['records']} "
+          f"records (seq {stats['first_seq']}..{stats['last_seq']}), {stats['bytes']} bytes "
+          f"on disk for {stats['raw_bytes']} bytes of records")
+    for rec in tail:
+        print("  " + _describe(rec))
+    return 0
+
+
+COMMANDS = {"protect": cmd_protect, "replay": cmd_replay, "spool": cmd_spool}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return ExitCode.USAGE
+    _setup_logging(args)
+    try:
+        return COMMANDS[args.command](args)
+    except ZfsrepError as e:
+        print(f"zfsrep: {e}", file=sys.stderr)
+        return e.exit_code
+    except FileNotFoundError as e:
+        print(f"zfsrep: {NotFoundError(str(e))}", file=sys.stderr)
+        return ExitCode.NOT_FOUND
+    except OSError as e:
+        print(f"zfsrep: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return ExitCode.IO
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Rebuild a directory from a volume's record stream (``zfsrep replay SPOOL DEST``).
+
+Replay applies records in sequence order to an empty directory. It is the oracle for capture
+completeness: after any workload, the rebuilt tree equals the backing directory in contents,
+sizes, modes, owners, mtimes, symlink targets, hard links, xattrs and entries.
+
+Replay tracks, for every file identity, the names that link to it; a path is computed from the
+parent's identity, so a renamed directory moves its whole subtree. Data for an identity that has
+no name any more (written while unlinked but open) cannot reach the tree and is skipped. Every
+name in a record is checked to be a single path component, so a hostile stream cannot write
+outside DEST.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+
+from zfsrep import syscalls
+from zfsrep.errors import CorruptDataError, UnsafePathError
+from zfsrep.records import ARGS, RENAME_EXCHANGE, Op
+
+log = logging.getLogger(__name__)
+
+
+def _check_name(name: object) -> bytes:
+    if (not isinstance(name, bytes) or not name or b"/" in name or b"\0" in name
+            or name in (b".", b"..")):
+        raise UnsafePathError(f"record names an unsafe entry {name!r}")
+    return name
+
+
+class Replayer:
+    """Applies records to a destination directory; one instance per rebuild."""
+
+    def __init__(self, dest: Path, root_ident: int, *, max_open: int = 128) -> None:
+        self.dest = os.fsencode(dest)
+        self.root_ident = root_ident
+        # identity -> set of (parent identity, name)
+        self.links: dict[int, set[tuple[int, bytes]]] = {}
+        self.kinds: dict[int, int] = {root_ident: stat.S_IFDIR}
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._max_open = max_open
+        self.applied = 0
+
+    # ---- paths ---------------------------------------------------------------------------
+    def path(self, ident: int) -> bytes | None:
+        if ident == self.root_ident:
+            return self.dest
+        links = self.links.get(ident)
+        if not links:
+            return None
+        parent, name = next(iter(links))
+        base = self.path(parent)
+        return None if base is None else base + b"/" + name
+
+    def _entry(self, parent: int, name: object) -> bytes:
+        base = self.path(parent)
+        if base is None or self.kinds.get(parent) != stat.S_IFDIR:
+            raise CorruptDataError(f"record names unknown directory {parent}")
+        return base + b"/" + _check_name(name)
+
+    def _touch_dir(self, ident: int, mtime_ns: int) -> None:
+        p = self.path(ident)
+        if p is not None:
+            os.utime(p, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+
+    def _fd(self, ident: int) -> int | None:
+        fd = self._fds.get(ident)
+        if fd is not None:
+            self._fds.move_to_end(ident)
+            return fd
+        p = self.path(ident)
+        if p is None:
+            return None
+        fd = os.open(p, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._fds[ident] = fd
+        if len(self._fds) > self._max_open:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def _drop(self, ident: int) -> None:
+        fd = self._fds.pop(ident, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _unlink_name(self, ident: int | None, parent: int, name: bytes) -> None:
+        if ident is None:
+            return
+        links = self.links.get(ident)
+        if links is not None:
+            links.discard((parent, name))
+            if not links:
+                del self.links[ident]
+                self.kinds.pop(ident, None)
+                self._drop(ident)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    # ---- records -----------------------------------------------------------------------
+    def apply_all(self, records: Iterable[list]) -> int:
+        try:
+            for rec in records:
+                self.apply(rec)
+        finally:
+            self.close()
+        return self.applied
+
+    def apply(self, rec: list) -> None:
+        try:
+            op = rec[2]
+            handler = _HANDLERS[op]
+        except (IndexError, KeyError, TypeError):
+            raise CorruptDataError(f"record {rec[:3]!r}: unknown operation") from None
+        try:
+            handler(self, *rec[ARGS:])
+        except TypeError as e:
+            raise CorruptDataError(f"record {rec[0]!r}: malformed arguments ({e})") from None
+        self.applied += 1
+
+    def _new(self, parent: int, name: bytes, ident: int, mode: int, uid: int, gid: int,
+             rdev: int, target: bytes | None, mtime_ns: int, parent_mtime_ns: int) -> None:
+        p = self._entry(parent, name)
+        kind = stat.S_IFMT(mode)
+        perm = stat.S_IMODE(mode)
+        if kind == stat.S_IFREG:
+            os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        elif kind == stat.S_IFDIR:
+            os.mkdir(p, 0o700)
+        elif kind == stat.S_IFLNK:
+            if not isinstance(target, bytes):
+                raise CorruptDataError(f"symlink {name!r} without a target")
+            os.symlink(target, p)
+        elif kind in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            os.mknod(p, kind | 0o600, rdev)
+        else:
+            raise CorruptDataError(f"record creates {name!r} of unknown type {kind:o}")
+        os.chown(p, uid, gid, follow_symlinks=False)
+        if kind != stat.S_IFLNK:
+            os.chmod(p, perm)
+        os.utime(p, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+        self.links[ident] = {(parent, name)}
+        self.kinds[ident] = kind
+        self._touch_dir(parent, parent_mtime_ns)
+
+    def _link(self, ident: int, parent: int, name: bytes, parent_mtime_ns: int) -> None:
+        src = self.path(ident)
+        if src is None:
+            raise CorruptDataError(f"link of unknown file {ident}")
+        os.link(src, self._entry(parent, name), follow_symlinks=False)
+        self.links[ident].add((parent, name))
+        self._touch_dir(parent, parent_mtime_ns)
+
+    def _remove(self, parent: int, name: bytes, ident: int, parent_mtime_ns: int) -> None:
+        p = self._entry(parent, name)
+        if self.kinds.get(ident) == stat.S_IFDIR:
+            os.rmdir(p)
+        else:
+            os.unlink(p)
+        self._unlink_name(ident, parent, name)
+        self._touch_dir(parent, parent_mtime_ns)
+
+    def _rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+                flags: int, ident: int, other: int | None, old_mtime_ns: int,
+                new_mtime_ns: int) -> None:
+        src = self._entry(old_parent, old_name)
+        dst = self._entry(new_parent, new_name)
+        if flags & RENAME_EXCHANGE:
+            syscalls.renameat2(syscalls.AT_FDCWD, src, syscalls.AT_FDCWD, dst, RENAME_EXCHANGE)
+            self.links[ident].discard((old_parent, old_name))
+            self.links[ident].add((new_parent, new_name))
+            if other is not None and other in self.links:
+                self.links[other].discard((new_parent, new_name))
+                self.links[other].add((old_parent, old_name))
+        else:
+            os.rename(src, dst)
+            self._unlink_name(other, new_parent, new_name)
+            self.links[ident].discard((old_parent, old_name))
+            self.links[ident].add((new_parent, new_name))
+        self._touch_dir(old_parent, old_mtime_ns)
+        self._touch_dir(new_parent, new_mtime_ns)
+
+    def _write(self, ident: int, offset: int, data: bytes, digests: object,
+               mtime_ns: int) -> None:
+        fd = self._fd(ident)
+        if fd is None:
+            return  # written while unlinked: it has no name in the tree
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+
+    def _truncate(self, ident: int, size: int, mtime_ns: int) -> None:
+        fd = self._fd(ident)
+        if fd is not None:
+            os.ftruncate(fd, size)
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+
+    def _setattr(self, ident: int, mode: int, uid: int, gid: int, mtime_ns: int) -> None:
+        p = self.path(ident)
+        if p is None:
+            return
+        os.chown(p, uid, gid, follow_symlinks=False)
+        if not stat.S_ISLNK(mode):
+            os.chmod(p, stat.S_IMODE(mode))
+        os.utime(p, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+
+    def _setxattr(self, ident: int, name: bytes, value: bytes) -> None:
+        p = self.path(ident)
+        if p is not None:
+            os.setxattr(p, name, value, follow_symlinks=False)
+
+    def _removexattr(self, ident: int, name: bytes) -> None:
+        p = self.path(ident)
+        if p is not None:
+            os.removexattr(p, name, follow_symlinks=False)
+
+
+_HANDLERS = {
+    Op.NEW: Replayer._new,
+    Op.LINK: Replayer._link,
+    Op.REMOVE: Replayer._remove,
+    Op.RENAME: Replayer._rename,
+    Op.WRITE: Replayer._write,
+    Op.TRUNCATE: Replayer._truncate,
+    Op.SETATTR: Replayer._setattr,
+    Op.SETXATTR: Replayer._setxattr,
+    Op.REMOVEXATTR: Replayer._removexattr,
+}

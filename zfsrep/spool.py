@@ -1,0 +1,214 @@
+"""A local spool directory of frame files: the first frame sink, and a reader of what it holds.
+
+Layout (see docs/spool-format.md)::
+
+    SPOOL/volume.json                       identity of the volume the frames belong to
+    SPOOL/segments/<first seq, 20 digits>.zfr   frames back to back, in sequence order
+
+A segment is closed (fsynced) when it reaches ``segment_bytes``; the open one is fsynced on
+:meth:`SpoolWriter.sync` and on close. Opening a spool for writing checks the last segment and
+cuts a torn or corrupt tail (a crash in the middle of a write), logging what it cut.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from zfsrep import frames
+from zfsrep.errors import CorruptDataError, FrameError, NotFoundError, StateError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+META = "volume.json"
+SEGMENTS = "segments"
+SUFFIX = ".zfr"
+
+
+@dataclass(frozen=True)
+class VolumeIdentity:
+    """What a spool's frames belong to: the backing root's inode number identifies it."""
+
+    source: str
+    root_ident: int
+    block_size: int
+    created: str = ""
+    format: int = FORMAT
+
+
+def _segment_name(first_seq: int) -> str:
+    return f"{first_seq:020d}{SUFFIX}"
+
+
+def segment_paths(spool: Path) -> list[Path]:
+    seg_dir = spool / SEGMENTS
+    if not seg_dir.is_dir():
+        return []
+    return sorted(p for p in seg_dir.iterdir() if p.name.endswith(SUFFIX))
+
+
+def read_identity(spool: Path) -> VolumeIdentity:
+    meta = spool / META
+    try:
+        data = json.loads(meta.read_text())
+        ident = VolumeIdentity(**data)
+    except FileNotFoundError:
+        raise NotFoundError(f"{spool} is not a zfsrep spool (no {META})") from None
+    except (ValueError, TypeError) as e:
+        raise CorruptDataError(f"{meta}: unreadable volume identity ({e})") from None
+    if ident.format != FORMAT:
+        raise CorruptDataError(f"{meta}: unsupported spool format {ident.format}")
+    return ident
+
+
+def _scan_segment(path: Path) -> tuple[int, int | None, str | None]:
+    """(offset after the last valid frame, its last seq, why the rest is invalid or None)."""
+    last_seq = None
+    good = 0
+    with open(path, "rb") as f:
+        while True:
+            try:
+                item = frames.read_frame(f)
+            except FrameError as e:
+                return good, last_seq, str(e)
+            if item is None:
+                return good, last_seq, None
+            header, _records = item
+            if last_seq is not None and header.first_seq != last_seq + 1:
+                return good, last_seq, f"sequence gap: {last_seq} then {header.first_seq}"
+            last_seq = header.last_seq
+            good = f.tell()
+
+
+class SpoolWriter:
+    """Appends frames to a spool directory (a :class:`zfsrep.capture.FrameSink`)."""
+
+    def __init__(self, spool: Path, identity: VolumeIdentity, *,
+                 segment_bytes: int = 64 << 20) -> None:
+        self.path = spool
+        self.identity = identity
+        self._segment_bytes = segment_bytes
+        self._fd: int | None = None
+        self._size = 0
+        self.next_seq = 1
+        self._open()
+
+    def _open(self) -> None:
+        spool = self.path
+        (spool / SEGMENTS).mkdir(parents=True, exist_ok=True)
+        meta = spool / META
+        if meta.exists():
+            existing = read_identity(spool)
+            if existing.root_ident != self.identity.root_ident:
+                raise StateError(
+                    f"spool {spool} belongs to {existing.source} (root inode "
+                    f"{existing.root_ident}), not to {self.identity.source}")
+            self.identity = existing
+        else:
+            ident = asdict(self.identity)
+            ident["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+            tmp = meta.with_suffix(".tmp")
+            tmp.write_text(json.dumps(ident, indent=1) + "\n")
+            os.replace(tmp, meta)
+            self.identity = VolumeIdentity(**ident)
+            _fsync_dir(spool)
+        segs = segment_paths(spool)
+        while segs:
+            good, last_seq, problem = _scan_segment(segs[-1])
+            if problem is not None:
+                log.warning("spool %s: cutting invalid tail of %s at byte %d: %s",
+                            spool, segs[-1].name, good, problem)
+                os.truncate(segs[-1], good)
+            if last_seq is None:
+                segs.pop().unlink()  # empty after the cut: a fresh segment replaces it
+                continue
+            self.next_seq = last_seq + 1
+            break
+
+    def _rotate(self, first_seq: int) -> None:
+        self.close()
+        path = self.path / SEGMENTS / _segment_name(first_seq)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._size = 0
+        _fsync_dir(self.path / SEGMENTS)
+
+    def write_frame(self, frame: bytes, first_seq: int, last_seq: int) -> None:
+        if first_seq != self.next_seq:
+            raise StateError(f"spool {self.path}: frame starts at {first_seq}, "
+                             f"expected {self.next_seq}")
+        if self._fd is None or self._size >= self._segment_bytes:
+            self._rotate(first_seq)
+        view = memoryview(frame)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self._size += len(frame)
+        self.next_seq = last_seq + 1
+
+    def sync(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def iter_records(spool: Path) -> Iterator[list]:
+    """Every record in the spool in sequence order; refuses gaps and corrupt frames."""
+    expected = None
+    for path in segment_paths(spool):
+        with open(path, "rb") as f:
+            while True:
+                try:
+                    item = frames.read_frame(f)
+                except FrameError as e:
+                    raise CorruptDataError(f"{path}: {e}") from None
+                if item is None:
+                    break
+                header, records = item
+                if expected is not None and header.first_seq != expected:
+                    raise CorruptDataError(
+                        f"{path}: records {expected}..{header.first_seq - 1} are missing")
+                expected = header.last_seq + 1
+                yield from records
+
+
+def spool_stats(spool: Path) -> dict[str, int]:
+    """Counts for ``zfsrep spool show``: segments, frames, records, bytes, sequence range."""
+    segs = segment_paths(spool)
+    out = {"segments": len(segs), "frames": 0, "records": 0, "bytes": 0,
+           "first_seq": 0, "last_seq": 0, "raw_bytes": 0}
+    for path in segs:
+        out["bytes"] += path.stat().st_size
+        with open(path, "rb") as f:
+            while True:
+                try:
+                    item = frames.read_frame(f)
+                except FrameError as e:
+                    raise CorruptDataError(f"{path}: {e}") from None
+                if item is None:
+                    break
+                header, _ = item
+                out["frames"] += 1
+                out["records"] += header.record_count
+                out["raw_bytes"] += header.raw_len
+                out["first_seq"] = out["first_seq"] or header.first_seq
+                out["last_seq"] = header.last_seq
+    return out
