@@ -61,9 +61,10 @@ class _Scanner:
                 self.progress.bytes += len(data)
                 await self._room()
 
-    def xattrs(self, path: bytes, ident: int) -> None:
-        for name in os.listxattr(path, follow_symlinks=False):
-            value = os.getxattr(path, name, follow_symlinks=False)
+    def xattrs(self, proc_path: bytes, ident: int) -> None:
+        """Record the xattrs of an open file or directory (``/proc/self/fd/N``)."""
+        for name in os.listxattr(proc_path):
+            value = os.getxattr(proc_path, name)
             self.rec.emit(Op.SETXATTR, ident, os.fsencode(name), value)
 
     async def directory(self, dir_fd: int, dir_ident: int, dir_st: os.stat_result) -> None:

@@ -315,9 +315,19 @@ class BackingVolume:
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
         of = self._files[fh]
-        n = os.pwrite(of.fd, data, offset)
+        if self.writeback:
+            # The kernel's writeback cache owns the file times and sends them with SETATTR
+            # when it writes its metadata back; a write reaching us later must not move the
+            # backing mtime past the one the application was shown.
+            st = os.fstat(of.fd)
+            n = os.pwrite(of.fd, data, offset)
+            os.utime(of.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+            mtime_ns = st.st_mtime_ns
+        else:
+            n = os.pwrite(of.fd, data, offset)
+            mtime_ns = os.fstat(of.fd).st_mtime_ns
         self.recorder.emit_write(of.inode.ident, offset, data if n == len(data) else data[:n],
-                                 os.fstat(of.fd).st_mtime_ns)
+                                 mtime_ns)
         return n
 
     def fsync(self, fh: int, datasync: bool) -> None:

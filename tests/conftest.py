@@ -1,0 +1,147 @@
+"""Shared fixtures. Real-mount fixtures always unmount, whatever the test did."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from treesnap import diff_trees, tree_snapshot
+
+FUSERMOUNT = "fusermount3"
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.fsencode(os.path.realpath(path))
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4].replace(b"\\040", b" ") == target:
+                return True
+    return False
+
+
+def zfsrep(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run the zfsrep CLI as a user would (a subprocess of this Python)."""
+    proc = subprocess.run([sys.executable, "-m", "zfsrep.cli", *args], capture_output=True,
+                          text=True, timeout=kw.pop("timeout", 300), **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"zfsrep {' '.join(args)} exited {proc.returncode}: "
+                             f"{proc.stderr.strip()}")
+    return proc
+
+
+class ProtectedMount:
+    """A `zfsrep protect --foreground` daemon over a backing directory, for one test."""
+
+    def __init__(self, base: Path, *, capture: bool = True, extra: tuple[str, ...] = ()):
+        self.source = base / "source"
+        self.mnt = base / "mnt"
+        self.spool = base / "spool"
+        self.log = base / "mountd.log"
+        self.capture = capture
+        self.extra = extra
+        self.proc: subprocess.Popen | None = None
+        self.returncode: int | None = None  # of the last daemon that stopped
+        self.expected_log: list[str] = []
+        for d in (self.source, self.mnt):
+            d.mkdir(exist_ok=True)
+
+    def start(self, timeout: float = 30.0) -> None:
+        args = [sys.executable, "-m", "zfsrep.cli", "protect", str(self.mnt), "--source",
+                str(self.source), "--foreground", *self.extra]
+        args += ["--spool", str(self.spool)] if self.capture else ["--no-capture"]
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=logf,
+                                         stderr=logf)
+        deadline = time.monotonic() + timeout
+        while not is_mounted(self.mnt):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mount daemon exited {self.proc.returncode}:\n"
+                                     + self.log.read_text())
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError("mount did not come up in time:\n" + self.log.read_text())
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """Unmount and wait for the daemon; escalate to lazy unmount and kill if needed."""
+        if self.proc is None:
+            return self.returncode
+        code = None
+        try:
+            if is_mounted(self.mnt):
+                subprocess.run([FUSERMOUNT, "-u", str(self.mnt)], capture_output=True,
+                               timeout=30)
+            if self.proc is not None:
+                code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            if is_mounted(self.mnt):
+                subprocess.run([FUSERMOUNT, "-u", "-z", str(self.mnt)], capture_output=True)
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self.proc = None
+            self.returncode = code
+        return code
+
+    def restart(self) -> None:
+        assert self.stop() == 0
+        self.start()
+
+    def log_problems(self) -> list[str]:
+        if not self.log.exists():
+            return []
+        lines = self.log.read_text(errors="replace").splitlines()
+        bad = [ln for ln in lines
+               if (" WARNING " in ln or " ERROR " in ln or " CRITICAL " in ln
+                   or "Traceback" in ln)]
+        return [ln for ln in bad if not any(e in ln for e in self.expected_log)]
+
+    def replay_equals_source(self, dest: Path) -> None:
+        zfsrep("replay", str(self.spool), str(dest))
+        diffs = diff_trees(tree_snapshot(self.source), tree_snapshot(dest))
+        assert not diffs, "replayed tree differs from the backing directory:\n" + "\n".join(
+            diffs)
+
+
+@pytest.fixture
+def protected(tmp_path: Path):
+    """A started protected mount with capture on; unmounted and log-checked afterwards."""
+    m = ProtectedMount(tmp_path)
+    m.start()
+    try:
+        yield m
+    finally:
+        code = m.stop()
+    assert code == 0, f"mount daemon exited {code}:\n{m.log.read_text()}"
+    problems = m.log_problems()
+    assert not problems, "unexpected warnings or errors in the daemon log:\n" + "\n".join(
+        problems)
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path):
+    """Make ProtectedMount objects (not started); all are stopped at the end."""
+    made: list[ProtectedMount] = []
+
+    def make(name: str = "m", **kw) -> ProtectedMount:
+        base = tmp_path / name
+        base.mkdir()
+        m = ProtectedMount(base, **kw)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.stop()

@@ -1,0 +1,327 @@
+"""The one codec of the record stream: frames of zstd-compressed msgpack record batches.
+
+A frame is a fixed 48-byte little-endian header followed by ``comp_len`` bytes of payload: one
+zstd frame whose content is a msgpack array of records, each record an array ``[seq, ...]``.
+The byte layout, the limits and the order of the checks are documented in
+``docs/frame-format.md``; the record vocabulary is in ``docs/record-format.md``.
+
+Decoding trusts nothing: every length is bounded before anything is allocated, the header
+carries a CRC-32 of itself and a 64-bit checksum of the payload, decompression is bounded by
+the declared raw length, and every failure is a :class:`~zfsrep.errors.FrameError` whose
+one-line message names the failed check. Encoding errors (a caller bug) are ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import msgpack
+import zstandard
+
+from zfsrep.errors import FrameError
+
+MAGIC = b"ZFRM"
+VERSION = 1
+FLAGS = 0  # no flags are defined in version 1; a frame with any flag set is refused
+
+# magic, version, flags, first_seq, last_seq, record_count, raw_len, comp_len, checksum; then
+# the CRC-32 of those 44 bytes
+_BODY = struct.Struct("<4sHHQQIII8s")
+_CRC = struct.Struct("<I")
+_CRC_OFFSET = _BODY.size
+HEADER_SIZE = _BODY.size + _CRC.size  # 48
+
+MAX_RAW_LEN = 64 << 20
+MAX_RECORDS = 1 << 20
+MAX_SEQ = (1 << 64) - 1
+_MIN_RECORD_LEN = 2  # a record is at least a 1-byte array header and a 1-byte int
+
+
+def compress_bound(raw_len: int) -> int:
+    """Largest payload zstd produces for ``raw_len`` input bytes (``ZSTD_COMPRESSBOUND``)."""
+    small = (128 * 1024 - raw_len) >> 11 if raw_len < 128 * 1024 else 0
+    return raw_len + (raw_len >> 8) + small
+
+
+MAX_COMP_LEN = compress_bound(MAX_RAW_LEN)
+
+
+@dataclass(frozen=True, slots=True)
+class FrameHeader:
+    version: int
+    flags: int
+    first_seq: int
+    last_seq: int
+    record_count: int
+    raw_len: int
+    comp_len: int
+    checksum: bytes
+
+    @property
+    def frame_len(self) -> int:
+        """Length of the whole frame, header included."""
+        return HEADER_SIZE + self.comp_len
+
+
+Buffer = bytes | bytearray | memoryview
+
+_local = threading.local()  # zstd contexts are not thread-safe: one per thread
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cache: dict[int, zstandard.ZstdCompressor] = _local.__dict__.setdefault("cctx", {})
+    cctx = cache.get(level)
+    if cctx is None:
+        cctx = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return cctx
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dctx = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
+def payload_checksum(payload: Buffer) -> bytes:
+    """The 8-byte payload checksum: the first 8 bytes of XXH3-128 of the compressed payload."""
+    from zfsrep import blockhash  # lazy: the native hashing module loads on first use
+
+    return blockhash.digest(payload)[:8]
+
+
+def _oneline(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:200]
+
+
+def _check_seqs(records: Sequence[Sequence]) -> int:
+    """Validate the seq numbers of records to encode; return first_seq."""
+    first = None
+    for i, rec in enumerate(records):
+        if not isinstance(rec, (list, tuple)) or not rec:
+            raise ValueError(f"record {i} is not a non-empty list or tuple")
+        seq = rec[0]
+        if type(seq) is not int:
+            raise ValueError(f"record {i}: sequence number {seq!r} is not an int")
+        if first is None:
+            if not 0 <= seq <= MAX_SEQ - len(records) + 1:
+                raise ValueError(f"record 0: sequence number {seq} out of range")
+            first = seq
+        elif seq != first + i:
+            raise ValueError(f"record {i}: sequence number {seq}, expected {first + i}")
+    assert first is not None
+    return first
+
+
+def encode_frame_parts(
+    records: Sequence[Sequence],
+    *,
+    level: int = 1,
+    compressor: zstandard.ZstdCompressor | None = None,
+) -> tuple[bytes, bytes]:
+    """Encode ``records`` as ``(header, payload)``, for ``writelines``/``sendmsg`` without a join.
+
+    ``compressor`` (optional, reused for speed; not thread-safe) must write the content size.
+    Raises ``ValueError`` for no records, too many, bad sequence numbers or oversize payloads.
+    """
+    count = len(records)
+    if count == 0:
+        raise ValueError("cannot encode a frame with no records")
+    if count > MAX_RECORDS:
+        raise ValueError(f"{count} records exceed the limit of {MAX_RECORDS} per frame")
+    first_seq = _check_seqs(records)
+    packer = msgpack.Packer(autoreset=False, use_bin_type=True)
+    packer.pack(records if isinstance(records, (list, tuple)) else list(records))
+    with packer.getbuffer() as raw:  # the packer's own buffer: no copy of the record data
+        raw_len = raw.nbytes
+        if raw_len > MAX_RAW_LEN:
+            raise ValueError(f"payload of {raw_len} bytes exceeds limit {MAX_RAW_LEN}")
+        cctx = _compressor(level) if compressor is None else compressor
+        payload = cctx.compress(raw)
+    packer.reset()
+    if zstandard.frame_content_size(payload) != raw_len:
+        raise ValueError("the zstd compressor must write the content size (write_content_size)")
+    comp_len = len(payload)
+    if comp_len > compress_bound(raw_len):  # pragma: no cover - zstd guarantees the bound
+        raise ValueError(f"compressed payload of {comp_len} bytes exceeds the zstd bound")
+    last_seq = first_seq + count - 1
+    fields = (MAGIC, VERSION, FLAGS, first_seq, last_seq, count, raw_len, comp_len)
+    head = _BODY.pack(*fields, payload_checksum(payload))
+    return head + _CRC.pack(zlib.crc32(head)), payload
+
+
+def encode_frame(
+    records: Sequence[Sequence],
+    *,
+    level: int = 1,
+    compressor: zstandard.ZstdCompressor | None = None,
+) -> bytes:
+    """Encode ``records`` (each ``[seq, ...]``, seqs consecutive) as one frame."""
+    header, payload = encode_frame_parts(records, level=level, compressor=compressor)
+    return b"".join((header, payload))
+
+
+def parse_header(buf: Buffer) -> FrameHeader:
+    """Parse and validate the header at the start of ``buf`` (later bytes are ignored)."""
+    if len(buf) < HEADER_SIZE:
+        raise FrameError(f"frame header: truncated, {len(buf)} of {HEADER_SIZE} bytes")
+    magic, version, flags, first_seq, last_seq, count, raw_len, comp_len, checksum = (
+        _BODY.unpack_from(buf)
+    )
+    (crc,) = _CRC.unpack_from(buf, _CRC_OFFSET)
+    if magic != MAGIC:
+        raise FrameError(f"frame header: bad magic {magic!r}")
+    if version != VERSION:
+        raise FrameError(f"frame header: unsupported version {version}, expected {VERSION}")
+    actual_crc = zlib.crc32(memoryview(buf)[:_CRC_OFFSET])
+    if crc != actual_crc:
+        raise FrameError(
+            f"frame header: crc mismatch (stored {crc:#010x}, computed {actual_crc:#010x})"
+        )
+    if flags != FLAGS:
+        raise FrameError(f"frame header: unknown flags {flags:#06x}")
+    if count == 0:
+        raise FrameError("frame header: record count is 0")
+    if count > MAX_RECORDS:
+        raise FrameError(f"frame header: record count {count} exceeds limit {MAX_RECORDS}")
+    if last_seq < first_seq or last_seq - first_seq + 1 != count:
+        raise FrameError(
+            f"frame header: seq range {first_seq}..{last_seq} does not hold {count} records"
+        )
+    if raw_len > MAX_RAW_LEN:
+        raise FrameError(
+            f"frame payload: declared raw length {raw_len} exceeds limit {MAX_RAW_LEN}"
+        )
+    if raw_len < 1 + _MIN_RECORD_LEN * count:
+        raise FrameError(f"frame header: raw length {raw_len} too small for {count} records")
+    if comp_len > compress_bound(raw_len):
+        raise FrameError(
+            f"frame payload: declared compressed length {comp_len} exceeds bound "
+            f"{compress_bound(raw_len)} for raw length {raw_len}"
+        )
+    return FrameHeader(version, flags, first_seq, last_seq, count, raw_len, comp_len, checksum)
+
+
+def _decompress(header: FrameHeader, payload: Buffer) -> bytes:
+    try:
+        declared = zstandard.frame_content_size(payload)
+    except Exception as exc:  # untrusted input: any parser failure means a bad frame
+        raise FrameError(f"frame payload: bad zstd frame header ({_oneline(exc)})") from None
+    if declared != header.raw_len:
+        what = "no content size" if declared == -1 else f"content size {declared}"
+        raise FrameError(
+            f"frame payload: zstd frame declares {what}, header says raw length {header.raw_len}"
+        )
+    try:
+        raw = _decompressor().decompress(
+            payload, max_output_size=header.raw_len, allow_extra_data=False
+        )
+    except Exception as exc:
+        raise FrameError(f"frame payload: zstd decompression failed ({_oneline(exc)})") from None
+    if len(raw) != header.raw_len:
+        raise FrameError(
+            f"frame payload: decompressed {len(raw)} bytes, header says {header.raw_len}"
+        )
+    return raw
+
+
+def decode_payload(header: FrameHeader, payload: Buffer) -> list[list]:
+    """Verify and decode the payload that follows ``header``; return its records."""
+    if len(payload) != header.comp_len:
+        raise FrameError(f"frame payload: {len(payload)} bytes, header says {header.comp_len}")
+    if payload_checksum(payload) != header.checksum:
+        raise FrameError("frame payload: checksum mismatch")
+    raw = _decompress(header, payload)
+    n = header.raw_len
+    try:
+        records = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=n,
+            max_bin_len=n,
+            max_array_len=n,
+            max_map_len=n // 2,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # untrusted input: any parser failure means a bad frame
+        raise FrameError(f"frame payload: bad msgpack ({_oneline(exc)})") from None
+    if type(records) is not list:
+        raise FrameError(f"frame payload: not an array of records ({type(records).__name__})")
+    if len(records) != header.record_count:
+        raise FrameError(
+            f"frame payload: {len(records)} records, header says {header.record_count}"
+        )
+    expected = header.first_seq
+    for i, rec in enumerate(records):
+        if type(rec) is not list or not rec:
+            raise FrameError(f"frame payload: record {i} is not a non-empty array")
+        seq = rec[0]
+        if type(seq) is not int:
+            raise FrameError(f"frame payload: record {i} seq is {type(seq).__name__}, not int")
+        if seq != expected:
+            raise FrameError(f"frame payload: record {i} has seq {seq}, expected {expected}")
+        expected += 1
+    return records
+
+
+def decode_frame(buf: Buffer) -> tuple[FrameHeader, list[list]]:
+    """Decode a buffer that holds exactly one frame."""
+    header = parse_header(buf)
+    if len(buf) < header.frame_len:
+        raise FrameError(
+            f"frame payload: truncated, {len(buf) - HEADER_SIZE} of {header.comp_len} bytes"
+        )
+    if len(buf) > header.frame_len:
+        raise FrameError(f"frame: {len(buf) - header.frame_len} trailing bytes after payload")
+    return header, decode_payload(header, memoryview(buf)[HEADER_SIZE:])
+
+
+def _read_into(f: BinaryIO, buf: bytearray) -> int:
+    """Fill ``buf`` from ``f``; return how many bytes were read (short only at EOF)."""
+    view = memoryview(buf)
+    got = 0
+    readinto = getattr(f, "readinto", None)
+    while got < len(buf):
+        if readinto is not None:
+            n = readinto(view[got:])
+        else:
+            chunk = f.read(len(buf) - got)
+            n = len(chunk)
+            view[got : got + n] = chunk
+        if not n:
+            break
+        got += n
+    return got
+
+
+def read_frame(f: BinaryIO) -> tuple[FrameHeader, list[list]] | None:
+    """Read one frame from a blocking binary stream; ``None`` at a clean EOF.
+
+    A stream that ends inside a frame raises :class:`FrameError`; ``OSError`` propagates.
+    """
+    head = bytearray(HEADER_SIZE)
+    got = _read_into(f, head)
+    if got == 0:
+        return None
+    if got < HEADER_SIZE:
+        raise FrameError(f"frame header: truncated, {got} of {HEADER_SIZE} bytes")
+    header = parse_header(head)  # bounds comp_len before the payload buffer is allocated
+    payload = bytearray(header.comp_len)
+    got = _read_into(f, payload)
+    if got < header.comp_len:
+        raise FrameError(f"frame payload: truncated, {got} of {header.comp_len} bytes")
+    return header, decode_payload(header, payload)
+
+
+def iter_frames(f: BinaryIO) -> Iterator[tuple[FrameHeader, list[list]]]:
+    """Yield every frame of a stream until a clean EOF."""
+    while (frame := read_frame(f)) is not None:
+        yield frame
