@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - the native module may not be written y
 from zfsrep import frames
 from zfsrep.errors import ExitCode, FrameError
 from zfsrep.frames import (
+    FLAG_STORED,
     HEADER_SIZE,
     MAGIC,
     MAX_COMP_LEN,
@@ -233,7 +234,30 @@ def test_header_crc_mismatch() -> None:
 
 
 def test_unknown_flags() -> None:
-    expect(build(GOOD_RAW, first_seq=10, flags=1), "frame header: unknown flags 0x0001")
+    expect(build(GOOD_RAW, first_seq=10, flags=2), "frame header: unknown flags 0x0002")
+
+
+def test_incompressible_payload_is_stored_and_round_trips() -> None:
+    records = [[i + 1, 0, 5, 7, i << 20, os.urandom(1 << 20)] for i in range(4)]
+    frame = encode_frame(records)
+    header, out = decode_frame(frame)
+    assert header.flags & FLAG_STORED
+    assert header.comp_len == header.raw_len
+    assert out == records
+
+
+def test_compressible_payload_is_compressed() -> None:
+    records = [[i + 1, 0, 5, 7, 0, b"text " * 100_000] for i in range(4)]
+    header, out = decode_frame(encode_frame(records))
+    assert not header.flags & FLAG_STORED
+    assert header.comp_len < header.raw_len // 10
+    assert out == records
+
+
+def test_stored_frame_with_length_mismatch_is_refused() -> None:
+    raw = msgpack.packb([[1, 0, b"x" * 100]])
+    expect(build(raw, first_seq=1, flags=FLAG_STORED, payload=raw, comp_len=len(raw) - 1),
+           "frame payload: stored payload")
 
 
 @pytest.mark.parametrize("n", [1, 4, 20, HEADER_SIZE - 1])

@@ -101,7 +101,8 @@ class CaptureStream:
         self.stats.waits += 1
         self._hand_off()
         while self._held > self._memory_limit:
-            self._room = trio.Event()
+            if self._room.is_set():  # all waiters share one event until the sink sets it
+                self._room = trio.Event()
             await self._room.wait()
 
     def _hand_off(self) -> None:

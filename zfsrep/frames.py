@@ -27,7 +27,17 @@ from zfsrep.errors import FrameError
 
 MAGIC = b"ZFRM"
 VERSION = 1
-FLAGS = 0  # no flags are defined in version 1; a frame with any flag set is refused
+FLAGS = 0
+#: The payload is the msgpack bytes themselves, not a zstd frame (chosen by the encoder when a
+#: sample of the payload does not compress: captured data that is already compressed or
+#: random costs no compression time). comp_len then equals raw_len.
+FLAG_STORED = 0x0001
+KNOWN_FLAGS = FLAG_STORED
+#: Payloads larger than this are sampled before compressing; a sample that shrinks to more
+#: than STORE_RATIO of its size means the payload is stored.
+SAMPLE_MIN = 256 * 1024
+SAMPLE_SLICE = 32 * 1024
+STORE_RATIO = 0.8
 
 # magic, version, flags, first_seq, last_seq, record_count, raw_len, comp_len, checksum; then
 # the CRC-32 of those 44 bytes
@@ -143,17 +153,32 @@ def encode_frame_parts(
         if raw_len > MAX_RAW_LEN:
             raise ValueError(f"payload of {raw_len} bytes exceeds limit {MAX_RAW_LEN}")
         cctx = _compressor(level) if compressor is None else compressor
-        payload = cctx.compress(raw)
+        if raw_len >= SAMPLE_MIN and not _worth_compressing(cctx, raw):
+            flags, payload = FLAG_STORED, bytes(raw)
+        else:
+            flags, payload = FLAGS, cctx.compress(raw)
+            if zstandard.frame_content_size(payload) != raw_len:
+                raise ValueError(
+                    "the zstd compressor must write the content size (write_content_size)")
     packer.reset()
-    if zstandard.frame_content_size(payload) != raw_len:
-        raise ValueError("the zstd compressor must write the content size (write_content_size)")
     comp_len = len(payload)
     if comp_len > compress_bound(raw_len):  # pragma: no cover - zstd guarantees the bound
         raise ValueError(f"compressed payload of {comp_len} bytes exceeds the zstd bound")
     last_seq = first_seq + count - 1
-    fields = (MAGIC, VERSION, FLAGS, first_seq, last_seq, count, raw_len, comp_len)
+    fields = (MAGIC, VERSION, flags, first_seq, last_seq, count, raw_len, comp_len)
     head = _BODY.pack(*fields, payload_checksum(payload))
     return head + _CRC.pack(zlib.crc32(head)), payload
+
+
+def _worth_compressing(cctx: zstandard.ZstdCompressor, raw: memoryview) -> bool:
+    """Compress three slices (start, middle, end); False if they barely shrink."""
+    n = raw.nbytes
+    total = packed = 0
+    for start in (0, (n - SAMPLE_SLICE) // 2, n - SAMPLE_SLICE):
+        piece = raw[start:start + SAMPLE_SLICE]
+        total += piece.nbytes
+        packed += len(cctx.compress(piece))
+    return packed <= STORE_RATIO * total
 
 
 def encode_frame(
@@ -184,7 +209,7 @@ def parse_header(buf: Buffer) -> FrameHeader:
         raise FrameError(
             f"frame header: crc mismatch (stored {crc:#010x}, computed {actual_crc:#010x})"
         )
-    if flags != FLAGS:
+    if flags & ~KNOWN_FLAGS:
         raise FrameError(f"frame header: unknown flags {flags:#06x}")
     if count == 0:
         raise FrameError("frame header: record count is 0")
@@ -200,6 +225,10 @@ def parse_header(buf: Buffer) -> FrameHeader:
         )
     if raw_len < 1 + _MIN_RECORD_LEN * count:
         raise FrameError(f"frame header: raw length {raw_len} too small for {count} records")
+    if flags & FLAG_STORED and comp_len != raw_len:
+        raise FrameError(
+            f"frame payload: stored payload of {comp_len} bytes, header says raw length {raw_len}"
+        )
     if comp_len > compress_bound(raw_len):
         raise FrameError(
             f"frame payload: declared compressed length {comp_len} exceeds bound "
@@ -237,7 +266,7 @@ def decode_payload(header: FrameHeader, payload: Buffer) -> list[list]:
         raise FrameError(f"frame payload: {len(payload)} bytes, header says {header.comp_len}")
     if payload_checksum(payload) != header.checksum:
         raise FrameError("frame payload: checksum mismatch")
-    raw = _decompress(header, payload)
+    raw = payload if header.flags & FLAG_STORED else _decompress(header, payload)
     n = header.raw_len
     try:
         records = msgpack.unpackb(

@@ -1,0 +1,196 @@
+/*
+ * Block hashing on the system libxxhash (libxxhash-dev), see blockhash.h.
+ *
+ * Two ways of using the library, chosen at build time (native/build_blockhash.py):
+ *
+ * - default, header-only inline build: XXH_INLINE_ALL + <xxhash.h>. The header
+ *   picks its vector code at compile time (SSE2 on plain x86_64), so on x86 with
+ *   GCC/clang we also compile AVX2 and AVX-512 variants of the long-input loop
+ *   with target attributes (the same hooks, XXH_DISPATCH_AVX2/XXH_TARGET_AVX2,
+ *   that xxHash's own x86 dispatcher uses) and pick one at load time with
+ *   __builtin_cpu_supports. No -march flags are needed, so the build runs on
+ *   any x86_64. The variants call internal functions of xxhash.h whose
+ *   signatures changed in 0.8.2, so they are compiled only for the header
+ *   versions checked below; any other version uses the header's default path.
+ *
+ * - ZB_SHARED_LIBXXHASH: link libxxhash.so and call XXH3_128bits, or
+ *   XXH3_128bits_dispatch when the library exports it (Debian's amd64 build
+ *   does); a weak reference makes that optional at run time.
+ *
+ * On the Debian 12 development machine (AVX-512) the inline build measured
+ * 10-20 % faster than the shared library's own dispatch, in and out of cache
+ * (bench/bench_hash.py), and it needs no run-time library, hence the default.
+ * ZB_NO_DISPATCH keeps the inline build but skips the AVX variants.
+ */
+#include "blockhash.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* x86_64 only: there SSE2 is the baseline that XXH_X86DISPATCH's code assumes. */
+#if !defined(ZB_SHARED_LIBXXHASH) && !defined(ZB_NO_DISPATCH) && defined(__x86_64__) \
+    && (defined(__GNUC__) || defined(__clang__))
+#define ZB_X86 1
+#include <immintrin.h>
+#define XXH_X86DISPATCH /* 64-byte accumulator alignment, SSE2 code always present */
+#define XXH_DISPATCH_AVX2 1
+#define XXH_TARGET_AVX2 __attribute__((target("avx2")))
+#define XXH_DISPATCH_AVX512 1
+#define XXH_TARGET_AVX512 __attribute__((target("avx512f")))
+#else
+#define ZB_X86 0
+#endif
+
+#ifndef ZB_SHARED_LIBXXHASH
+#define XXH_INLINE_ALL
+#endif
+#include <xxhash.h>
+
+typedef XXH128_hash_t (*zb_hash_fn)(const void *, size_t);
+
+static XXH128_hash_t hash_default(const void *p, size_t n)
+{
+    return XXH3_128bits(p, n);
+}
+
+static zb_hash_fn zb_hash = hash_default;
+static const char *zb_kernel_name = "default";
+
+#if ZB_X86 && XXH_VERSION_NUMBER == 801
+/* Inputs above 240 bytes go to a "hashLong" function; these are the header's
+ * own default hashLong with the vector kernels named explicitly. */
+#define ZB_HASHLONG(name, isa, acc, scramble)                                            \
+    __attribute__((noinline, target(isa))) static XXH128_hash_t name(                    \
+        const void *XXH_RESTRICT p, size_t n, XXH64_hash_t seed,                         \
+        const void *XXH_RESTRICT secret, size_t secret_len)                              \
+    {                                                                                    \
+        (void)seed;                                                                      \
+        (void)secret;                                                                    \
+        (void)secret_len;                                                                \
+        return XXH3_hashLong_128b_internal(p, n, XXH3_kSecret, sizeof(XXH3_kSecret), acc, \
+                                           scramble);                                    \
+    }
+
+ZB_HASHLONG(hashlong_avx2, "avx2", XXH3_accumulate_512_avx2, XXH3_scrambleAcc_avx2)
+ZB_HASHLONG(hashlong_avx512, "avx512f", XXH3_accumulate_512_avx512, XXH3_scrambleAcc_avx512)
+
+static XXH128_hash_t hash_avx2(const void *p, size_t n)
+{
+    return XXH3_128bits_internal(p, n, 0, XXH3_kSecret, sizeof(XXH3_kSecret), hashlong_avx2);
+}
+
+static XXH128_hash_t hash_avx512(const void *p, size_t n)
+{
+    return XXH3_128bits_internal(p, n, 0, XXH3_kSecret, sizeof(XXH3_kSecret), hashlong_avx512);
+}
+
+/* Runs when the shared object is loaded, before any call, so zb_hash is never
+ * written while another thread reads it. __builtin_cpu_supports also checks
+ * that the OS saves the AVX/AVX-512 register state. ZFSREP_XXH3_KERNEL=avx2 or
+ * =default caps the choice, so tests can exercise every kernel on one machine. */
+__attribute__((constructor)) static void zb_select_kernel(void)
+{
+    const char *cap = getenv("ZFSREP_XXH3_KERNEL");
+    int allow_avx512 = cap == NULL || *cap == '\0' || strcmp(cap, "avx512") == 0;
+    int allow_avx2 = allow_avx512 || strcmp(cap, "avx2") == 0;
+
+    __builtin_cpu_init();
+    if (allow_avx512 && __builtin_cpu_supports("avx512f")) {
+        zb_hash = hash_avx512;
+        zb_kernel_name = "avx512";
+    } else if (allow_avx2 && __builtin_cpu_supports("avx2")) {
+        zb_hash = hash_avx2;
+        zb_kernel_name = "avx2";
+    }
+}
+
+#elif defined(ZB_SHARED_LIBXXHASH) && defined(__GNUC__) && defined(__ELF__)
+/* Exported by libxxhash builds that include xxh_x86dispatch.c; NULL otherwise. */
+extern XXH128_hash_t XXH3_128bits_dispatch(const void *, size_t) __attribute__((weak));
+
+__attribute__((constructor)) static void zb_select_kernel(void)
+{
+    zb_kernel_name = "shared";
+    if (XXH3_128bits_dispatch != NULL) {
+        zb_hash = XXH3_128bits_dispatch;
+        zb_kernel_name = "shared-dispatch";
+    }
+}
+#endif
+
+const char *zb_kernel(void)
+{
+    return zb_kernel_name;
+}
+
+static inline void put_digest(const uint8_t *p, size_t n, uint8_t *out)
+{
+    XXH128_canonicalFromHash((XXH128_canonical_t *)(void *)out, zb_hash(p, n));
+}
+
+size_t zb_hash_blocks(const uint8_t *buf, size_t len, size_t block_size, uint8_t *out)
+{
+    size_t i = 0;
+    if (block_size == 0)
+        return 0;
+    for (size_t off = 0; off < len; off += block_size, i++) {
+        size_t n = len - off < block_size ? len - off : block_size;
+        put_digest(buf + off, n, out + i * ZB_DIGEST_SIZE);
+    }
+    return i;
+}
+
+size_t zb_diff_blocks(const uint8_t *buf, size_t len, size_t block_size,
+                      const uint8_t *digests, size_t ndigests, size_t *out_idx)
+{
+    size_t i = 0, count = 0;
+    uint8_t d[ZB_DIGEST_SIZE];
+    if (block_size == 0)
+        return 0;
+    for (size_t off = 0; off < len; off += block_size, i++) {
+        size_t n = len - off < block_size ? len - off : block_size;
+        if (i < ndigests) {
+            put_digest(buf + off, n, d);
+            if (memcmp(d, digests + i * ZB_DIGEST_SIZE, ZB_DIGEST_SIZE) == 0)
+                continue;
+        }
+        out_idx[count++] = i;
+    }
+    return count;
+}
+
+/* A block is zero iff its first 16 bytes are zero and every byte equals the
+ * byte 16 places later; glibc's vectorised memcmp checks the latter at close
+ * to memory speed and stops at the first difference. */
+static int block_is_zero(const uint8_t *p, size_t n)
+{
+    uint64_t a, b;
+    if (n < 16) {
+        uint8_t acc = 0;
+        for (size_t k = 0; k < n; k++)
+            acc |= p[k];
+        return acc == 0;
+    }
+    memcpy(&a, p, 8);
+    memcpy(&b, p + 8, 8);
+    if (a | b)
+        return 0;
+    return memcmp(p, p + 16, n - 16) == 0;
+}
+
+size_t zb_zero_blocks(const uint8_t *buf, size_t len, size_t block_size, uint8_t *out_flags)
+{
+    size_t i = 0;
+    if (block_size == 0)
+        return 0;
+    for (size_t off = 0; off < len; off += block_size, i++) {
+        size_t n = len - off < block_size ? len - off : block_size;
+        out_flags[i] = (uint8_t)block_is_zero(buf + off, n);
+    }
+    return i;
+}
+
+void zb_digest(const uint8_t *buf, size_t len, uint8_t out[16])
+{
+    put_digest(buf, len, out);
+}

@@ -1,0 +1,182 @@
+"""XXH3-128 digests of fixed-size blocks, computed a whole buffer per call.
+
+This is the only module that imports the compiled ``zfsrep._blockhash``
+(native/blockhash.c, built by native/build_blockhash.py). It also carries
+:class:`reference`, a pure-Python implementation on the ``xxhash`` package that
+the tests compare the native code against, and which is used instead (with a
+logged warning) when the extension is not built.
+
+A buffer of ``n`` bytes has ``ceil(n / block_size)`` blocks; the last one may
+be shorter and is hashed as its own shorter input. Digests are 16-byte
+canonical (big-endian) XXH3-128 values, equal to ``xxhash.xxh3_128_digest``.
+
+The native calls release the GIL. They are meant for worker threads: hashing
+64 MiB takes milliseconds, far too long to run on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from itertools import compress
+from typing import Any, TypeAlias, cast
+
+try:
+    from zfsrep._blockhash import ffi as _ffi
+    from zfsrep._blockhash import lib as _lib
+except ImportError:
+    _ffi = _lib = None
+
+try:  # only the reference implementation needs xxhash; it is a test dependency
+    import xxhash as _xxhash
+except ImportError:
+    _xxhash = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+#: Anything with a C-contiguous buffer: bytes, bytearray, memoryview, mmap, ...
+Buffer: TypeAlias = bytes | bytearray | memoryview
+
+DIGEST_SIZE = 16
+
+#: True when the compiled extension is in use, False for the pure-Python fallback.
+NATIVE: bool = _lib is not None
+
+
+def block_count(length: int, block_size: int) -> int:
+    """Number of blocks in ``length`` bytes, counting a partial last block."""
+    _check_block_size(block_size)
+    if length < 0:
+        raise ValueError(f"length must be >= 0, not {length}")
+    return -(-length // block_size)
+
+
+def _check_block_size(block_size: int) -> None:
+    if block_size <= 0:
+        raise ValueError(f"block_size must be > 0, not {block_size}")
+
+
+def _check_digests(digests: Buffer) -> int:
+    """Number of digests in ``digests``; ValueError unless a whole number."""
+    size = memoryview(digests).nbytes
+    if size % DIGEST_SIZE:
+        raise ValueError(f"digests length {size} is not a multiple of {DIGEST_SIZE}")
+    return size // DIGEST_SIZE
+
+
+def _byte_view(buf: Buffer) -> memoryview:
+    view = memoryview(buf)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _xxh3(data: Buffer) -> bytes:
+    if _xxhash is None:
+        raise RuntimeError("pure-Python block hashing needs the xxhash package")
+    return _xxhash.xxh3_128_digest(data)
+
+
+class reference:
+    """Pure-Python implementation, one ``xxhash`` call per block; a namespace
+    with the same functions as the module."""
+
+    @staticmethod
+    def hash_blocks(buf: Buffer, block_size: int) -> bytes:
+        _check_block_size(block_size)
+        view = _byte_view(buf)
+        return b"".join(
+            _xxh3(view[off : off + block_size]) for off in range(0, len(view), block_size)
+        )
+
+    @staticmethod
+    def diff_blocks(buf: Buffer, digests: Buffer, block_size: int) -> list[int]:
+        ndigests = _check_digests(digests)
+        old = _byte_view(digests)
+        new = reference.hash_blocks(buf, block_size)
+        return [
+            i
+            for i in range(len(new) // DIGEST_SIZE)
+            if i >= ndigests
+            or new[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
+            != old[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
+        ]
+
+    @staticmethod
+    def zero_blocks(buf: Buffer, block_size: int) -> list[int]:
+        _check_block_size(block_size)
+        view = _byte_view(buf)
+        return [
+            i
+            for i, off in enumerate(range(0, len(view), block_size))
+            if not any(view[off : off + block_size])
+        ]
+
+    @staticmethod
+    def digest(buf: Buffer) -> bytes:
+        return _xxh3(_byte_view(buf))
+
+    @staticmethod
+    def kernel() -> str:
+        return "reference"
+
+
+if not NATIVE:
+    log.warning("zfsrep._blockhash is not built; using the slow pure-Python block hashing")
+
+
+def _cbuf(buf: Buffer) -> Any:
+    # Zero-copy: a uint8_t[] view of the caller's memory (read-only is fine).
+    return _ffi.from_buffer("uint8_t[]", buf)
+
+
+def hash_blocks(buf: Buffer, block_size: int) -> bytes:
+    """Concatenated digests of every block of ``buf`` (n * 16 bytes)."""
+    _check_block_size(block_size)
+    if _lib is None:
+        return reference.hash_blocks(buf, block_size)
+    src = _cbuf(buf)
+    out = _ffi.new("uint8_t[]", block_count(len(src), block_size) * DIGEST_SIZE)
+    n = _lib.zb_hash_blocks(src, len(src), block_size, out)
+    return cast(bytes, _ffi.buffer(out, n * DIGEST_SIZE)[:])
+
+
+def diff_blocks(buf: Buffer, digests: Buffer, block_size: int) -> list[int]:
+    """Indices of blocks of ``buf`` whose digest differs from the matching one
+    in ``digests``; blocks beyond the end of ``digests`` always differ, digests
+    beyond the end of ``buf`` are ignored."""
+    _check_block_size(block_size)
+    ndigests = _check_digests(digests)
+    if _lib is None:
+        return reference.diff_blocks(buf, digests, block_size)
+    src = _cbuf(buf)
+    out = _ffi.new("size_t[]", max(block_count(len(src), block_size), 1))
+    n = _lib.zb_diff_blocks(src, len(src), block_size, _cbuf(digests), ndigests, out)
+    return cast("list[int]", _ffi.unpack(out, n))
+
+
+def zero_blocks(buf: Buffer, block_size: int) -> list[int]:
+    """Indices of the blocks of ``buf`` that are all zero bytes."""
+    _check_block_size(block_size)
+    if _lib is None:
+        return reference.zero_blocks(buf, block_size)
+    src = _cbuf(buf)
+    flags = _ffi.new("uint8_t[]", max(block_count(len(src), block_size), 1))
+    n = _lib.zb_zero_blocks(src, len(src), block_size, flags)
+    return list(compress(range(n), _ffi.buffer(flags, n)[:]))  # bytes: ints 0/1
+
+
+def digest(buf: Buffer) -> bytes:
+    """Digest of the whole of ``buf`` (16 bytes)."""
+    if _lib is None:
+        return reference.digest(buf)
+    src = _cbuf(buf)
+    out = _ffi.new("uint8_t[]", DIGEST_SIZE)
+    _lib.zb_digest(src, len(src), out)
+    return cast(bytes, _ffi.buffer(out, DIGEST_SIZE)[:])
+
+
+def kernel() -> str:
+    """Which implementation runs: "avx512", "avx2", "default" (the header's
+    compile-time choice), "shared"/"shared-dispatch" (linked libxxhash) or
+    "reference" (pure Python)."""
+    if _lib is None:
+        return reference.kernel()
+    return cast(bytes, _ffi.string(_lib.zb_kernel())).decode()
