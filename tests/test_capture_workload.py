@@ -175,7 +175,8 @@ def test_fio_verify_through_the_mount(protected) -> None:
         pytest.skip("fio is not installed")
     job = ["fio", "--name=verify", f"--directory={protected.mnt}", "--size=24M", "--bs=4k",
            "--rw=randwrite", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
-           "--ioengine=psync", "--end_fsync=1", "--numjobs=2", "--group_reporting"]
+           "--ioengine=psync", "--end_fsync=1", "--numjobs=2", "--group_reporting",
+           "--verify_state_save=0"]
     proc = subprocess.run(job, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job2 = job[:]
