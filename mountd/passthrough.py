@@ -145,15 +145,16 @@ class PassthroughOperations(pyfuse3.Operations):
 
     @translate_errors
     async def open(self, inode, flags, ctx):
-        fh = self.vol.open(inode, flags)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
+        fh = self.vol.open(inode, flags, ctx.uid)
+        # O_DIRECT goes through the kernel's direct path without FOPEN_DIRECT_IO, so the
+        # kernel still clears set-id bits on unprivileged writes.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @translate_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         fh, inode, st = self.vol.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid,
                                         ctx.umask)
-        fi = pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
-        return fi, entry_attributes(inode, st)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry_attributes(inode, st)
 
     @translate_errors
     async def read(self, fh, off, size):

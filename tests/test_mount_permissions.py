@@ -231,8 +231,6 @@ def test_member_new_file_in_setgid_dir_of_primary_group_keeps_setgid(site, accou
     assert on_backing == (user.uid, user.gid, stat.S_IFREG | 0o2755)
 
 
-@pytest.mark.xfail(strict=True, reason="volume.BackingVolume._adopt drops S_ISGID when the "
-                   "directory's group is only a supplementary group of the caller")
 def test_member_new_file_in_setgid_dir_of_supplementary_group_keeps_setgid(site, accounts):
     user, group = accounts["user"], accounts["group"]
     site.prepare(lambda r: mkdir_owned(r / "sg", 0o2777, 0, group))
@@ -354,8 +352,6 @@ def test_write_by_non_owner_clears_setuid(site, accounts):
     site.check_mount_and_replay()
 
 
-@pytest.mark.xfail(strict=True, reason="BackingVolume.open does the caller's O_TRUNC as root "
-                   "(CAP_FSETID), so the backing file keeps S_ISUID")
 def test_open_trunc_by_non_owner_clears_setuid(site, accounts):
     user, other = accounts["user"], accounts["other"]
     site.prepare(lambda r: mkdir_owned(r / "pub", 0o777))
@@ -367,8 +363,6 @@ def test_open_trunc_by_non_owner_clears_setuid(site, accounts):
     assert on_mount == on_backing
 
 
-@pytest.mark.xfail(strict=True, reason="O_DIRECT files are opened with FOPEN_DIRECT_IO: the "
-                   "kernel leaves set-id removal to the daemon, which writes as root")
 def test_direct_io_write_by_non_owner_clears_setuid(site, accounts):
     user, other = accounts["user"], accounts["other"]
     site.prepare(lambda r: mkdir_owned(r / "pub", 0o777))

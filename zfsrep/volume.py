@@ -194,12 +194,9 @@ class BackingVolume:
         else:
             os.chown(name, uid, owner_gid, dir_fd=parent.fd, follow_symlinks=False)
         if mode & _SETID and stat.S_ISREG(mode):
-            # chown cleared the set-id bits; put back those an unprivileged creator keeps
-            # (set-group-id only for a group of the caller's).
-            keep = stat.S_IMODE(mode)
-            if owner_gid != gid and uid != 0:
-                keep &= ~stat.S_ISGID
-            os.chmod(name, keep, dir_fd=parent.fd)
+            # chown cleared the set-id bits: put back the requested mode (the kernel already
+            # removed set-group-id for a caller outside the file's group).
+            os.chmod(name, stat.S_IMODE(mode), dir_fd=parent.fd)
         return pst
 
     def _new(self, parent: Inode, name: bytes, fd: int | None, mode: int, uid: int, gid: int,
@@ -302,13 +299,29 @@ class BackingVolume:
             flags &= ~os.O_APPEND
         return flags | os.O_CLOEXEC
 
-    def open(self, node: int, flags: int) -> int:
+    def open(self, node: int, flags: int, uid: int = 0) -> int:
         inode = self._nodes[node]
         fd = os.open(inode.proc, self._open_flags(flags))
         self._files[fd] = OpenFile(fd, inode)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
-            self.recorder.emit(Op.TRUNCATE, inode.ident, 0, os.fstat(fd).st_mtime_ns)
+            st = os.fstat(fd)
+            self.recorder.emit(Op.TRUNCATE, inode.ident, 0, st.st_mtime_ns)
+            if uid != 0:
+                self._drop_setid(fd, inode, st)
         return fd
+
+    def _drop_setid(self, fd: int, inode: Inode, st: os.stat_result) -> None:
+        """Clear set-user-id (and set-group-id with group-execute) as an unprivileged
+        truncation does; the daemon acts as root, for whom the kernel keeps them."""
+        mode = st.st_mode
+        kill = stat.S_ISUID if mode & stat.S_ISUID else 0
+        if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+            kill |= stat.S_ISGID
+        if kill:
+            os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
+            st = os.fstat(fd)
+            self.recorder.emit(Op.SETATTR, inode.ident, st.st_mode, st.st_uid, st.st_gid,
+                               st.st_mtime_ns)
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         return os.pread(self._files[fh].fd, size, offset)
