@@ -99,8 +99,9 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
                 await recorder.aclose()
     if isinstance(recorder, CaptureStream):
         st = recorder.stats
-        log.info("stopped: %d records in %d frames (%d bytes) captured this session, last seq %d",
-                 st.records, st.frames, st.frame_bytes, st.last_seq_sunk)
+        log.info("stopped: %d records in %d frames (%d bytes) captured this session, last seq "
+                 "%d; writers waited for the spool %d times", st.records, st.frames,
+                 st.frame_bytes, st.last_seq_sunk, st.waits)
 
 
 async def _serve(opts: ProtectOptions, source: str, recorder, ready: Callable[[], None]) -> None:

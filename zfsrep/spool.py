@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -97,6 +98,10 @@ class SpoolWriter:
         self._fd: int | None = None
         self._size = 0
         self.next_seq = 1
+        # A full segment is fsynced and closed by this worker while frames go on into the next
+        # one: the writer never stalls for a 64 MiB fsync. close() waits for it.
+        self._closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-fsync")
+        self._closing: Future[None] | None = None
         self._open()
 
     def _open(self) -> None:
@@ -132,7 +137,11 @@ class SpoolWriter:
             break
 
     def _rotate(self, first_seq: int) -> None:
-        self.close()
+        if self._fd is not None:
+            if self._closing is not None:
+                self._closing.result()  # at most one segment is being closed at a time
+            self._closing = self._closer.submit(_fsync_close, self._fd)
+            self._fd = None
         path = self.path / SEGMENTS / _segment_name(first_seq)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._size = 0
@@ -157,9 +166,19 @@ class SpoolWriter:
 
     def close(self) -> None:
         if self._fd is not None:
-            os.fsync(self._fd)
-            os.close(self._fd)
+            _fsync_close(self._fd)
             self._fd = None
+        if self._closing is not None:
+            self._closing.result()
+            self._closing = None
+        self._closer.shutdown(wait=True)
+
+
+def _fsync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
