@@ -37,7 +37,7 @@ system-deps:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py native/build_blockhash.py native/blockhash.c native/blockhash.h
+$(STAMP): pyproject.toml setup.py $(wildcard native/*.c native/*.h native/*.py)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

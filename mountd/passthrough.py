@@ -105,7 +105,8 @@ class PassthroughOperations(pyfuse3.Operations):
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None)
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            caller_uid=ctx.uid)
         return self._attrs(inode, st)
 
     @translate_errors

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from zfsrep.mountd import fuseinit
 from zfsrep.mountd.passthrough import PassthroughOperations
 from zfsrep.capture import CaptureStream, NullRecorder
 from zfsrep.errors import NotFoundError, StateError, UsageError
@@ -70,6 +71,15 @@ async def _stop_on_signals(scope: trio.CancelScope) -> None:
             return
 
 
+async def _report_killpriv() -> None:
+    await trio.sleep(1)  # the INIT exchange happens when the session loop starts
+    if fuseinit.killpriv_v2():
+        log.info("kernel accepted FUSE_HANDLE_KILLPRIV_V2: no xattr round trip per write")
+    else:
+        log.info("FUSE_HANDLE_KILLPRIV_V2 not in effect: each write asks for "
+                 "security.capability first")
+
+
 async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -> None:
     """Serve the protected mount until it is unmounted or the process is told to stop."""
     check_options(opts)
@@ -112,11 +122,13 @@ async def _serve(opts: ProtectOptions, source: str, recorder, ready: Callable[[]
     if opts.allow_other:
         options.add("allow_other")
     pyfuse3.init(ops, str(opts.mountpoint), options)
+    fuseinit.install()
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
             log.info("protecting %s at %s", source, opts.mountpoint)
             ready()
+            nursery.start_soon(_report_killpriv)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:

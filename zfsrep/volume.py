@@ -49,11 +49,12 @@ class Inode:
 
 
 class OpenFile:
-    __slots__ = ("fd", "inode")
+    __slots__ = ("fd", "inode", "uid")
 
-    def __init__(self, fd: int, inode: Inode) -> None:
+    def __init__(self, fd: int, inode: Inode, uid: int = 0) -> None:
         self.fd = fd
         self.inode = inode
+        self.uid = uid  # the opener: writes by an unprivileged opener clear set-id bits
 
 
 class OpenDir:
@@ -140,7 +141,8 @@ class BackingVolume:
 
     def setattr(self, node: int, fh: int | None, *, size: int | None = None,
                 mode: int | None = None, uid: int | None = None, gid: int | None = None,
-                atime_ns: int | None = None, mtime_ns: int | None = None) -> os.stat_result:
+                atime_ns: int | None = None, mtime_ns: int | None = None,
+                caller_uid: int = 0) -> os.stat_result:
         inode = self._nodes[node]
         of = self._files.get(fh) if fh is not None else None
         rec = self.recorder
@@ -149,7 +151,10 @@ class BackingVolume:
                 os.ftruncate(of.fd, size)
             else:
                 os.truncate(inode.proc, size)
-            rec.emit(Op.TRUNCATE, inode.ident, size, os.fstat(inode.fd).st_mtime_ns)
+            st = os.fstat(inode.fd)
+            rec.emit(Op.TRUNCATE, inode.ident, size, st.st_mtime_ns)
+            if caller_uid != 0 and mode is None and st.st_mode & _SETID:
+                self._drop_setid(inode, st)
         changed = False
         if uid is not None or gid is not None:
             uid_ = -1 if uid is None else uid
@@ -238,7 +243,7 @@ class BackingVolume:
         except BaseException:
             os.close(fd)
             raise
-        self._files[fd] = OpenFile(fd, inode)
+        self._files[fd] = OpenFile(fd, inode, uid)
         return fd, inode, st
 
     def link(self, node: int, new_parent_node: int, new_name: bytes
@@ -302,24 +307,24 @@ class BackingVolume:
     def open(self, node: int, flags: int, uid: int = 0) -> int:
         inode = self._nodes[node]
         fd = os.open(inode.proc, self._open_flags(flags))
-        self._files[fd] = OpenFile(fd, inode)
+        self._files[fd] = OpenFile(fd, inode, uid)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             st = os.fstat(fd)
             self.recorder.emit(Op.TRUNCATE, inode.ident, 0, st.st_mtime_ns)
             if uid != 0:
-                self._drop_setid(fd, inode, st)
+                self._drop_setid(inode, st)
         return fd
 
-    def _drop_setid(self, fd: int, inode: Inode, st: os.stat_result) -> None:
-        """Clear set-user-id (and set-group-id with group-execute) as an unprivileged
+    def _drop_setid(self, inode: Inode, st: os.stat_result) -> None:
+        """Clear set-user-id (and set-group-id with group-execute) as an unprivileged write or
         truncation does; the daemon acts as root, for whom the kernel keeps them."""
         mode = st.st_mode
         kill = stat.S_ISUID if mode & stat.S_ISUID else 0
         if mode & stat.S_ISGID and mode & stat.S_IXGRP:
             kill |= stat.S_ISGID
         if kill:
-            os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
-            st = os.fstat(fd)
+            os.chmod(inode.proc, stat.S_IMODE(mode) & ~kill)
+            st = os.fstat(inode.fd)
             self.recorder.emit(Op.SETATTR, inode.ident, st.st_mode, st.st_uid, st.st_gid,
                                st.st_mtime_ns)
 
@@ -336,6 +341,9 @@ class BackingVolume:
             n = os.pwrite(of.fd, data, offset)
             os.utime(of.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
             mtime_ns = st.st_mtime_ns
+            if st.st_mode & _SETID and of.uid != 0:
+                # With FUSE_HANDLE_KILLPRIV_V2 the kernel leaves this to the filesystem.
+                self._drop_setid(of.inode, st)
         else:
             n = os.pwrite(of.fd, data, offset)
             mtime_ns = os.fstat(of.fd).st_mtime_ns
