@@ -16,15 +16,21 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Protocol
 
 import trio
-import zstandard
 
 from zfsrep import blockhash, frames
 from zfsrep.records import BLOCK_SIZE, Op
 
 log = logging.getLogger(__name__)
+
+#: A frame as bytes, or as buffers to write one after the other (header, payload).
+FrameData = bytes | Sequence[bytes | memoryview]
+
+#: Frames encoded in parallel worker threads (hashing and compression release the GIL).
+ENCODERS = 2
 
 #: Bytes a record without data counts for, against the memory limit.
 RECORD_OVERHEAD = 128
@@ -33,7 +39,7 @@ RECORD_OVERHEAD = 128
 class FrameSink(Protocol):
     """Where frames go. Methods are blocking and are called from one worker thread."""
 
-    def write_frame(self, frame: bytes, first_seq: int, last_seq: int) -> None: ...
+    def write_frame(self, frame: FrameData, first_seq: int, last_seq: int) -> None: ...
 
     def sync(self) -> None: ...
 
@@ -99,7 +105,8 @@ class CaptureStream:
     async def wait_for_room(self) -> None:
         """Wait until captured data held in memory is back under the limit."""
         self.stats.waits += 1
-        self._hand_off()
+        if self._held - self._batch_bytes <= self._memory_limit:
+            self._hand_off()  # the open batch itself is what holds the memory
         while self._held > self._memory_limit:
             if self._room.is_set():  # all waiters share one event until the sink sets it
                 self._room = trio.Event()
@@ -118,11 +125,15 @@ class CaptureStream:
         """Run the encoder and sink workers until :meth:`aclose` and the queue is drained."""
         send_batch, receive_batch = trio.open_memory_channel[tuple[list[list], int]](
             float("inf"))
-        send_frame, receive_frame = trio.open_memory_channel[tuple[bytes, int, int, int]](1)
+        # Frames being encoded, in stream order: each entry is the receiving end of a
+        # one-frame channel, so up to ENCODERS frames encode in parallel threads while the
+        # sink still writes them in order.
+        send_order, receive_order = trio.open_memory_channel[trio.MemoryReceiveChannel](
+            ENCODERS - 1)
         self._send_batch = send_batch
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._encode_loop, receive_batch, send_frame)
-            nursery.start_soon(self._sink_loop, receive_frame)
+            nursery.start_soon(self._encode_loop, receive_batch, send_order)
+            nursery.start_soon(self._sink_loop, receive_order)
             nursery.start_soon(self._tick_loop)
             task_status.started()
         await trio.to_thread.run_sync(self._sink.close)
@@ -141,32 +152,43 @@ class CaptureStream:
             self._hand_off()
 
     async def _encode_loop(self, receive: trio.MemoryReceiveChannel,
-                           send: trio.MemorySendChannel) -> None:
-        compressor = zstandard.ZstdCompressor(level=self._level)
-        async with send:
+                           send_order: trio.MemorySendChannel) -> None:
+        limiter = trio.CapacityLimiter(ENCODERS)
+        async with send_order, trio.open_nursery() as nursery:
             async for batch, size in receive:
-                frame = await trio.to_thread.run_sync(encode_batch, batch, compressor)
-                await send.send((frame, batch[0][0], batch[-1][0], size))
+                send_one, receive_one = trio.open_memory_channel[tuple](1)
+                await send_order.send(receive_one)  # waits while ENCODERS are busy
+                nursery.start_soon(self._encode_one, batch, size, send_one, limiter)
 
-    async def _sink_loop(self, receive: trio.MemoryReceiveChannel) -> None:
-        async for frame, first, last, size in receive:
+    async def _encode_one(self, batch: list[list], size: int, send_one: trio.MemorySendChannel,
+                          limiter: trio.CapacityLimiter) -> None:
+        async with send_one:
+            frame = await trio.to_thread.run_sync(encode_batch, batch, self._level,
+                                                  limiter=limiter)
+            await send_one.send((frame, batch[0][0], batch[-1][0], size))
+
+    async def _sink_loop(self, receive_order: trio.MemoryReceiveChannel) -> None:
+        async for receive_one in receive_order:
+            async with receive_one:
+                frame, first, last, size = await receive_one.receive()
             await trio.to_thread.run_sync(self._sink.write_frame, frame, first, last)
             st = self.stats
             st.frames += 1
             st.records += last - first + 1
-            st.frame_bytes += len(frame)
+            st.frame_bytes += sum(len(memoryview(p)) for p in frame)
             st.last_seq_sunk = last
             self._held -= size
             if self._held <= self._memory_limit:
                 self._room.set()
 
 
-def encode_batch(batch: list[list], compressor: zstandard.ZstdCompressor) -> bytes:
-    """Fill in the block digests of WRITE records and encode the batch as one frame."""
+def encode_batch(batch: list[list], level: int) -> tuple[bytes, bytes | memoryview]:
+    """Fill in the block digests of WRITE records and encode the batch as one frame
+    (header, payload), with the calling thread's compressor."""
     for rec in batch:
         if rec[2] == Op.WRITE and rec[6] is None:
             rec[6] = blockhash.hash_blocks(rec[5], BLOCK_SIZE)
-    return frames.encode_frame(batch, compressor=compressor)
+    return frames.encode_frame_parts(batch, level=level)
 
 
 class NullRecorder:

@@ -134,8 +134,8 @@ def encode_frame_parts(
     *,
     level: int = 1,
     compressor: zstandard.ZstdCompressor | None = None,
-) -> tuple[bytes, bytes]:
-    """Encode ``records`` as ``(header, payload)``, for ``writelines``/``sendmsg`` without a join.
+) -> tuple[bytes, bytes | memoryview]:
+    """Encode ``records`` as ``(header, payload)``, for ``writev``/``sendmsg`` without a join.
 
     ``compressor`` (optional, reused for speed; not thread-safe) must write the content size.
     Raises ``ValueError`` for no records, too many, bad sequence numbers or oversize payloads.
@@ -148,20 +148,23 @@ def encode_frame_parts(
     first_seq = _check_seqs(records)
     packer = msgpack.Packer(autoreset=False, use_bin_type=True)
     packer.pack(records if isinstance(records, (list, tuple)) else list(records))
-    with packer.getbuffer() as raw:  # the packer's own buffer: no copy of the record data
-        raw_len = raw.nbytes
-        if raw_len > MAX_RAW_LEN:
-            raise ValueError(f"payload of {raw_len} bytes exceeds limit {MAX_RAW_LEN}")
-        cctx = _compressor(level) if compressor is None else compressor
-        if raw_len >= SAMPLE_MIN and not _worth_compressing(cctx, raw):
-            flags, payload = FLAG_STORED, bytes(raw)
-        else:
-            flags, payload = FLAGS, cctx.compress(raw)
-            if zstandard.frame_content_size(payload) != raw_len:
-                raise ValueError(
-                    "the zstd compressor must write the content size (write_content_size)")
-    packer.reset()
-    comp_len = len(payload)
+    # The packer's own buffer: no copy of the record data. A stored payload is returned as
+    # a view of it (the view keeps this packer, used for nothing else, alive).
+    raw = packer.getbuffer()
+    raw_len = raw.nbytes
+    if raw_len > MAX_RAW_LEN:
+        raise ValueError(f"payload of {raw_len} bytes exceeds limit {MAX_RAW_LEN}")
+    cctx = _compressor(level) if compressor is None else compressor
+    payload: bytes | memoryview
+    if raw_len >= SAMPLE_MIN and not _worth_compressing(cctx, raw):
+        flags, payload = FLAG_STORED, raw
+    else:
+        flags, payload = FLAGS, cctx.compress(raw)
+        raw.release()
+        if zstandard.frame_content_size(payload) != raw_len:
+            raise ValueError(
+                "the zstd compressor must write the content size (write_content_size)")
+    comp_len = len(payload) if isinstance(payload, bytes) else payload.nbytes
     if comp_len > compress_bound(raw_len):  # pragma: no cover - zstd guarantees the bound
         raise ValueError(f"compressed payload of {comp_len} bytes exceeds the zstd bound")
     last_seq = first_seq + count - 1

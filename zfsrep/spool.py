@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -147,17 +147,19 @@ class SpoolWriter:
         self._size = 0
         _fsync_dir(self.path / SEGMENTS)
 
-    def write_frame(self, frame: bytes, first_seq: int, last_seq: int) -> None:
+    def write_frame(self, frame: bytes | Sequence[bytes | memoryview], first_seq: int,
+                    last_seq: int) -> None:
+        """Append one frame, given as bytes or as buffers written back to back."""
         if first_seq != self.next_seq:
             raise StateError(f"spool {self.path}: frame starts at {first_seq}, "
                              f"expected {self.next_seq}")
         if self._fd is None or self._size >= self._segment_bytes:
             self._rotate(first_seq)
-        view = memoryview(frame)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-        self._size += len(frame)
+        parts = [memoryview(frame)] if isinstance(frame, bytes) else [
+            memoryview(p) for p in frame]
+        size = sum(p.nbytes for p in parts)
+        _writev_all(self._fd, parts)
+        self._size += size
         self.next_seq = last_seq + 1
 
     def sync(self) -> None:
@@ -172,6 +174,17 @@ class SpoolWriter:
             self._closing.result()
             self._closing = None
         self._closer.shutdown(wait=True)
+
+
+def _writev_all(fd: int, parts: list[memoryview]) -> None:
+    """writev until every byte of ``parts`` is written (a short write continues)."""
+    while parts:
+        written = os.writev(fd, parts)
+        while parts and written >= parts[0].nbytes:
+            written -= parts[0].nbytes
+            parts = parts[1:]
+        if parts and written:
+            parts = [parts[0][written:], *parts[1:]]
 
 
 def _fsync_close(fd: int) -> None:

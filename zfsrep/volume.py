@@ -332,23 +332,32 @@ class BackingVolume:
         return os.pread(self._files[fh].fd, size, offset)
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
-        of = self._files[fh]
+        n, st = self.write_backing(fh, offset, data)
+        return self.record_write(fh, offset, data, n, st)
+
+    def write_backing(self, fh: int, offset: int, data: bytes) -> tuple[int, os.stat_result]:
+        """The backing half of a write: thread-safe, so large writes can run in a worker
+        thread; :meth:`record_write` must follow on the event loop, in completion order."""
+        fd = self._files[fh].fd
+        st = os.fstat(fd)
+        n = os.pwrite(fd, data, offset)
         if self.writeback:
             # The kernel's writeback cache owns the file times and sends them with SETATTR
             # when it writes its metadata back; a write reaching us later must not move the
             # backing mtime past the one the application was shown.
-            st = os.fstat(of.fd)
-            n = os.pwrite(of.fd, data, offset)
-            os.utime(of.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-            mtime_ns = st.st_mtime_ns
-            if st.st_mode & _SETID and of.uid != 0:
-                # With FUSE_HANDLE_KILLPRIV_V2 the kernel leaves this to the filesystem.
-                self._drop_setid(of.inode, st)
+            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
         else:
-            n = os.pwrite(of.fd, data, offset)
-            mtime_ns = os.fstat(of.fd).st_mtime_ns
+            st = os.fstat(fd)
+        return n, st
+
+    def record_write(self, fh: int, offset: int, data: bytes, n: int,
+                     st: os.stat_result) -> int:
+        of = self._files[fh]
         self.recorder.emit_write(of.inode.ident, offset, data if n == len(data) else data[:n],
-                                 mtime_ns)
+                                 st.st_mtime_ns)
+        if st.st_mode & _SETID and of.uid != 0:
+            # With FUSE_HANDLE_KILLPRIV_V2 the kernel leaves this to the filesystem.
+            self._drop_setid(of.inode, st)
         return n
 
     def fsync(self, fh: int, datasync: bool) -> None:
