@@ -75,6 +75,7 @@ class CaptureStream:
         self._room.set()
         self._send_batch: trio.MemorySendChannel | None = None
         self._closed = False
+        self._tick_scope = trio.CancelScope()
         self.stats = CaptureStats(last_seq_sunk=next_seq - 1)
 
     # ---- request path (event-loop thread, synchronous) -----------------------------------
@@ -93,6 +94,7 @@ class CaptureStream:
         self._batch.append([self._seq, time.time_ns(), Op.WRITE, ident, offset, data, None,
                             mtime_ns])
         size = len(data) + RECORD_OVERHEAD
+        self.stats.data_bytes += len(data)
         self._batch_bytes += size
         self._held += size
         if self._batch_bytes >= self._frame_bytes:
@@ -143,13 +145,15 @@ class CaptureStream:
         if self._closed or self._send_batch is None:
             return
         self._closed = True
+        self._tick_scope.cancel()
         self._hand_off()
         await self._send_batch.aclose()
 
     async def _tick_loop(self) -> None:
-        while not self._closed:
-            await trio.sleep(self._flush_interval)
-            self._hand_off()
+        with self._tick_scope:
+            while not self._closed:
+                await trio.sleep(self._flush_interval)
+                self._hand_off()
 
     async def _encode_loop(self, receive: trio.MemoryReceiveChannel,
                            send_order: trio.MemorySendChannel) -> None:

@@ -41,8 +41,10 @@ class Replayer:
     def __init__(self, dest: Path, root_ident: int, *, max_open: int = 128) -> None:
         self.dest = os.fsencode(dest)
         self.root_ident = root_ident
-        # identity -> set of (parent identity, name)
+        # identity -> set of (parent identity, name), and the reverse: every record must agree
+        # with both, so a hostile stream cannot make an identity stand for another object.
         self.links: dict[int, set[tuple[int, bytes]]] = {}
+        self.names: dict[tuple[int, bytes], int] = {}
         self.kinds: dict[int, int] = {root_ident: stat.S_IFDIR}
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._max_open = max_open
@@ -64,6 +66,25 @@ class Replayer:
         if base is None or self.kinds.get(parent) != stat.S_IFDIR:
             raise CorruptDataError(f"record names unknown directory {parent}")
         return base + b"/" + _check_name(name)
+
+    def _expect(self, ident: int | None, parent: int, name: bytes) -> None:
+        """Refuse a record whose idea of the entry (parent, name) differs from the tree's."""
+        actual = self.names.get((parent, name))
+        if actual != ident:
+            raise CorruptDataError(
+                f"record says entry {name!r} of directory {parent} is {ident}, "
+                f"but it is {actual}")
+
+    def _add_name(self, ident: int, parent: int, name: bytes) -> None:
+        self.links.setdefault(ident, set()).add((parent, name))
+        self.names[(parent, name)] = ident
+
+    def _kind(self, ident: int, want: int | None = None) -> int:
+        kind = self.kinds.get(ident)
+        if kind is None or (want is not None and kind != want):
+            raise CorruptDataError(f"record names {ident}, which is not a live "
+                                   f"{'object' if want is None else oct(want)}")
+        return kind
 
     def _touch_dir(self, ident: int, mtime_ns: int) -> None:
         p = self.path(ident)
@@ -93,6 +114,7 @@ class Replayer:
     def _unlink_name(self, ident: int | None, parent: int, name: bytes) -> None:
         if ident is None:
             return
+        self.names.pop((parent, name), None)
         links = self.links.get(ident)
         if links is not None:
             links.discard((parent, name))
@@ -130,6 +152,9 @@ class Replayer:
     def _new(self, parent: int, name: bytes, ident: int, mode: int, uid: int, gid: int,
              rdev: int, target: bytes | None, mtime_ns: int, parent_mtime_ns: int) -> None:
         p = self._entry(parent, name)
+        if ident in self.kinds or ident == self.root_ident:
+            raise CorruptDataError(f"record creates {name!r} as {ident}, which is still live")
+        self._expect(None, parent, name)
         kind = stat.S_IFMT(mode)
         perm = stat.S_IMODE(mode)
         if kind == stat.S_IFREG:
@@ -148,20 +173,23 @@ class Replayer:
         if kind != stat.S_IFLNK:
             os.chmod(p, perm)
         os.utime(p, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
-        self.links[ident] = {(parent, name)}
+        self._add_name(ident, parent, name)
         self.kinds[ident] = kind
         self._touch_dir(parent, parent_mtime_ns)
 
     def _link(self, ident: int, parent: int, name: bytes, parent_mtime_ns: int) -> None:
         src = self.path(ident)
-        if src is None:
+        if src is None or self._kind(ident) == stat.S_IFDIR:
             raise CorruptDataError(f"link of unknown file {ident}")
-        os.link(src, self._entry(parent, name), follow_symlinks=False)
-        self.links[ident].add((parent, name))
+        dst = self._entry(parent, name)
+        self._expect(None, parent, name)
+        os.link(src, dst, follow_symlinks=False)
+        self._add_name(ident, parent, name)
         self._touch_dir(parent, parent_mtime_ns)
 
     def _remove(self, parent: int, name: bytes, ident: int, parent_mtime_ns: int) -> None:
         p = self._entry(parent, name)
+        self._expect(ident, parent, name)
         if self.kinds.get(ident) == stat.S_IFDIR:
             os.rmdir(p)
         else:
@@ -174,23 +202,46 @@ class Replayer:
                 new_mtime_ns: int) -> None:
         src = self._entry(old_parent, old_name)
         dst = self._entry(new_parent, new_name)
+        self._expect(ident, old_parent, old_name)
+        self._expect(other, new_parent, new_name)
+        if self.kinds.get(ident) == stat.S_IFDIR and self._is_ancestor(ident, new_parent):
+            raise CorruptDataError(f"record moves directory {ident} into itself")
         if flags & RENAME_EXCHANGE:
+            if other is None:
+                raise CorruptDataError("exchange without a second object")
+            if self.kinds.get(other) == stat.S_IFDIR and self._is_ancestor(other, old_parent):
+                raise CorruptDataError(f"record moves directory {other} into itself")
             syscalls.renameat2(syscalls.AT_FDCWD, src, syscalls.AT_FDCWD, dst, RENAME_EXCHANGE)
             self.links[ident].discard((old_parent, old_name))
-            self.links[ident].add((new_parent, new_name))
-            if other is not None and other in self.links:
-                self.links[other].discard((new_parent, new_name))
-                self.links[other].add((old_parent, old_name))
+            self.links[other].discard((new_parent, new_name))
+            self._add_name(ident, new_parent, new_name)
+            self._add_name(other, old_parent, old_name)
         else:
             os.rename(src, dst)
             self._unlink_name(other, new_parent, new_name)
             self.links[ident].discard((old_parent, old_name))
-            self.links[ident].add((new_parent, new_name))
+            self.names.pop((old_parent, old_name), None)
+            self._add_name(ident, new_parent, new_name)
         self._touch_dir(old_parent, old_mtime_ns)
         self._touch_dir(new_parent, new_mtime_ns)
 
+    def _is_ancestor(self, ident: int, node: int) -> bool:
+        """Whether directory ``ident`` is ``node`` or one of its ancestors."""
+        seen = 0
+        while node != self.root_ident and seen < 100_000:
+            if node == ident:
+                return True
+            links = self.links.get(node)
+            if not links:
+                return False
+            node = next(iter(links))[0]
+            seen += 1
+        return node == ident
+
     def _write(self, ident: int, offset: int, data: bytes, digests: object,
                mtime_ns: int) -> None:
+        if ident in self.kinds:
+            self._kind(ident, stat.S_IFREG)
         fd = self._fd(ident)
         if fd is None:
             return  # written while unlinked: it has no name in the tree
@@ -201,6 +252,8 @@ class Replayer:
         os.utime(fd, ns=(mtime_ns, mtime_ns))
 
     def _truncate(self, ident: int, size: int, mtime_ns: int) -> None:
+        if ident in self.kinds:
+            self._kind(ident, stat.S_IFREG)
         fd = self._fd(ident)
         if fd is not None:
             os.ftruncate(fd, size)
@@ -210,6 +263,8 @@ class Replayer:
         p = self.path(ident)
         if p is None:
             return
+        if stat.S_IFMT(mode) != self._kind(ident):
+            raise CorruptDataError(f"record gives {ident} another type ({mode:o})")
         # Change only what differs: a chown that changes nothing would still clear set-id
         # bits and file capabilities, which the recorded operation did not do.
         st = os.lstat(p)

@@ -204,7 +204,7 @@ def _fsync_dir(path: Path) -> None:
 
 def iter_records(spool: Path) -> Iterator[list]:
     """Every record in the spool in sequence order; refuses gaps and corrupt frames."""
-    expected = None
+    expected = 1  # spools are never trimmed: the stream starts at the first record
     for path in segment_paths(spool):
         with open(path, "rb") as f:
             while True:
@@ -215,7 +215,7 @@ def iter_records(spool: Path) -> Iterator[list]:
                 if item is None:
                     break
                 header, records = item
-                if expected is not None and header.first_seq != expected:
+                if header.first_seq != expected:
                     raise CorruptDataError(
                         f"{path}: records {expected}..{header.first_seq - 1} are missing")
                 expected = header.last_seq + 1

@@ -1,0 +1,264 @@
+"""SpoolWriter and the spool readers: segments, reopening, torn tails, gaps, identities."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from zfsrep import frames
+from zfsrep.errors import CorruptDataError, NotFoundError, StateError
+from zfsrep.records import Op
+from zfsrep.spool import (
+    META,
+    SpoolWriter,
+    VolumeIdentity,
+    iter_records,
+    read_identity,
+    segment_paths,
+    spool_stats,
+)
+
+IDENT = VolumeIdentity(source="/data/src", root_ident=4242, block_size=4096)
+
+
+def _records(first: int, count: int) -> list[list]:
+    return [[seq, 1_000 + seq, Op.TRUNCATE, 7, seq, 2_000 + seq]
+            for seq in range(first, first + count)]
+
+
+def _frame(first: int, count: int) -> bytes:
+    return frames.encode_frame(_records(first, count))
+
+
+def _write(writer: SpoolWriter, first: int, count: int) -> None:
+    writer.write_frame(_frame(first, count), first, first + count - 1)
+
+
+def _seqs(spool: Path) -> list[int]:
+    return [r[0] for r in iter_records(spool)]
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    return tmp_path / "spool"
+
+
+def test_written_frames_are_read_back_in_order(spool: Path):
+    w = SpoolWriter(spool, IDENT)
+    _write(w, 1, 3)
+    _write(w, 4, 2)
+    w.sync()
+    w.close()
+    assert list(iter_records(spool)) == _records(1, 5)
+    assert read_identity(spool).root_ident == 4242
+    assert read_identity(spool).created  # stamped on creation
+
+
+def test_a_frame_given_as_header_and_payload_buffers_is_written_whole(spool: Path):
+    w = SpoolWriter(spool, IDENT)
+    header, payload = frames.encode_frame_parts(_records(1, 3))
+    w.write_frame((header, memoryview(payload)), 1, 3)
+    _write(w, 4, 1)
+    w.close()
+    assert list(iter_records(spool)) == _records(1, 4)
+
+
+def test_spool_stats_counts_segments_frames_and_records(spool: Path):
+    w = SpoolWriter(spool, IDENT)
+    _write(w, 1, 3)
+    _write(w, 4, 2)
+    w.close()
+    st = spool_stats(spool)
+    assert st["segments"] == 1
+    assert (st["frames"], st["records"], st["first_seq"], st["last_seq"]) == (2, 5, 1, 5)
+    assert st["bytes"] == sum(p.stat().st_size for p in segment_paths(spool))
+
+
+def test_empty_spool_reads_as_nothing(spool: Path):
+    SpoolWriter(spool, IDENT).close()
+    assert list(iter_records(spool)) == []
+    assert spool_stats(spool)["records"] == 0
+
+
+def test_reopening_continues_at_next_seq(spool: Path):
+    w = SpoolWriter(spool, IDENT)
+    assert w.next_seq == 1
+    _write(w, 1, 4)
+    w.close()
+    w = SpoolWriter(spool, IDENT)
+    assert w.next_seq == 5
+    _write(w, 5, 2)
+    w.close()
+    assert _seqs(spool) == list(range(1, 7))
+
+
+def test_frame_with_wrong_first_seq_is_refused(spool: Path):
+    w = SpoolWriter(spool, IDENT)
+    _write(w, 1, 2)
+    with pytest.raises(StateError, match="expected 3"):
+        _write(w, 4, 1)
+    w.close()
+    assert _seqs(spool) == [1, 2]
+
+
+def test_spool_of_another_root_is_refused(spool: Path):
+    SpoolWriter(spool, IDENT).close()
+    other = VolumeIdentity(source="/other", root_ident=99, block_size=4096)
+    with pytest.raises(StateError, match="belongs to"):
+        SpoolWriter(spool, other)
+    assert read_identity(spool).root_ident == 4242
+
+
+def test_segments_rotate_at_segment_bytes(spool: Path):
+    frame_len = len(_frame(1, 2))
+    w = SpoolWriter(spool, IDENT, segment_bytes=2 * frame_len)
+    for first in range(1, 13, 2):
+        _write(w, first, 2)
+    w.close()
+    segs = segment_paths(spool)
+    assert len(segs) == 3
+    assert [p.name for p in segs] == [f"{n:020d}.zfr" for n in (1, 5, 9)]
+    assert _seqs(spool) == list(range(1, 13))
+    assert spool_stats(spool)["segments"] == 3
+
+
+def _truncate_last(spool: Path, cut: int) -> int:
+    last = segment_paths(spool)[-1]
+    size = last.stat().st_size
+    os.truncate(last, size - cut)
+    return size
+
+
+def test_torn_tail_is_cut_on_reopen_with_a_warning(spool: Path, caplog):
+    w = SpoolWriter(spool, IDENT)
+    _write(w, 1, 3)
+    good_size = segment_paths(spool)[-1].stat().st_size
+    _write(w, 4, 3)
+    w.close()
+    _truncate_last(spool, 5)  # a crash in the middle of the second frame
+    with pytest.raises(CorruptDataError):
+        list(iter_records(spool))
+    caplog.set_level(logging.WARNING, logger="zfsrep.spool")
+    w = SpoolWriter(spool, IDENT)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "cutting invalid tail" in warnings[0].getMessage()
+    assert segment_paths(spool)[-1].stat().st_size == good_size
+    assert w.next_seq == 4
+    _write(w, 4, 1)
+    w.close()
+    assert _seqs(spool) == [1, 2, 3, 4]
+
+
+def test_garbage_appended_to_the_last_segment_is_cut(spool: Path, caplog):
+    w = SpoolWriter(spool, IDENT)
+    _write(w, 1, 2)
+    w.close()
+    last = segment_paths(spool)[-1]
+    good_size = last.stat().st_size
+    with open(last, "ab") as f:
+        f.write(b"\x00garbage after a crash" * 3)
+    caplog.set_level(logging.WARNING, logger="zfsrep.spool")
+    w = SpoolWriter(spool, IDENT)
+    assert any("cutting invalid tail" in r.getMessage() for r in caplog.records
+               if r.levelno == logging.WARNING)
+    assert last.stat().st_size == good_size
+    assert w.next_seq == 3
+    w.close()
+    assert _seqs(spool) == [1, 2]
+
+
+def test_a_last_segment_torn_in_its_first_frame_is_dropped(spool: Path, caplog):
+    frame_len = len(_frame(1, 2))
+    w = SpoolWriter(spool, IDENT, segment_bytes=frame_len)
+    _write(w, 1, 2)
+    _write(w, 3, 2)  # second segment
+    w.close()
+    assert len(segment_paths(spool)) == 2
+    _truncate_last(spool, 1)
+    caplog.set_level(logging.WARNING, logger="zfsrep.spool")
+    w = SpoolWriter(spool, IDENT, segment_bytes=frame_len)
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert len(segment_paths(spool)) == 1
+    assert w.next_seq == 3
+    _write(w, 3, 1)
+    w.close()
+    assert _seqs(spool) == [1, 2, 3]
+
+
+def test_reopening_a_clean_spool_logs_nothing(spool: Path, caplog):
+    w = SpoolWriter(spool, IDENT)
+    _write(w, 1, 2)
+    w.close()
+    caplog.set_level(logging.DEBUG, logger="zfsrep")
+    SpoolWriter(spool, IDENT).close()
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_gap_between_segments_is_refused_by_iter_records(spool: Path):
+    frame_len = len(_frame(1, 2))
+    w = SpoolWriter(spool, IDENT, segment_bytes=frame_len)
+    for first in (1, 3, 5):
+        _write(w, first, 2)
+    w.close()
+    segs = segment_paths(spool)
+    assert len(segs) == 3
+    segs[1].unlink()
+    with pytest.raises(CorruptDataError, match="missing"):
+        list(iter_records(spool))
+
+
+def test_missing_first_segment_is_refused_by_iter_records(spool: Path):
+    frame_len = len(_frame(1, 2))
+    w = SpoolWriter(spool, IDENT, segment_bytes=frame_len)
+    for first in (1, 3):
+        _write(w, first, 2)
+    w.close()
+    segment_paths(spool)[0].unlink()
+    with pytest.raises(CorruptDataError, match="records 1..2 are missing"):
+        list(iter_records(spool))
+
+
+def test_corrupt_frame_in_the_middle_is_refused_by_readers(spool: Path):
+    w = SpoolWriter(spool, IDENT)
+    _write(w, 1, 2)
+    _write(w, 3, 2)
+    _write(w, 5, 2)
+    w.close()
+    seg = segment_paths(spool)[0]
+    frame_len = len(_frame(1, 2))
+    data = bytearray(seg.read_bytes())
+    data[frame_len + frames.HEADER_SIZE + 2] ^= 0xFF  # payload byte of the middle frame
+    seg.write_bytes(bytes(data))
+    got: list[int] = []
+    with pytest.raises(CorruptDataError, match="checksum"):
+        for rec in iter_records(spool):
+            got.append(rec[0])
+    assert got == [1, 2]  # nothing after the corruption is delivered
+    with pytest.raises(CorruptDataError):
+        spool_stats(spool)
+
+
+def test_read_identity_of_a_missing_spool_is_not_found(tmp_path: Path):
+    with pytest.raises(NotFoundError):
+        read_identity(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("content", [b"not json{", b"[1, 2]", b'"text"', b"\xff\xfe\x00",
+                                     b'{"source": "/x"}', b'{"bogus": 1}',
+                                     b'{"source": "/x", "root_ident": 1, "block_size": 4096,'
+                                     b' "format": 99}'])
+def test_read_identity_of_a_garbage_volume_json_is_corrupt(tmp_path: Path, content: bytes):
+    (tmp_path / META).write_bytes(content)
+    with pytest.raises(CorruptDataError):
+        read_identity(tmp_path)
+
+
+def test_writer_refuses_a_spool_with_a_garbage_volume_json(spool: Path):
+    spool.mkdir()
+    (spool / META).write_text("{broken")
+    with pytest.raises(CorruptDataError):
+        SpoolWriter(spool, IDENT)
