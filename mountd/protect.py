@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pyfuse3
 import trio
-
 from zfsrep.mountd import fuseinit
 from zfsrep.mountd.passthrough import PassthroughOperations
+
 from zfsrep.capture import CaptureStream, NullRecorder
 from zfsrep.errors import NotFoundError, StateError, UsageError
 from zfsrep.records import BLOCK_SIZE

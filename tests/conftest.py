@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from treesnap import diff_trees, tree_snapshot
 
 FUSERMOUNT = "fusermount3"

@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import zfsrep
 from treesnap import diff_trees, tree_snapshot
 

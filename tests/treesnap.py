@@ -64,7 +64,7 @@ def diff_trees(a: dict[str, tuple], b: dict[str, tuple], limit: int = 20) -> lis
         elif rel not in b:
             out.append(f"only in first: {rel!r}")
         elif a[rel] != b[rel]:
-            diffs = [f"{f}: {x!r} != {y!r}" for f, x, y in zip(fields, a[rel], b[rel])
+            diffs = [f"{f}: {x!r} != {y!r}" for f, x, y in zip(fields, a[rel], b[rel], strict=True)
                      if x != y]
             out.append(f"{rel!r}: " + "; ".join(diffs))
         if len(out) >= limit:
