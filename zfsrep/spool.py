@@ -202,8 +202,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def iter_records(spool: Path) -> Iterator[list]:
-    """Every record in the spool in sequence order; refuses gaps and corrupt frames."""
+def iter_spool_frames(spool: Path) -> Iterator[tuple[frames.FrameHeader, list[list]]]:
+    """Every frame in the spool in sequence order; refuses gaps and corrupt frames."""
     expected = 1  # spools are never trimmed: the stream starts at the first record
     for path in segment_paths(spool):
         with open(path, "rb") as f:
@@ -219,28 +219,25 @@ def iter_records(spool: Path) -> Iterator[list]:
                     raise CorruptDataError(
                         f"{path}: records {expected}..{header.first_seq - 1} are missing")
                 expected = header.last_seq + 1
-                yield from records
+                yield header, records
+
+
+def iter_records(spool: Path) -> Iterator[list]:
+    """Every record in the spool in sequence order."""
+    for _header, records in iter_spool_frames(spool):
+        yield from records
 
 
 def spool_stats(spool: Path) -> dict[str, int]:
     """Counts for ``zfsrep spool show``: segments, frames, records, bytes, sequence range."""
     segs = segment_paths(spool)
-    out = {"segments": len(segs), "frames": 0, "records": 0, "bytes": 0,
+    out = {"segments": len(segs), "frames": 0, "records": 0,
+           "bytes": sum(p.stat().st_size for p in segs),
            "first_seq": 0, "last_seq": 0, "raw_bytes": 0}
-    for path in segs:
-        out["bytes"] += path.stat().st_size
-        with open(path, "rb") as f:
-            while True:
-                try:
-                    item = frames.read_frame(f)
-                except FrameError as e:
-                    raise CorruptDataError(f"{path}: {e}") from None
-                if item is None:
-                    break
-                header, _ = item
-                out["frames"] += 1
-                out["records"] += header.record_count
-                out["raw_bytes"] += header.raw_len
-                out["first_seq"] = out["first_seq"] or header.first_seq
-                out["last_seq"] = header.last_seq
+    for header, _records in iter_spool_frames(spool):
+        out["frames"] += 1
+        out["records"] += header.record_count
+        out["raw_bytes"] += header.raw_len
+        out["first_seq"] = out["first_seq"] or header.first_seq
+        out["last_seq"] = header.last_seq
     return out
