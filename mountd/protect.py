@@ -87,16 +87,16 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
     os.umask(0)  # modes are computed per request from the caller's umask
     source = str(opts.source.resolve())
     root_ident = os.stat(source).st_ino
+    spool = None
+    recorder: CaptureStream | NullRecorder = NullRecorder()
+    if opts.capture:
+        assert opts.spool is not None
+        spool = SpoolWriter(opts.spool, VolumeIdentity(source, root_ident, BLOCK_SIZE))
+        recorder = CaptureStream(spool, next_seq=spool.next_seq,
+                                 memory_limit=opts.memory_limit)
     async with trio.open_nursery() as nursery:
-        if opts.capture:
-            assert opts.spool is not None
-            spool = SpoolWriter(opts.spool, VolumeIdentity(source, root_ident, BLOCK_SIZE))
-            recorder: CaptureStream | NullRecorder = CaptureStream(
-                spool, next_seq=spool.next_seq, memory_limit=opts.memory_limit)
+        if isinstance(recorder, CaptureStream):
             await nursery.start(recorder.run)
-        else:
-            spool = None
-            recorder = NullRecorder()
         try:
             if spool is not None and spool.next_seq == 1:
                 log.info("first protection of %s: recording its current content", source)

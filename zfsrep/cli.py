@@ -118,7 +118,10 @@ def _protect_foreground(opts) -> int:
             ready_fd = -1
 
     try:
-        trio.run(run_protected_mount, opts, ready)
+        try:
+            trio.run(run_protected_mount, opts, ready)
+        except BaseExceptionGroup as group:
+            raise _single_error(group) from None
     except ZfsrepError as e:
         if ready_fd >= 0:
             os.write(ready_fd, f"error {e.exit_code} {e}\n".encode())
@@ -128,6 +131,21 @@ def _protect_foreground(opts) -> int:
             os.write(ready_fd, f"error {ExitCode.IO} {e}\n".encode())
         raise OSFailure(f"cannot mount {opts.mountpoint}: {e}") from None
     return 0
+
+
+def _single_error(group: BaseExceptionGroup) -> BaseException:
+    """The one user-facing error inside a nursery's exception group, else the group."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else group
 
 
 def _protect_background(args: argparse.Namespace, opts) -> int:

@@ -1,0 +1,105 @@
+"""`zfsrep protect` as an administrator runs it: background daemon, clean stops, errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FUSERMOUNT, ProtectedMount, is_mounted, zfsrep
+
+pytestmark = pytest.mark.mount
+
+
+def _daemon_pid(mnt: Path) -> int:
+    out = subprocess.run(["pgrep", "-f", f"zfsrep.cli protect {mnt} "], capture_output=True,
+                         text=True).stdout.split()
+    assert len(out) == 1, out
+    return int(out[0])
+
+
+def _wait_gone(pid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, f"daemon {pid} did not exit"
+        time.sleep(0.05)
+
+
+def test_background_protect_returns_when_ready_and_unmount_flushes(tmp_path: Path) -> None:
+    src, mnt, spool = tmp_path / "src", tmp_path / "mnt", tmp_path / "spool"
+    src.mkdir()
+    mnt.mkdir()
+    try:
+        out = zfsrep("protect", "--source", str(src), "--spool", str(spool), str(mnt))
+        assert "protecting" in out.stdout
+        assert is_mounted(mnt)
+        pid = _daemon_pid(mnt)
+        (mnt / "f").write_bytes(b"data" * 1000)
+        subprocess.run([FUSERMOUNT, "-u", str(mnt)], check=True)
+        _wait_gone(pid)
+        assert "stopped:" in (spool / "mountd.log").read_text()
+        zfsrep("replay", str(spool), str(tmp_path / "out"))
+        assert (tmp_path / "out" / "f").read_bytes() == b"data" * 1000
+    finally:
+        if is_mounted(mnt):
+            subprocess.run([FUSERMOUNT, "-u", "-z", str(mnt)])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_flushes_and_exits_zero(mount_factory, tmp_path: Path, sig) -> None:
+    m: ProtectedMount = mount_factory(f"sig{int(sig)}")
+    m.start()
+    (m.mnt / "f").write_bytes(os.urandom(1 << 20))
+    m.proc.send_signal(sig)
+    assert m.proc.wait(timeout=30) == 0
+    assert not is_mounted(m.mnt)
+    m.returncode, m.proc = 0, None
+    m.replay_equals_source(tmp_path / f"out{int(sig)}")
+
+
+def test_missing_source_is_exit_3_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    proc = zfsrep("protect", "--source", str(tmp_path / "nope"), "--spool",
+                  str(tmp_path / "spool"), str(tmp_path / "mnt"), check=False)
+    assert proc.returncode == 3
+    assert proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr
+
+
+def test_already_mounted_is_exit_4(protected) -> None:
+    proc = zfsrep("protect", "--source", str(protected.source), "--spool",
+                  str(protected.spool), str(protected.mnt), check=False)
+    assert proc.returncode == 4, proc.stderr
+    assert "already a mount point" in proc.stderr
+
+
+def test_spool_of_another_directory_is_refused(mount_factory, tmp_path: Path) -> None:
+    m = mount_factory("first")
+    m.start()
+    assert m.stop() == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    (tmp_path / "mnt2").mkdir()
+    proc = zfsrep("protect", "--source", str(other), "--spool", str(m.spool),
+                  str(tmp_path / "mnt2"), check=False)
+    assert proc.returncode == 4, proc.stderr
+    assert "belongs to" in proc.stderr
+    assert not is_mounted(tmp_path / "mnt2")
+
+
+def test_spool_inside_source_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "mnt").mkdir()
+    proc = zfsrep("protect", "--source", str(tmp_path / "src"), "--spool",
+                  str(tmp_path / "src" / "spool"), str(tmp_path / "mnt"), check=False)
+    assert proc.returncode == 2
+    assert "inside the protected source" in proc.stderr
+
+
+def test_help_explains_protect() -> None:
+    out = subprocess.run([sys.executable, "-m", "zfsrep.cli", "protect", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "fusermount3 -u" in out and "--spool" in out
