@@ -1,7 +1,7 @@
 """The mount daemons (installed as ``zfsrep.mountd``): the FUSE layers and their wiring.
 
 Only these modules import pyfuse3; they translate kernel requests into calls on the core.
-``fuseinit`` is imported first: it must be loaded before pyfuse3 (see its docstring).
+``fusehook`` is imported first: it must be loaded before pyfuse3 (see its docstring).
 """
 
-from zfsrep.mountd import fuseinit as fuseinit  # noqa: F401  (before any pyfuse3 import)
+from zfsrep.mountd import fusehook as fusehook  # noqa: F401  (before any pyfuse3 import)

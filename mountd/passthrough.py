@@ -22,11 +22,6 @@ log = logging.getLogger(__name__)
 #: backing directory (DESIGN invariant 0), so the kernel's cache cannot go stale behind it.
 CACHE_TIMEOUT = 10.0
 
-#: Writes at least this large copy their data into the backing file in a worker thread, so
-#: the event loop reads and starts the kernel's next request meanwhile (a thread hop costs
-#: tens of microseconds; a 1 MiB copy hundreds).
-THREADED_WRITE = 256 * 1024
-
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
@@ -77,13 +72,13 @@ class PassthroughOperations(pyfuse3.Operations):
     enable_writeback_cache = True
     enable_acl = False
 
-    def __init__(self, volume: BackingVolume, recorder: Any,
+    def __init__(self, volume: BackingVolume, recorder: Any, hook: Any,
                  fsync_limiter: trio.CapacityLimiter) -> None:
         super().__init__()
         self.vol = volume
         self.recorder = recorder
+        self.hook = hook  # mountd.fusehook.SessionHook: serves READ/WRITE of open files
         self._fsync_limiter = fsync_limiter
-        self._write_limiter = trio.CapacityLimiter(2)
 
     def _attrs(self, node: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
         return entry_attributes(self.vol.inode(node), st)
@@ -153,6 +148,7 @@ class PassthroughOperations(pyfuse3.Operations):
     @translate_errors
     async def open(self, inode, flags, ctx):
         fh = self.vol.open(inode, flags, ctx.uid)
+        self.hook.register(fh, self.vol.inode(inode).ident, ctx.uid)
         # O_DIRECT goes through the kernel's direct path without FOPEN_DIRECT_IO, so the
         # kernel still clears set-id bits on unprivileged writes.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
@@ -161,6 +157,7 @@ class PassthroughOperations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         fh, inode, st = self.vol.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid,
                                         ctx.umask)
+        self.hook.register(fh, inode.ident, ctx.uid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry_attributes(inode, st)
 
     @translate_errors
@@ -169,12 +166,7 @@ class PassthroughOperations(pyfuse3.Operations):
 
     @translate_errors
     async def write(self, fh, off, buf):
-        if len(buf) >= THREADED_WRITE:
-            n, st = await trio.to_thread.run_sync(self.vol.write_backing, fh, off, buf,
-                                                  limiter=self._write_limiter)
-            n = self.vol.record_write(fh, off, buf, n, st)
-        else:
-            n = self.vol.write(fh, off, buf)
+        n = self.vol.write(fh, off, buf)
         if self.recorder.over_limit:
             await self.recorder.wait_for_room()
         return n
@@ -187,6 +179,7 @@ class PassthroughOperations(pyfuse3.Operations):
 
     @translate_errors
     async def release(self, fh):
+        self.hook.unregister(fh)
         self.vol.release(fh)
 
     @translate_errors

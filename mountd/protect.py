@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyfuse3
 import trio
-from zfsrep.mountd import fuseinit
+from zfsrep.mountd.fusehook import SessionHook
 from zfsrep.mountd.passthrough import PassthroughOperations
 
 from zfsrep.capture import CaptureStream, NullRecorder
@@ -35,6 +35,7 @@ class ProtectOptions:
     capture: bool = True
     allow_other: bool = False
     memory_limit: int = 64 << 20
+    fast_path: bool = True
 
 
 def check_options(opts: ProtectOptions) -> None:
@@ -71,9 +72,9 @@ async def _stop_on_signals(scope: trio.CancelScope) -> None:
             return
 
 
-async def _report_killpriv() -> None:
+async def _report_killpriv(hook: SessionHook) -> None:
     await trio.sleep(1)  # the INIT exchange happens when the session loop starts
-    if fuseinit.killpriv_v2():
+    if hook.killpriv_v2():
         log.info("kernel accepted FUSE_HANDLE_KILLPRIV_V2: no xattr round trip per write")
     else:
         log.info("FUSE_HANDLE_KILLPRIV_V2 not in effect: each write asks for "
@@ -88,12 +89,13 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
     source = str(opts.source.resolve())
     root_ident = os.stat(source).st_ino
     spool = None
+    hook = SessionHook()
     recorder: CaptureStream | NullRecorder = NullRecorder()
     if opts.capture:
         assert opts.spool is not None
         spool = SpoolWriter(opts.spool, VolumeIdentity(source, root_ident, BLOCK_SIZE))
         recorder = CaptureStream(spool, next_seq=spool.next_seq,
-                                 memory_limit=opts.memory_limit)
+                                 memory_limit=opts.memory_limit, external=hook)
     async with trio.open_nursery() as nursery:
         if isinstance(recorder, CaptureStream):
             await nursery.start(recorder.run)
@@ -103,7 +105,7 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
                 progress = await scan_tree(source, recorder)
                 log.info("initial scan done: %d entries, %d bytes", progress.entries,
                          progress.bytes)
-            await _serve(opts, source, recorder, ready)
+            await _serve(opts, source, recorder, hook, ready)
         finally:
             if isinstance(recorder, CaptureStream):
                 await recorder.aclose()
@@ -114,23 +116,42 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
                  st.frame_bytes, st.last_seq_sunk, st.waits)
 
 
-async def _serve(opts: ProtectOptions, source: str, recorder, ready: Callable[[], None]) -> None:
+async def _drain_fast_writes(eventfd: int, recorder: CaptureStream) -> None:
+    """Take the fast path's queued writes into the stream when it signals a full frame."""
+    while True:
+        await trio.lowlevel.wait_readable(eventfd)
+        try:
+            os.eventfd_read(eventfd)
+        except BlockingIOError:
+            continue
+        recorder.take_external()
+
+
+async def _serve(opts: ProtectOptions, source: str, recorder, hook: SessionHook,
+                 ready: Callable[[], None]) -> None:
     volume = BackingVolume(source, recorder)
-    ops = PassthroughOperations(volume, recorder, trio.CapacityLimiter(4))
+    ops = PassthroughOperations(volume, recorder, hook, trio.CapacityLimiter(4))
     options = set(pyfuse3.default_options)
     options |= {f"fsname=zfsrep:{source}", "subtype=zfsrep"}
     if opts.allow_other:
         options.add("allow_other")
     pyfuse3.init(ops, str(opts.mountpoint), options)
-    fuseinit.install()
+    eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    capture = isinstance(recorder, CaptureStream)
+    hook.install(eventfd, fast=opts.fast_path, capture=capture, limit=opts.memory_limit)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+            if capture:
+                nursery.start_soon(_drain_fast_writes, eventfd, recorder)
             log.info("protecting %s at %s", source, opts.mountpoint)
             ready()
-            nursery.start_soon(_report_killpriv)
+            nursery.start_soon(_report_killpriv, hook)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)
         volume.close()
+        os.close(eventfd)
+        reads, writes = hook.counts()
+        log.info("fast path answered %d reads and %d writes", reads, writes)

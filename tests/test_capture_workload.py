@@ -122,6 +122,31 @@ def test_random_workload_replays_to_backing_tree(protected, tmp_path: Path, seed
     protected.replay_equals_source(tmp_path / "replayed")
 
 
+@pytest.mark.parametrize("seed", [4, 5])
+def test_random_workload_without_fast_path_replays(mount_factory, tmp_path: Path,
+                                                   seed: int) -> None:
+    """Every read and write through pyfuse3 (the path the C fast path falls back to)."""
+    m = mount_factory("slow", extra=("--no-fast-path",))
+    m.start()
+    work = RandomWorkload(m.mnt, seed)
+    for _ in range(300):
+        work.step()
+    assert m.stop() == 0
+    assert "fast path answered 0 reads and 0 writes" in m.log.read_text()
+    m.replay_equals_source(tmp_path / "replayed")
+
+
+def test_fast_path_answers_reads_and_writes(protected) -> None:
+    data = os.urandom(3 << 20)
+    (protected.mnt / "f").write_bytes(data)
+    os.sync()
+    assert (protected.mnt / "f").read_bytes() == data
+    assert protected.stop() == 0
+    line = [ln for ln in protected.log.read_text().splitlines() if "fast path answered" in ln]
+    reads, writes = (int(w) for w in line[-1].split() if w.isdigit())
+    assert writes > 0
+
+
 def test_mount_view_equals_backing_directory(protected) -> None:
     work = RandomWorkload(protected.mnt, 7)
     for _ in range(200):

@@ -36,6 +36,19 @@ ENCODERS = 2
 RECORD_OVERHEAD = 128
 
 
+class ExternalWrites(Protocol):
+    """Writes completed outside Python (the mount's C fast path), queued in completion order.
+
+    The capture stream takes them before it records anything else, so the stream stays in
+    the order the operations completed."""
+
+    def pending(self) -> bool: ...
+
+    def take(self) -> list[tuple[int, int, bytes, int]]: ...  # (ident, offset, data, mtime)
+
+    def set_held(self, nbytes: int) -> None: ...
+
+
 class FrameSink(Protocol):
     """Where frames go. Methods are blocking and are called from one worker thread."""
 
@@ -61,8 +74,9 @@ class CaptureStream:
 
     def __init__(self, sink: FrameSink, *, next_seq: int = 1, frame_bytes: int = 4 << 20,
                  memory_limit: int = 64 << 20, flush_interval: float = 0.25,
-                 level: int = 1) -> None:
+                 level: int = 1, external: ExternalWrites | None = None) -> None:
         self._sink = sink
+        self._external = external
         self._seq = next_seq - 1
         self._frame_bytes = frame_bytes
         self._memory_limit = memory_limit
@@ -84,12 +98,27 @@ class CaptureStream:
         return self._seq
 
     def emit(self, op: int, *args: object) -> None:
+        if self._external is not None and self._external.pending():
+            self.take_external()
         self._seq += 1
         self._batch.append([self._seq, time.time_ns(), op, *args])
         self._batch_bytes += RECORD_OVERHEAD
         self._held += RECORD_OVERHEAD
 
     def emit_write(self, ident: int, offset: int, data: bytes, mtime_ns: int) -> None:
+        if self._external is not None and self._external.pending():
+            self.take_external()
+        self._append_write(ident, offset, data, mtime_ns)
+
+    def take_external(self) -> None:
+        """Record the writes the fast path completed (before anything recorded after them)."""
+        if self._external is None:
+            return
+        for ident, offset, data, mtime_ns in self._external.take():
+            self._append_write(ident, offset, data, mtime_ns)
+        self._external.set_held(self._held)
+
+    def _append_write(self, ident: int, offset: int, data: bytes, mtime_ns: int) -> None:
         self._seq += 1
         self._batch.append([self._seq, time.time_ns(), Op.WRITE, ident, offset, data, None,
                             mtime_ns])
@@ -107,6 +136,7 @@ class CaptureStream:
     async def wait_for_room(self) -> None:
         """Wait until captured data held in memory is back under the limit."""
         self.stats.waits += 1
+        self.take_external()
         if self._held - self._batch_bytes <= self._memory_limit:
             self._hand_off()  # the open batch itself is what holds the memory
         while self._held > self._memory_limit:
@@ -146,6 +176,7 @@ class CaptureStream:
             return
         self._closed = True
         self._tick_scope.cancel()
+        self.take_external()
         self._hand_off()
         await self._send_batch.aclose()
 
@@ -153,6 +184,7 @@ class CaptureStream:
         with self._tick_scope:
             while not self._closed:
                 await trio.sleep(self._flush_interval)
+                self.take_external()
                 self._hand_off()
 
     async def _encode_loop(self, receive: trio.MemoryReceiveChannel,
@@ -182,6 +214,8 @@ class CaptureStream:
             st.frame_bytes += sum(len(memoryview(p)) for p in frame)
             st.last_seq_sunk = last
             self._held -= size
+            if self._external is not None:
+                self._external.set_held(self._held)
             if self._held <= self._memory_limit:
                 self._room.set()
 

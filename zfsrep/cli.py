@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stay attached; log to stderr")
     pr.add_argument("--no-capture", action="store_true",
                     help="pure passthrough, nothing captured (diagnostics and benchmarks)")
+    pr.add_argument("--no-fast-path", action="store_true",
+                    help="serve reads and writes through pyfuse3 too, not the C fast path "
+                         "(diagnostics)")
     pr.add_argument("--allow-other", action="store_true",
                     help="let users other than root use the mount (FUSE allow_other)")
     pr.add_argument("--memory-limit", type=_mib, default=64 << 20, metavar="MIB",
@@ -96,7 +99,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
 
     opts = ProtectOptions(source=args.source, spool=args.spool, mountpoint=args.mountpoint,
                           capture=not args.no_capture, allow_other=args.allow_other,
-                          memory_limit=args.memory_limit)
+                          memory_limit=args.memory_limit, fast_path=not args.no_fast_path)
     check_options(opts)
     if args.foreground:
         return _protect_foreground(opts)
@@ -165,6 +168,8 @@ def _protect_background(args: argparse.Namespace, opts) -> int:
         argv.append("--no-capture")
     if args.allow_other:
         argv.append("--allow-other")
+    if args.no_fast_path:
+        argv.append("--no-fast-path")
     r, w = os.pipe()
     env = dict(os.environ, **{READY_FD_ENV: str(w)})
     with open(log_path, "ab") as logf:

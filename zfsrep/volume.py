@@ -332,12 +332,8 @@ class BackingVolume:
         return os.pread(self._files[fh].fd, size, offset)
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
-        n, st = self.write_backing(fh, offset, data)
-        return self.record_write(fh, offset, data, n, st)
-
-    def write_backing(self, fh: int, offset: int, data: bytes) -> tuple[int, os.stat_result]:
-        """The backing half of a write: thread-safe, so large writes can run in a worker
-        thread; :meth:`record_write` must follow on the event loop, in completion order."""
+        """Write through to the backing file and record it (the mount's C fast path does
+        the same for registered files: native/fusehook.c)."""
         fd = self._files[fh].fd
         st = os.fstat(fd)
         n = os.pwrite(fd, data, offset)
@@ -348,10 +344,6 @@ class BackingVolume:
             os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
         else:
             st = os.fstat(fd)
-        return n, st
-
-    def record_write(self, fh: int, offset: int, data: bytes, n: int,
-                     st: os.stat_result) -> int:
         of = self._files[fh]
         self.recorder.emit_write(of.inode.ident, offset, data if n == len(data) else data[:n],
                                  st.st_mtime_ns)

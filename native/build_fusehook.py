@@ -1,8 +1,8 @@
-"""cffi build script for ``zfsrep._fuseinit`` (API mode, out-of-line): the INIT-reply hook
-that negotiates FUSE_HANDLE_KILLPRIV_V2 for pyfuse3 sessions (see native/fuseinit.c).
+"""cffi build script for ``zfsrep._fusehook`` (API mode, out-of-line): the session hook of the
+protected mount (FUSE_HANDLE_KILLPRIV_V2 and the READ/WRITE fast path; see native/fusehook.c).
 
 Built against the system libfuse3 (Debian: libfuse3-dev) found with pkg-config.
-``python native/build_fuseinit.py`` builds it in place for working without pip.
+``python native/build_fusehook.py`` builds it in place for working without pip.
 """
 
 from __future__ import annotations
@@ -31,12 +31,33 @@ _cflags = _pkg_config("--cflags")
 _libs = _pkg_config("--libs")
 
 ffi = FFI()
-ffi.cdef("int zf_install(void);\nint zf_killpriv_v2(void);")
+ffi.cdef("""
+typedef struct {
+    uint64_t ident;
+    uint64_t offset;
+    uint64_t mtime_ns;
+    uint8_t *data;
+    size_t len;
+} zf_rec;
+typedef struct {
+    uint64_t reads;
+    uint64_t writes;
+} zf_counters;
+int zf_install(int eventfd, int fast, size_t limit);
+int zf_killpriv_v2(void);
+int zf_register(uint64_t fh, uint64_t ident, uint32_t uid, int capture);
+void zf_unregister(uint64_t fh);
+size_t zf_pending(void);
+size_t zf_take(zf_rec *out, size_t max);
+void zf_set_held(size_t bytes);
+void zf_free(void *p);
+zf_counters zf_counts(void);
+""")
 ffi.set_source(
-    "zfsrep._fuseinit",
-    '#include "fuseinit.h"',
-    sources=["native/fuseinit.c"],
-    depends=["native/fuseinit.h"],
+    "zfsrep._fusehook",
+    '#include "fusehook.h"',
+    sources=["native/fusehook.c"],
+    depends=["native/fusehook.h"],
     include_dirs=["native"] + [t[2:] for t in _cflags if t.startswith("-I")],
     library_dirs=[t[2:] for t in _libs if t.startswith("-L")],
     libraries=[t[2:] for t in _libs if t.startswith("-l")] + ["dl"],
@@ -46,6 +67,6 @@ ffi.set_source(
 if __name__ == "__main__":
     root = Path(__file__).resolve().parent.parent
     so = ffi.compile(tmpdir=str(root), verbose=False)
-    for obj in (root / "native" / "fuseinit.o", root / "zfsrep" / "_fuseinit.o"):
+    for obj in (root / "native" / "fusehook.o", root / "zfsrep" / "_fusehook.o"):
         obj.unlink(missing_ok=True)
     print(so)

@@ -1,0 +1,92 @@
+"""The only importer of ``zfsrep._fusehook`` (native/fusehook.c), the protected mount's session
+hook: it negotiates FUSE_HANDLE_KILLPRIV_V2 (no xattr round trip per write) and answers READ
+and WRITE requests on registered files in C, queueing each write's data for the capture stream
+(see the C file for the measurements and the why).
+
+The compiled module must be loaded with RTLD_GLOBAL before pyfuse3 is imported, so that
+pyfuse3's call of ``fuse_session_new`` binds to the module's wrapper; ``zfsrep.mountd``
+imports this module first for that reason. Without the module (or when the session cannot be
+hooked) everything runs through pyfuse3 as before, only slower.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+_flags = sys.getdlopenflags()
+try:
+    sys.setdlopenflags(_flags | os.RTLD_GLOBAL)
+    from zfsrep import _fusehook  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - only when the extension was not built
+    _fusehook = None
+finally:
+    sys.setdlopenflags(_flags)
+
+_TAKE = 256
+
+
+class SessionHook:
+    """The hook of this process's one pyfuse3 session (after ``pyfuse3.init``)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.capture = False
+        self._recs = _fusehook.ffi.new("zf_rec[]", _TAKE) if _fusehook is not None else None
+
+    def install(self, eventfd: int, *, fast: bool, capture: bool, limit: int) -> bool:
+        if _fusehook is None:
+            log.info("zfsrep._fusehook is not available: all requests go through pyfuse3")
+            return False
+        rc = _fusehook.lib.zf_install(eventfd, int(fast), limit)
+        if rc != 0:
+            log.info("cannot hook the FUSE session (%d): all requests go through pyfuse3", rc)
+            return False
+        self.active = fast
+        self.capture = capture
+        return True
+
+    @staticmethod
+    def killpriv_v2() -> bool:
+        return _fusehook is not None and bool(_fusehook.lib.zf_killpriv_v2())
+
+    def register(self, fh: int, ident: int, uid: int) -> None:
+        """Let the fast path serve READ/WRITE on ``fh`` (a backing descriptor)."""
+        if self.active:
+            _fusehook.lib.zf_register(fh, ident, uid, int(self.capture))
+
+    def unregister(self, fh: int) -> None:
+        if self.active:
+            _fusehook.lib.zf_unregister(fh)
+
+    # ---- the capture stream's view (zfsrep.capture.ExternalWrites) -----------------------
+    def pending(self) -> bool:
+        return self.active and _fusehook.lib.zf_pending() > 0
+
+    def take(self) -> list[tuple[int, int, bytes, int]]:
+        """The queued writes, oldest first: (identity, offset, data, mtime_ns)."""
+        lib, ffi, recs = _fusehook.lib, _fusehook.ffi, self._recs
+        out: list[tuple[int, int, bytes, int]] = []
+        while True:
+            n = lib.zf_take(recs, _TAKE)
+            for i in range(n):
+                r = recs[i]
+                out.append((r.ident, r.offset, ffi.buffer(r.data, r.len)[:], r.mtime_ns))
+                lib.zf_free(r.data)
+            if n < _TAKE:
+                return out
+
+    def set_held(self, nbytes: int) -> None:
+        if self.active:
+            _fusehook.lib.zf_set_held(nbytes)
+
+    @staticmethod
+    def counts() -> tuple[int, int]:
+        """(reads, writes) answered by the fast path."""
+        if _fusehook is None:
+            return (0, 0)
+        c = _fusehook.lib.zf_counts()
+        return (c.reads, c.writes)

@@ -1,0 +1,33 @@
+#ifndef ZFSREP_FUSEHOOK_H
+#define ZFSREP_FUSEHOOK_H
+#include <stddef.h>
+#include <stdint.h>
+
+/* A write answered by the fast path, waiting for the capture stream (data is malloc'd). */
+typedef struct {
+    uint64_t ident;
+    uint64_t offset;
+    uint64_t mtime_ns;
+    uint8_t *data;
+    size_t len;
+} zf_rec;
+
+typedef struct {
+    uint64_t reads;
+    uint64_t writes;
+} zf_counters;
+
+/* Hook the session pyfuse3.init() created: 0 on success. eventfd (or -1) is signalled when
+ * queued writes should be drained; fast enables the READ/WRITE fast path; limit bounds the
+ * captured bytes (queue + zf_set_held) the fast path may reach. */
+int zf_install(int eventfd, int fast, size_t limit);
+/* 1 once the kernel accepted FUSE_HANDLE_KILLPRIV_V2 (after the INIT exchange). */
+int zf_killpriv_v2(void);
+int zf_register(uint64_t fh, uint64_t ident, uint32_t uid, int capture);
+void zf_unregister(uint64_t fh);
+size_t zf_pending(void);
+size_t zf_take(zf_rec *out, size_t max);
+void zf_set_held(size_t bytes);
+void zf_free(void *p);
+zf_counters zf_counts(void);
+#endif
