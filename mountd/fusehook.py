@@ -66,7 +66,7 @@ class SessionHook:
     def pending(self) -> bool:
         return self.active and _fusehook.lib.zf_pending() > 0
 
-    def take(self) -> list[tuple[int, int, bytes, int]]:
+    def take(self) -> list[tuple[int, int, memoryview, int]]:
         """The queued writes, oldest first: (identity, offset, data, mtime_ns)."""
         lib, ffi, recs = _fusehook.lib, _fusehook.ffi, self._recs
         out: list[tuple[int, int, bytes, int]] = []
@@ -74,8 +74,10 @@ class SessionHook:
             n = lib.zf_take(recs, _TAKE)
             for i in range(n):
                 r = recs[i]
-                out.append((r.ident, r.offset, ffi.buffer(r.data, r.len)[:], r.mtime_ns))
-                lib.zf_free(r.data)
+                # No copy: a view of the C buffer, freed when the last reference goes.
+                owner = ffi.gc(r.data, lib.zf_free)
+                out.append((r.ident, r.offset, memoryview(ffi.buffer(owner, r.len)),
+                            r.mtime_ns))
             if n < _TAKE:
                 return out
 

@@ -23,6 +23,7 @@
  * daemon's one event-loop thread, inside pyfuse3's call to fuse_session_receive_buf().
  */
 #define _GNU_SOURCE
+#include <Python.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <poll.h>
@@ -212,11 +213,17 @@ static ssize_t zf_read(int fd, void *buf, size_t len, void *userdata)
             zf_init_seen = 1;
         }
         int handled = 0;
-        if (zf_fast && in->total_extlen == 0) {
+        if (zf_fast && in->total_extlen == 0 &&
+            (in->opcode == FUSE_WRITE || in->opcode == FUSE_READ)) {
+            /* pyfuse3 receives with the GIL held; the copy and the system calls need none
+             * (everything touched here belongs to this, the event-loop, thread). */
+            PyThreadState *ts = PyGILState_Check() ? PyEval_SaveThread() : NULL;
             if (in->opcode == FUSE_WRITE)
                 handled = fast_write(fd, in, (size_t)n);
-            else if (in->opcode == FUSE_READ)
+            else
                 handled = fast_read(fd, in, (size_t)n);
+            if (ts != NULL)
+                PyEval_RestoreThread(ts);
         }
         if (!handled)
             return n;
