@@ -85,10 +85,16 @@ class SessionHook:
         if self.active:
             _fusehook.lib.zf_set_held(nbytes)
 
+    def shutdown(self) -> None:
+        """Answer queued FSYNCs and stop the fast path; call before the session closes."""
+        if self.active:
+            _fusehook.lib.zf_shutdown()
+            self.active = False
+
     @staticmethod
-    def counts() -> tuple[int, int]:
-        """(reads, writes) answered by the fast path."""
+    def counts() -> tuple[int, int, int]:
+        """(reads, writes, fsyncs) answered by the fast path."""
         if _fusehook is None:
-            return (0, 0)
+            return (0, 0, 0)
         c = _fusehook.lib.zf_counts()
-        return (c.reads, c.writes)
+        return (c.reads, c.writes, c.fsyncs)

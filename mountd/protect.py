@@ -150,8 +150,9 @@ async def _serve(opts: ProtectOptions, source: str, recorder, hook: SessionHook,
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
+        hook.shutdown()
         pyfuse3.close(unmount=True)
         volume.close()
         os.close(eventfd)
-        reads, writes = hook.counts()
-        log.info("fast path answered %d reads and %d writes", reads, writes)
+        reads, writes, fsyncs = hook.counts()
+        log.info("fast path answered %d reads, %d writes and %d fsyncs", reads, writes, fsyncs)

@@ -42,6 +42,7 @@ typedef struct {
 typedef struct {
     uint64_t reads;
     uint64_t writes;
+    uint64_t fsyncs;
 } zf_counters;
 int zf_install(int eventfd, int fast, size_t limit);
 int zf_killpriv_v2(void);
@@ -52,6 +53,7 @@ size_t zf_take(zf_rec *out, size_t max);
 void zf_set_held(size_t bytes);
 void zf_free(void *p);
 zf_counters zf_counts(void);
+void zf_shutdown(void);
 """)
 ffi.set_source(
     "zfsrep._fusehook",
@@ -60,7 +62,7 @@ ffi.set_source(
     depends=["native/fusehook.h"],
     include_dirs=["native"] + [t[2:] for t in _cflags if t.startswith("-I")],
     library_dirs=[t[2:] for t in _libs if t.startswith("-L")],
-    libraries=[t[2:] for t in _libs if t.startswith("-l")] + ["dl"],
+    libraries=[t[2:] for t in _libs if t.startswith("-l")] + ["dl", "pthread"],
     extra_compile_args=["-O2", "-Wall"],
 )
 

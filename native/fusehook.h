@@ -15,6 +15,7 @@ typedef struct {
 typedef struct {
     uint64_t reads;
     uint64_t writes;
+    uint64_t fsyncs;
 } zf_counters;
 
 /* Hook the session pyfuse3.init() created: 0 on success. eventfd (or -1) is signalled when
@@ -30,4 +31,6 @@ size_t zf_take(zf_rec *out, size_t max);
 void zf_set_held(size_t bytes);
 void zf_free(void *p);
 zf_counters zf_counts(void);
+/* Answer the queued FSYNCs, stop the fsync worker and the fast path (before unmounting). */
+void zf_shutdown(void);
 #endif

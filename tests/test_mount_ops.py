@@ -843,8 +843,6 @@ def test_fallocate_and_punch_hole_match_plain_file(protected, plain):
                (plain / "f", keep_size_punch, 0, 4096), 0)
 
 
-@pytest.mark.xfail(strict=True, reason="pyfuse3 3.5 has no lseek handler: SEEK_DATA/SEEK_HOLE "
-                   "fall back to 'all data' instead of the backing file's holes")
 def test_seek_data_and_hole_find_the_holes(protected, plain):
     results = []
     for root in (protected.mnt, plain):
