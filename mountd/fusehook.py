@@ -15,6 +15,8 @@ import logging
 import os
 import sys
 
+from zfsrep.records import Op
+
 log = logging.getLogger(__name__)
 
 _flags = sys.getdlopenflags()
@@ -66,18 +68,22 @@ class SessionHook:
     def pending(self) -> bool:
         return self.active and _fusehook.lib.zf_pending() > 0
 
-    def take(self) -> list[tuple[int, int, memoryview, int]]:
-        """The queued writes, oldest first: (identity, offset, data, mtime_ns)."""
+    def take(self) -> list[tuple[int, tuple]]:
+        """The queued records, oldest first, as (op, args) of zfsrep.records: WRITE
+        (ident, offset, data, mtime_ns) or SETATTR (ident, mode, uid, gid, mtime_ns)."""
         lib, ffi, recs = _fusehook.lib, _fusehook.ffi, self._recs
-        out: list[tuple[int, int, bytes, int]] = []
+        out: list[tuple[int, tuple]] = []
         while True:
             n = lib.zf_take(recs, _TAKE)
             for i in range(n):
                 r = recs[i]
-                # No copy: a view of the C buffer, freed when the last reference goes.
-                owner = ffi.gc(r.data, lib.zf_free)
-                out.append((r.ident, r.offset, memoryview(ffi.buffer(owner, r.len)),
-                            r.mtime_ns))
+                if r.kind == lib.ZF_WRITE:
+                    # No copy: a view of the C buffer, freed when the last reference goes.
+                    owner = ffi.gc(r.data, lib.zf_free)
+                    data = memoryview(ffi.buffer(owner, r.len))
+                    out.append((Op.WRITE, (r.ident, r.offset, data, r.mtime_ns)))
+                else:
+                    out.append((Op.SETATTR, (r.ident, r.mode, r.uid, r.gid, r.mtime_ns)))
             if n < _TAKE:
                 return out
 
@@ -92,9 +98,10 @@ class SessionHook:
             self.active = False
 
     @staticmethod
-    def counts() -> tuple[int, int, int]:
-        """(reads, writes, fsyncs) answered by the fast path."""
+    def counts() -> dict[str, int]:
+        """Requests answered by the fast path, by kind."""
         if _fusehook is None:
-            return (0, 0, 0)
+            return {"reads": 0, "writes": 0, "fsyncs": 0, "setattrs": 0}
         c = _fusehook.lib.zf_counts()
-        return (c.reads, c.writes, c.fsyncs)
+        return {"reads": c.reads, "writes": c.writes, "fsyncs": c.fsyncs,
+                "setattrs": c.setattrs}

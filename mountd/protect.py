@@ -154,5 +154,5 @@ async def _serve(opts: ProtectOptions, source: str, recorder, hook: SessionHook,
         pyfuse3.close(unmount=True)
         volume.close()
         os.close(eventfd)
-        reads, writes, fsyncs = hook.counts()
-        log.info("fast path answered %d reads, %d writes and %d fsyncs", reads, writes, fsyncs)
+        log.info("fast path answered %s", ", ".join(
+            f"{count} {kind}" for kind, count in hook.counts().items()))

@@ -32,17 +32,25 @@ _libs = _pkg_config("--libs")
 
 ffi = FFI()
 ffi.cdef("""
+#define ZF_WRITE 0
+#define ZF_SETATTR 1
 typedef struct {
+    uint32_t kind;
+    uint32_t mode;
+    uint32_t uid;
+    uint32_t gid;
     uint64_t ident;
     uint64_t offset;
     uint64_t mtime_ns;
     uint8_t *data;
     size_t len;
 } zf_rec;
+
 typedef struct {
     uint64_t reads;
     uint64_t writes;
     uint64_t fsyncs;
+    uint64_t setattrs;
 } zf_counters;
 int zf_install(int eventfd, int fast, size_t limit);
 int zf_killpriv_v2(void);

@@ -42,6 +42,9 @@
 
 #include "fusehook.h"
 
+/* Attribute cache timeout in replies (seconds): mountd/passthrough.py CACHE_TIMEOUT. */
+#define ZF_ATTR_TIMEOUT 10
+
 #ifndef FUSE_HANDLE_KILLPRIV_V2
 #define FUSE_HANDLE_KILLPRIV_V2 (1u << 28)
 #endif
@@ -102,6 +105,11 @@ static void reply(int fd, uint64_t unique, int error, const void *arg, size_t le
     (void)writev(fd, iov, error || len == 0 ? 1 : 2);
 }
 
+static uint64_t ns_of(struct timespec t)
+{
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
 static struct zf_file *file_of(uint64_t fh)
 {
     if (fh >= zf_files_cap || !zf_files[fh].used)
@@ -109,8 +117,7 @@ static struct zf_file *file_of(uint64_t fh)
     return &zf_files[fh];
 }
 
-static int enqueue(uint64_t ident, uint64_t offset, uint8_t *data, size_t len,
-                   uint64_t mtime_ns)
+static int push(zf_rec rec)
 {
     if (zf_qlen == zf_qcap) {
         size_t cap = zf_qcap ? zf_qcap * 2 : 256;
@@ -120,8 +127,8 @@ static int enqueue(uint64_t ident, uint64_t offset, uint8_t *data, size_t len,
         zf_queue = q;
         zf_qcap = cap;
     }
-    zf_queue[zf_qlen++] = (zf_rec){ident, offset, mtime_ns, data, len};
-    zf_qbytes += len;
+    zf_queue[zf_qlen++] = rec;
+    zf_qbytes += rec.len;
     if (zf_eventfd >= 0 && !zf_signalled && zf_qbytes >= zf_signal_at) {
         uint64_t one = 1;
         if (write(zf_eventfd, &one, sizeof one) == sizeof one)
@@ -162,8 +169,10 @@ static int fast_write(int fd, const struct fuse_in_header *in, size_t n)
     (void)futimens((int)w->fh, times);
     if (copy != NULL) {
         memcpy(copy, data, (size_t)done);
-        uint64_t mtime_ns = (uint64_t)st.st_mtim.tv_sec * 1000000000u + st.st_mtim.tv_nsec;
-        if (enqueue(f->ident, w->offset, copy, (size_t)done, mtime_ns) != 0) {
+        uint64_t mtime_ns = ns_of(st.st_mtim);
+        zf_rec rec = {.kind = ZF_WRITE, .ident = f->ident, .offset = w->offset,
+                      .mtime_ns = mtime_ns, .data = copy, .len = (size_t)done};
+        if (push(rec) != 0) {
             /* Cannot record it: the data is in the backing file but not in the stream.
              * Fail the request so nothing is silently lost (the kernel retries or reports
              * EIO to the application). */
@@ -196,6 +205,56 @@ static int fast_read(int fd, const struct fuse_in_header *in, size_t n)
     else
         reply(fd, in->unique, 0, zf_rbuf, (size_t)got);
     zf_count.reads++;
+    return 1;
+}
+
+/* The times the kernel's writeback cache flushes (SETATTR with only times on an open file):
+ * the most frequent SETATTR, answered here like BackingVolume.setattr does. */
+static int fast_setattr(int fd, const struct fuse_in_header *in, size_t n)
+{
+    const struct fuse_setattr_in *a = (const void *)(in + 1);
+    const uint32_t allowed = FATTR_ATIME | FATTR_MTIME | FATTR_CTIME | FATTR_ATIME_NOW |
+                             FATTR_MTIME_NOW | FATTR_FH | FATTR_LOCKOWNER;
+    if (n < sizeof *in + sizeof *a || !(a->valid & FATTR_FH) || (a->valid & ~allowed) ||
+        !(a->valid & (FATTR_ATIME | FATTR_MTIME)))
+        return 0;
+    struct zf_file *f = file_of(a->fh);
+    if (f == NULL || (f->capture && zf_qbytes + zf_held_elsewhere > zf_limit))
+        return 0;
+    struct timespec ts[2] = {{0, UTIME_OMIT}, {0, UTIME_OMIT}};
+    if (a->valid & FATTR_ATIME)
+        ts[0] = (a->valid & FATTR_ATIME_NOW) ? (struct timespec){0, UTIME_NOW}
+                                             : (struct timespec){(time_t)a->atime,
+                                                                 (long)a->atimensec};
+    if (a->valid & FATTR_MTIME)
+        ts[1] = (a->valid & FATTR_MTIME_NOW) ? (struct timespec){0, UTIME_NOW}
+                                             : (struct timespec){(time_t)a->mtime,
+                                                                 (long)a->mtimensec};
+    struct stat st;
+    if (futimens((int)a->fh, ts) != 0 || fstat((int)a->fh, &st) != 0) {
+        reply(fd, in->unique, errno, NULL, 0);
+        return 1;
+    }
+    if (f->capture) {
+        zf_rec rec = {.kind = ZF_SETATTR, .ident = f->ident, .mtime_ns = ns_of(st.st_mtim),
+                      .mode = st.st_mode, .uid = st.st_uid, .gid = st.st_gid};
+        if (push(rec) != 0) {
+            reply(fd, in->unique, EIO, NULL, 0);
+            return 1;
+        }
+    }
+    struct fuse_attr_out out;
+    memset(&out, 0, sizeof out);
+    out.attr_valid = ZF_ATTR_TIMEOUT;
+    out.attr = (struct fuse_attr){
+        .ino = in->nodeid, .size = (uint64_t)st.st_size, .blocks = (uint64_t)st.st_blocks,
+        .atime = (uint64_t)st.st_atim.tv_sec, .mtime = (uint64_t)st.st_mtim.tv_sec,
+        .ctime = (uint64_t)st.st_ctim.tv_sec, .atimensec = (uint32_t)st.st_atim.tv_nsec,
+        .mtimensec = (uint32_t)st.st_mtim.tv_nsec, .ctimensec = (uint32_t)st.st_ctim.tv_nsec,
+        .mode = st.st_mode, .nlink = (uint32_t)st.st_nlink, .uid = st.st_uid,
+        .gid = st.st_gid, .rdev = (uint32_t)st.st_rdev, .blksize = (uint32_t)st.st_blksize};
+    reply(fd, in->unique, 0, &out, sizeof out);
+    zf_count.setattrs++;
     return 1;
 }
 
@@ -307,6 +366,8 @@ static ssize_t zf_read(int fd, void *buf, size_t len, void *userdata)
             handled = fast_lseek(fd, in, (size_t)n);
         } else if (zf_fast && in->total_extlen == 0 && in->opcode == FUSE_FSYNC) {
             handled = fast_fsync(fd, in, (size_t)n);
+        } else if (zf_fast && in->total_extlen == 0 && in->opcode == FUSE_SETATTR) {
+            handled = fast_setattr(fd, in, (size_t)n);
         } else if (zf_fast && in->total_extlen == 0 &&
                    (in->opcode == FUSE_WRITE || in->opcode == FUSE_READ)) {
             /* pyfuse3 receives with the GIL held; the copy and the system calls need none

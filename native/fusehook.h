@@ -3,8 +3,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* A write answered by the fast path, waiting for the capture stream (data is malloc'd). */
+/* A record made by the fast path, waiting for the capture stream: a write (data is
+ * malloc'd and owned by the taker) or the attributes after a times-only SETATTR. */
+enum { ZF_WRITE = 0, ZF_SETATTR = 1 };
 typedef struct {
+    uint32_t kind;
+    uint32_t mode;
+    uint32_t uid;
+    uint32_t gid;
     uint64_t ident;
     uint64_t offset;
     uint64_t mtime_ns;
@@ -16,6 +22,7 @@ typedef struct {
     uint64_t reads;
     uint64_t writes;
     uint64_t fsyncs;
+    uint64_t setattrs;
 } zf_counters;
 
 /* Hook the session pyfuse3.init() created: 0 on success. eventfd (or -1) is signalled when

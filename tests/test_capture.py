@@ -341,3 +341,40 @@ async def test_memory_accounting_counts_record_overhead():
             await stream.wait_for_room()
         assert not stream.over_limit
         await stream.aclose()
+
+
+class _FakeFastPath:
+    """An ExternalWrites source like mountd.fusehook.SessionHook's queue."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[int, tuple]] = []
+        self.held: list[int] = []
+
+    def pending(self) -> bool:
+        return bool(self.queue)
+
+    def take(self) -> list[tuple[int, tuple]]:
+        out, self.queue = self.queue, []
+        return out
+
+    def set_held(self, nbytes: int) -> None:
+        self.held.append(nbytes)
+
+
+async def test_external_records_are_numbered_before_later_records() -> None:
+    from zfsrep.records import Op
+
+    sink = ListSink()
+    fast = _FakeFastPath()
+    stream = CaptureStream(sink, external=fast, flush_interval=60)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(stream.run)
+        fast.queue.append((Op.WRITE, (7, 0, memoryview(b"abc"), 11)))
+        fast.queue.append((Op.SETATTR, (7, 0o100644, 0, 0, 12)))
+        stream.emit(Op.TRUNCATE, 7, 1, 13)  # completed after the queued ones
+        await stream.aclose()
+    records = sink.records()
+    assert [r[2] for r in records] == [Op.WRITE, Op.SETATTR, Op.TRUNCATE]
+    assert [r[0] for r in records] == [1, 2, 3]
+    assert bytes(records[0][5]) == b"abc"
+    assert fast.held  # the fast path is told how much memory capture holds

@@ -44,7 +44,7 @@ class ExternalWrites(Protocol):
 
     def pending(self) -> bool: ...
 
-    def take(self) -> list[tuple[int, int, bytes, int]]: ...  # (ident, offset, data, mtime)
+    def take(self) -> list[tuple[int, tuple]]: ...  # (op, args): WRITE or SETATTR records
 
     def set_held(self, nbytes: int) -> None: ...
 
@@ -100,6 +100,9 @@ class CaptureStream:
     def emit(self, op: int, *args: object) -> None:
         if self._external is not None and self._external.pending():
             self.take_external()
+        self._append(op, args)
+
+    def _append(self, op: int, args: tuple) -> None:
         self._seq += 1
         self._batch.append([self._seq, time.time_ns(), op, *args])
         self._batch_bytes += RECORD_OVERHEAD
@@ -114,8 +117,11 @@ class CaptureStream:
         """Record the writes the fast path completed (before anything recorded after them)."""
         if self._external is None:
             return
-        for ident, offset, data, mtime_ns in self._external.take():
-            self._append_write(ident, offset, data, mtime_ns)
+        for op, args in self._external.take():
+            if op == Op.WRITE:
+                self._append_write(*args)
+            else:
+                self._append(op, args)
         self._external.set_held(self._held)
 
     def _append_write(self, ident: int, offset: int, data: bytes, mtime_ns: int) -> None:
