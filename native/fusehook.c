@@ -164,14 +164,13 @@ static int fast_write(int fd, const struct fuse_in_header *in, size_t n)
         reply(fd, in->unique, err, NULL, 0);
         return 1;
     }
-    /* The kernel's writeback cache owns the file times (see volume.write_backing). */
+    /* The kernel's writeback cache owns the file times (see BackingVolume.write). */
     struct timespec times[2] = {st.st_atim, st.st_mtim};
     (void)futimens((int)w->fh, times);
     if (copy != NULL) {
         memcpy(copy, data, (size_t)done);
-        uint64_t mtime_ns = ns_of(st.st_mtim);
         zf_rec rec = {.kind = ZF_WRITE, .ident = f->ident, .offset = w->offset,
-                      .mtime_ns = mtime_ns, .data = copy, .len = (size_t)done};
+                      .mtime_ns = ns_of(st.st_mtim), .data = copy, .len = (size_t)done};
         if (push(rec) != 0) {
             /* Cannot record it: the data is in the backing file but not in the stream.
              * Fail the request so nothing is silently lost (the kernel retries or reports
@@ -346,9 +345,8 @@ static int fast_lseek(int fd, const struct fuse_in_header *in, size_t n)
     return 1;
 }
 
-static ssize_t zf_read(int fd, void *buf, size_t len, void *userdata)
+static ssize_t read_and_serve(int fd, void *buf, size_t len)
 {
-    (void)userdata;
     for (;;) {
         ssize_t n = read(fd, buf, len);
         if (n < (ssize_t)sizeof(struct fuse_in_header))
@@ -362,34 +360,42 @@ static ssize_t zf_read(int fd, void *buf, size_t len, void *userdata)
             zf_init_seen = 1;
         }
         int handled = 0;
-        if (zf_fast && in->total_extlen == 0 && in->opcode == FUSE_LSEEK) {
-            handled = fast_lseek(fd, in, (size_t)n);
-        } else if (zf_fast && in->total_extlen == 0 && in->opcode == FUSE_FSYNC) {
-            handled = fast_fsync(fd, in, (size_t)n);
-        } else if (zf_fast && in->total_extlen == 0 && in->opcode == FUSE_SETATTR) {
-            handled = fast_setattr(fd, in, (size_t)n);
-        } else if (zf_fast && in->total_extlen == 0 &&
-                   (in->opcode == FUSE_WRITE || in->opcode == FUSE_READ)) {
-            /* pyfuse3 receives with the GIL held; the copy and the system calls need none
-             * (everything touched here belongs to this, the event-loop, thread). */
-            PyThreadState *ts = PyGILState_Check() ? PyEval_SaveThread() : NULL;
-            if (in->opcode == FUSE_WRITE)
-                handled = fast_write(fd, in, (size_t)n);
-            else
-                handled = fast_read(fd, in, (size_t)n);
-            if (ts != NULL)
-                PyEval_RestoreThread(ts);
+        if (zf_fast && in->total_extlen == 0) {
+            switch (in->opcode) {
+            case FUSE_WRITE: handled = fast_write(fd, in, (size_t)n); break;
+            case FUSE_READ: handled = fast_read(fd, in, (size_t)n); break;
+            case FUSE_SETATTR: handled = fast_setattr(fd, in, (size_t)n); break;
+            case FUSE_FSYNC: handled = fast_fsync(fd, in, (size_t)n); break;
+            case FUSE_LSEEK: handled = fast_lseek(fd, in, (size_t)n); break;
+            default: break;
+            }
         }
         if (!handled)
             return n;
-        /* Answer whatever else is already waiting; otherwise let the event loop run
-         * (libfuse turns EINTR into "nothing read, try again"). */
+        /* Answer whatever else is already waiting, unless a frame's worth of writes waits
+         * for the capture stream; otherwise let the event loop run (it drains the queue;
+         * libfuse turns EINTR into "nothing read, try again"). */
         struct pollfd p = {.fd = fd, .events = POLLIN};
-        if (poll(&p, 1, 0) != 1 || !(p.revents & POLLIN)) {
+        if (zf_signalled || poll(&p, 1, 0) != 1 || !(p.revents & POLLIN)) {
             errno = EINTR;
             return -1;
         }
     }
+}
+
+static ssize_t zf_read(int fd, void *buf, size_t len, void *userdata)
+{
+    (void)userdata;
+    /* pyfuse3 receives with the GIL held; reading a request (the kernel copies up to 1 MiB
+     * here) and serving the fast-path ones need no Python, and everything they touch belongs
+     * to this, the event-loop, thread. Releasing the GIL lets the capture threads work. */
+    PyThreadState *ts = PyGILState_Check() ? PyEval_SaveThread() : NULL;
+    ssize_t n = read_and_serve(fd, buf, len);
+    int err = errno;
+    if (ts != NULL)
+        PyEval_RestoreThread(ts);
+    errno = err;
+    return n;
 }
 
 static ssize_t zf_writev(int fd, struct iovec *iov, int count, void *userdata)

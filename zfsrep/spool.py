@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -27,6 +28,7 @@ from zfsrep.errors import CorruptDataError, FrameError, NotFoundError, StateErro
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+CLOSING_MAX = 4
 META = "volume.json"
 SEGMENTS = "segments"
 SUFFIX = ".zfr"
@@ -98,10 +100,12 @@ class SpoolWriter:
         self._fd: int | None = None
         self._size = 0
         self.next_seq = 1
-        # A full segment is fsynced and closed by this worker while frames go on into the next
-        # one: the writer never stalls for a 64 MiB fsync. close() waits for it.
+        # Full segments are fsynced and closed (and the directory entry of the next one made
+        # durable) by this worker while frames go on into the next segment: the writer does
+        # not stall for a 64 MiB fsync unless CLOSING_MAX segments are still waiting for the
+        # disk. close() waits for all of them.
         self._closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-fsync")
-        self._closing: Future[None] | None = None
+        self._closing: deque[Future[None]] = deque()
         self._open()
 
     def _open(self) -> None:
@@ -137,15 +141,13 @@ class SpoolWriter:
             break
 
     def _rotate(self, first_seq: int) -> None:
-        if self._fd is not None:
-            if self._closing is not None:
-                self._closing.result()  # at most one segment is being closed at a time
-            self._closing = self._closer.submit(_fsync_close, self._fd)
-            self._fd = None
+        while len(self._closing) >= CLOSING_MAX or (self._closing and self._closing[0].done()):
+            self._closing.popleft().result()
+        old, self._fd = self._fd, None
         path = self.path / SEGMENTS / _segment_name(first_seq)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._size = 0
-        _fsync_dir(self.path / SEGMENTS)
+        self._closing.append(self._closer.submit(_retire, old, self.path / SEGMENTS))
 
     def write_frame(self, frame: bytes | Sequence[bytes | memoryview], first_seq: int,
                     last_seq: int) -> None:
@@ -170,10 +172,10 @@ class SpoolWriter:
         if self._fd is not None:
             _fsync_close(self._fd)
             self._fd = None
-        if self._closing is not None:
-            self._closing.result()
-            self._closing = None
+        while self._closing:
+            self._closing.popleft().result()
         self._closer.shutdown(wait=True)
+        _fsync_dir(self.path / SEGMENTS)
 
 
 def _writev_all(fd: int, parts: list[memoryview]) -> None:
@@ -185,6 +187,13 @@ def _writev_all(fd: int, parts: list[memoryview]) -> None:
             parts = parts[1:]
         if parts and written:
             parts = [parts[0][written:], *parts[1:]]
+
+
+def _retire(fd: int | None, segments: Path) -> None:
+    """fsync and close a full segment, and make the new segment's name durable."""
+    if fd is not None:
+        _fsync_close(fd)
+    _fsync_dir(segments)
 
 
 def _fsync_close(fd: int) -> None:
