@@ -31,38 +31,9 @@ _cflags = _pkg_config("--cflags")
 _libs = _pkg_config("--libs")
 
 ffi = FFI()
-ffi.cdef("""
-#define ZF_WRITE 0
-#define ZF_SETATTR 1
-typedef struct {
-    uint32_t kind;
-    uint32_t mode;
-    uint32_t uid;
-    uint32_t gid;
-    uint64_t ident;
-    uint64_t offset;
-    uint64_t mtime_ns;
-    uint8_t *data;
-    size_t len;
-} zf_rec;
-
-typedef struct {
-    uint64_t reads;
-    uint64_t writes;
-    uint64_t fsyncs;
-    uint64_t setattrs;
-} zf_counters;
-int zf_install(int eventfd, int fast, size_t limit);
-int zf_killpriv_v2(void);
-int zf_register(uint64_t fh, uint64_t ident, uint32_t uid, int capture);
-void zf_unregister(uint64_t fh);
-size_t zf_pending(void);
-size_t zf_take(zf_rec *out, size_t max);
-void zf_set_held(size_t bytes);
-void zf_free(void *p);
-zf_counters zf_counts(void);
-void zf_shutdown(void);
-""")
+# The declarations are those of native/fusehook.h, without its preprocessor lines.
+_HEADER = Path(__file__).with_name("fusehook.h").read_text()
+ffi.cdef("\n".join(ln for ln in _HEADER.splitlines() if not ln.lstrip().startswith("#")))
 ffi.set_source(
     "zfsrep._fusehook",
     '#include "fusehook.h"',

@@ -378,3 +378,42 @@ async def test_external_records_are_numbered_before_later_records() -> None:
     assert [r[0] for r in records] == [1, 2, 3]
     assert bytes(records[0][5]) == b"abc"
     assert fast.held  # the fast path is told how much memory capture holds
+
+
+class _FailingSink(ListSink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.marked: tuple[int, str] | None = None
+
+    def write_frame(self, frame, first_seq: int, last_seq: int) -> None:
+        if first_seq > 1:
+            raise OSError(28, "No space left on device")
+        super().write_frame(frame, first_seq, last_seq)
+
+    def mark_incomplete(self, last_seq: int, reason: str) -> None:
+        self.marked = (last_seq, reason)
+
+
+async def test_a_failing_sink_stops_capture_without_blocking_writers(caplog) -> None:
+    from zfsrep.records import Op
+
+    sink = _FailingSink()
+    stream = CaptureStream(sink, frame_bytes=1, memory_limit=1 << 10, flush_interval=60)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(stream.run)
+        stream.emit_write(1, 0, b"x" * 10, 0)  # frame 1 is written
+        with trio.fail_after(10):
+            while stream.stats.frames < 1:
+                await trio.sleep(0.01)
+            for i in range(50):  # frame 2 fails; writers must not wait afterwards
+                stream.emit_write(1, i, b"y" * 4096, 0)
+                if stream.over_limit:
+                    await stream.wait_for_room()
+            while stream.failed is None:
+                await trio.sleep(0.01)
+        stream.emit(Op.TRUNCATE, 1, 0, 0)  # dropped, no error
+        await stream.aclose()
+    assert sink.marked is not None and sink.marked[0] == 1
+    assert "No space left" in sink.marked[1]
+    assert not stream.over_limit
+    assert any("capture stopped after record 1" in r.message for r in caplog.records)

@@ -103,3 +103,35 @@ def test_help_explains_protect() -> None:
     out = subprocess.run([sys.executable, "-m", "zfsrep.cli", "protect", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "fusermount3 -u" in out and "--spool" in out
+
+
+def test_full_spool_stops_capture_but_never_the_application(mount_factory, tmp_path) -> None:
+    """A spool that cannot be written ends capture, not the mount (DESIGN invariant 5), and
+    marks the spool so that nothing replays or continues it as if it were whole."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], check=True)
+    try:
+        m = mount_factory("full")
+        m.spool = small / "spool"
+        m.expected_log = ["capture stopped after record", "could not mark the spool"]
+        m.start()
+        with open(m.mnt / "big", "wb") as f:
+            for _ in range(24):
+                f.write(os.urandom(1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+        (m.mnt / "after").write_text("still served")
+        assert (m.mnt / "after").read_text() == "still served"
+        assert os.path.getsize(m.source / "big") == 24 << 20
+        assert m.stop() == 0
+        assert "capture stopped after record" in m.log.read_text()
+        proc = zfsrep("replay", str(m.spool), str(tmp_path / "out"), check=False)
+        assert proc.returncode == 4 and "incomplete" in proc.stderr
+        assert not (tmp_path / "out").exists()
+        proc = zfsrep("protect", "--source", str(m.source), "--spool", str(m.spool),
+                      str(m.mnt), "--foreground", check=False)
+        assert proc.returncode == 4 and "incomplete" in proc.stderr
+        assert not is_mounted(m.mnt)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

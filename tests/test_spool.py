@@ -262,3 +262,19 @@ def test_writer_refuses_a_spool_with_a_garbage_volume_json(spool: Path):
     (spool / META).write_text("{broken")
     with pytest.raises(CorruptDataError):
         SpoolWriter(spool, IDENT)
+
+
+def test_incomplete_spool_is_refused_by_readers_and_writers(spool: Path):
+    from zfsrep.errors import StateError
+    from zfsrep.spool import read_incomplete
+
+    w = SpoolWriter(spool, IDENT)
+    _write(w, 1, 2)
+    w.mark_incomplete(2, "cannot write the spool: No space left on device")
+    w.close()
+    assert read_incomplete(spool)["last_seq"] == 2
+    with pytest.raises(StateError, match="incomplete"):
+        list(iter_records(spool))
+    assert [r[0] for r in iter_records(spool, allow_incomplete=True)] == [1, 2]
+    with pytest.raises(StateError, match="incomplete"):
+        SpoolWriter(spool, IDENT)

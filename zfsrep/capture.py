@@ -54,6 +54,8 @@ class FrameSink(Protocol):
 
     def write_frame(self, frame: FrameData, first_seq: int, last_seq: int) -> None: ...
 
+    def mark_incomplete(self, last_seq: int, reason: str) -> None: ...
+
     def sync(self) -> None: ...
 
     def close(self) -> None: ...
@@ -90,6 +92,7 @@ class CaptureStream:
         self._send_batch: trio.MemorySendChannel | None = None
         self._closed = False
         self._tick_scope = trio.CancelScope()
+        self.failed: str | None = None  # why capture stopped (the sink failed), if it did
         self.stats = CaptureStats(last_seq_sunk=next_seq - 1)
 
     # ---- request path (event-loop thread, synchronous) -----------------------------------
@@ -103,6 +106,8 @@ class CaptureStream:
         self._append(op, args)
 
     def _append(self, op: int, args: tuple) -> None:
+        if self.failed is not None:
+            return
         self._seq += 1
         self._batch.append([self._seq, time.time_ns(), op, *args])
         self._batch_bytes += RECORD_OVERHEAD
@@ -122,9 +127,11 @@ class CaptureStream:
                 self._append_write(*args)
             else:
                 self._append(op, args)
-        self._external.set_held(self._held)
+        self._external.set_held(self._held if self.failed is None else 0)
 
     def _append_write(self, ident: int, offset: int, data: bytes, mtime_ns: int) -> None:
+        if self.failed is not None:
+            return
         self._seq += 1
         self._batch.append([self._seq, time.time_ns(), Op.WRITE, ident, offset, data, None,
                             mtime_ns])
@@ -137,7 +144,7 @@ class CaptureStream:
 
     @property
     def over_limit(self) -> bool:
-        return self._held > self._memory_limit
+        return self._held > self._memory_limit and self.failed is None
 
     async def wait_for_room(self) -> None:
         """Wait until captured data held in memory is back under the limit."""
@@ -145,7 +152,7 @@ class CaptureStream:
         self.take_external()
         if self._held - self._batch_bytes <= self._memory_limit:
             self._hand_off()  # the open batch itself is what holds the memory
-        while self._held > self._memory_limit:
+        while self._held > self._memory_limit and self.failed is None:
             if self._room.is_set():  # all waiters share one event until the sink sets it
                 self._room = trio.Event()
             await self._room.wait()
@@ -213,17 +220,36 @@ class CaptureStream:
         async for receive_one in receive_order:
             async with receive_one:
                 frame, first, last, size = await receive_one.receive()
-            await trio.to_thread.run_sync(self._sink.write_frame, frame, first, last)
+            if self.failed is None:
+                try:
+                    await trio.to_thread.run_sync(self._sink.write_frame, frame, first, last)
+                except OSError as e:
+                    await self._fail(first - 1, f"cannot write the spool: {e.strerror or e}")
+            self._held -= size
+            if self._external is not None:
+                self._external.set_held(self._held if self.failed is None else 0)
+            if self._held <= self._memory_limit or self.failed is not None:
+                self._room.set()
+            if self.failed is not None:
+                continue
             st = self.stats
             st.frames += 1
             st.records += last - first + 1
             st.frame_bytes += sum(len(memoryview(p)) for p in frame)
             st.last_seq_sunk = last
-            self._held -= size
-            if self._external is not None:
-                self._external.set_held(self._held)
-            if self._held <= self._memory_limit:
-                self._room.set()
+
+    async def _fail(self, last_good_seq: int, reason: str) -> None:
+        """Stop capturing but never the application: later records are dropped, the spool is
+        marked incomplete so nothing replays it as if it were whole (DESIGN invariant 5)."""
+        self.failed = reason
+        self._batch, self._batch_bytes = [], 0
+        log.error("capture stopped after record %d: %s; the mount keeps serving, and the "
+                  "spool is marked incomplete (protect again with a new spool)",
+                  last_good_seq, reason)
+        try:
+            await trio.to_thread.run_sync(self._sink.mark_incomplete, last_good_seq, reason)
+        except OSError as e:
+            log.error("could not mark the spool incomplete: %s", e.strerror or e)
 
 
 def encode_batch(batch: list[list], level: int) -> tuple[bytes, bytes | memoryview]:

@@ -197,9 +197,10 @@ def _protect_background(args: argparse.Namespace, opts) -> int:
 # ---- replay and spool ----------------------------------------------------------------------
 def cmd_replay(args: argparse.Namespace) -> int:
     from zfsrep.replay import Replayer
-    from zfsrep.spool import iter_records, read_identity
+    from zfsrep.spool import check_complete, iter_records, read_identity
 
     identity = read_identity(args.spool)
+    check_complete(args.spool)
     dest: Path = args.dest
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UsageError(f"destination {dest} exists and is not an empty directory")
@@ -234,7 +235,7 @@ def _describe(rec: list) -> str:
 
 
 def cmd_spool(args: argparse.Namespace) -> int:
-    from zfsrep.spool import iter_records, read_identity, spool_stats
+    from zfsrep.spool import iter_records, read_identity, read_incomplete, spool_stats
 
     if args.spool_command != "show":
         raise UsageError("usage: zfsrep spool show SPOOL")
@@ -242,16 +243,20 @@ def cmd_spool(args: argparse.Namespace) -> int:
     stats = spool_stats(args.spool)
     tail: list[list] = []
     if args.records > 0:
-        for rec in iter_records(args.spool):
+        for rec in iter_records(args.spool, allow_incomplete=True):
             tail.append(rec)
             if len(tail) > args.records:
                 tail.pop(0)
+    incomplete = read_incomplete(args.spool)
     if args.json:
         out = dict(stats, source=identity.source, root_ident=identity.root_ident,
-                   block_size=identity.block_size)
+                   block_size=identity.block_size, incomplete=incomplete)
         print(json.dumps(out))
         return 0
     print(f"spool {args.spool}: volume {identity.source} (root inode {identity.root_ident})")
+    if incomplete is not None:
+        print(f"  INCOMPLETE: capture stopped after record {incomplete.get('last_seq')} "
+              f"({incomplete.get('reason')}, {incomplete.get('time')})")
     print(f"  {stats['segments']} segments, {stats['frames']} frames, {stats['records']} "
           f"records (seq {stats['first_seq']}..{stats['last_seq']}), {stats['bytes']} bytes "
           f"on disk for {stats['raw_bytes']} bytes of records")

@@ -28,6 +28,9 @@ from zfsrep.errors import CorruptDataError, FrameError, NotFoundError, StateErro
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+#: Present when capture stopped (the spool could not be written): the stream ends at
+#: ``last_seq`` and does not describe the directory after that.
+INCOMPLETE = "INCOMPLETE"
 CLOSING_MAX = 4
 META = "volume.json"
 SEGMENTS = "segments"
@@ -70,6 +73,25 @@ def read_identity(spool: Path) -> VolumeIdentity:
     return ident
 
 
+def read_incomplete(spool: Path) -> dict | None:
+    """The INCOMPLETE marker's content ({last_seq, reason, time}), or None."""
+    try:
+        return json.loads((spool / INCOMPLETE).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {"last_seq": None, "reason": "unreadable marker", "time": None}
+
+
+def check_complete(spool: Path) -> None:
+    """Refuse a spool whose capture stopped (StateError, exit code 4)."""
+    marker = read_incomplete(spool)
+    if marker is not None:
+        raise StateError(f"spool {spool} is incomplete: capture stopped after record "
+                         f"{marker.get('last_seq')} ({marker.get('reason')}); it does not "
+                         "describe the directory after that. Protect again with a new spool.")
+
+
 def _scan_segment(path: Path) -> tuple[int, int | None, str | None]:
     """(offset after the last valid frame, its last seq, why the rest is invalid or None)."""
     last_seq = None
@@ -110,6 +132,7 @@ class SpoolWriter:
 
     def _open(self) -> None:
         spool = self.path
+        check_complete(spool)
         (spool / SEGMENTS).mkdir(parents=True, exist_ok=True)
         meta = spool / META
         if meta.exists():
@@ -167,6 +190,18 @@ class SpoolWriter:
     def sync(self) -> None:
         if self._fd is not None:
             os.fsync(self._fd)
+
+    def mark_incomplete(self, last_seq: int, reason: str) -> None:
+        """Record that the stream stops at ``last_seq`` (written small, so it has the best
+        chance on a full disk)."""
+        marker = json.dumps({"last_seq": last_seq, "reason": reason,
+                             "time": datetime.now(UTC).isoformat(timespec="seconds")})
+        fd = os.open(self.path / INCOMPLETE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, marker.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -231,8 +266,11 @@ def iter_spool_frames(spool: Path) -> Iterator[tuple[frames.FrameHeader, list[li
                 yield header, records
 
 
-def iter_records(spool: Path) -> Iterator[list]:
-    """Every record in the spool in sequence order."""
+def iter_records(spool: Path, *, allow_incomplete: bool = False) -> Iterator[list]:
+    """Every record in the spool in sequence order; refuses an incomplete spool unless
+    ``allow_incomplete`` (for inspection)."""
+    if not allow_incomplete:
+        check_complete(spool)
     for _header, records in iter_spool_frames(spool):
         yield from records
 
