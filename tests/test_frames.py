@@ -637,3 +637,14 @@ def test_arbitrary_msgpack_payload_only_raises_frame_error(
     except FrameError:
         return
     assert [r[0] for r in records] == list(range(header.first_seq, header.last_seq + 1))
+
+
+def test_after_a_streak_of_stored_frames_sampling_resumes_within_the_streak() -> None:
+    random_recs = [[1, 0, 5, 7, 0, os.urandom(1 << 19)]]
+    for _ in range(frames.STORE_STREAK * 2):
+        assert decode_frame(encode_frame(random_recs))[0].flags & FLAG_STORED
+    text_recs = [[1, 0, 5, 7, 0, b"text " * 100_000]]
+    flags = [decode_frame(encode_frame(text_recs))[0].flags
+             for _ in range(frames.STORE_STREAK + 1)]
+    assert any(not f & FLAG_STORED for f in flags)  # sampled again, and compressed
+    assert not flags[-1] & FLAG_STORED

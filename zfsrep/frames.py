@@ -38,6 +38,7 @@ KNOWN_FLAGS = FLAG_STORED
 SAMPLE_MIN = 256 * 1024
 SAMPLE_SLICE = 32 * 1024
 STORE_RATIO = 0.8
+STORE_STREAK = 8
 
 # magic, version, flags, first_seq, last_seq, record_count, raw_len, comp_len, checksum; then
 # the CRC-32 of those 44 bytes
@@ -156,7 +157,7 @@ def encode_frame_parts(
         raise ValueError(f"payload of {raw_len} bytes exceeds limit {MAX_RAW_LEN}")
     cctx = _compressor(level) if compressor is None else compressor
     payload: bytes | memoryview
-    if raw_len >= SAMPLE_MIN and not _worth_compressing(cctx, raw):
+    if raw_len >= SAMPLE_MIN and not _sampled_worth_compressing(cctx, raw):
         flags, payload = FLAG_STORED, raw
     else:
         flags, payload = FLAGS, cctx.compress(raw)
@@ -171,6 +172,19 @@ def encode_frame_parts(
     fields = (MAGIC, VERSION, flags, first_seq, last_seq, count, raw_len, comp_len)
     head = _BODY.pack(*fields, payload_checksum(payload))
     return head + _CRC.pack(zlib.crc32(head)), payload
+
+
+def _sampled_worth_compressing(cctx: zstandard.ZstdCompressor, raw: memoryview) -> bool:
+    """_worth_compressing, but after STORE_STREAK stored frames in a row (in this thread)
+    only every STORE_STREAK-th frame is sampled: a stream of incompressible data (media,
+    archives, encrypted files) then costs no compression time at all."""
+    streak = getattr(_local, "stored_streak", 0)
+    if streak >= STORE_STREAK and streak % STORE_STREAK:
+        _local.stored_streak = streak + 1
+        return False
+    worth = _worth_compressing(cctx, raw)
+    _local.stored_streak = 0 if worth else streak + 1
+    return worth
 
 
 def _worth_compressing(cctx: zstandard.ZstdCompressor, raw: memoryview) -> bool:
