@@ -135,3 +135,26 @@ def test_full_spool_stops_capture_but_never_the_application(mount_factory, tmp_p
         assert not is_mounted(m.mnt)
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_mounting_over_the_source_directory_itself(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "before").write_text("was here")
+    spool = tmp_path / "spool"
+    try:
+        zfsrep("protect", "--source", str(data), "--spool", str(spool), str(data))
+        assert is_mounted(data)
+        assert (data / "before").read_text() == "was here"
+        (data / "after").write_text("through the mount")
+        subprocess.run([FUSERMOUNT, "-u", str(data)], check=True)
+        deadline = time.monotonic() + 30
+        while "stopped:" not in (spool / "mountd.log").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        if is_mounted(data):
+            subprocess.run([FUSERMOUNT, "-u", "-z", str(data)])
+    assert (data / "after").read_text() == "through the mount"  # now the plain directory
+    zfsrep("replay", str(spool), str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path / "out")) == ["after", "before"]
