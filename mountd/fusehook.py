@@ -64,6 +64,15 @@ class SessionHook:
         if self.active:
             _fusehook.lib.zf_unregister(fh)
 
+    def register_node(self, node: int, path_fd: int) -> None:
+        """Let the fast path read the xattrs of regular file ``node`` (via its O_PATH fd)."""
+        if self.active:
+            _fusehook.lib.zf_register_node(node, path_fd)
+
+    def unregister_node(self, node: int) -> None:
+        if self.active:
+            _fusehook.lib.zf_unregister_node(node)
+
     # ---- the capture stream's view (zfsrep.capture.ExternalWrites) -----------------------
     def pending(self) -> bool:
         return self.active and _fusehook.lib.zf_pending() > 0
@@ -101,7 +110,7 @@ class SessionHook:
     def counts() -> dict[str, int]:
         """Requests answered by the fast path, by kind."""
         if _fusehook is None:
-            return {"reads": 0, "writes": 0, "fsyncs": 0, "setattrs": 0}
+            return {"reads": 0, "writes": 0, "fsyncs": 0, "setattrs": 0, "getxattrs": 0}
         c = _fusehook.lib.zf_counts()
         return {"reads": c.reads, "writes": c.writes, "fsyncs": c.fsyncs,
-                "setattrs": c.setattrs}
+                "setattrs": c.setattrs, "getxattrs": c.getxattrs}

@@ -7,6 +7,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -83,13 +84,20 @@ class PassthroughOperations(pyfuse3.Operations):
     def _attrs(self, node: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
         return entry_attributes(self.vol.inode(node), st)
 
+    def _entry(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        """Attributes of an entry the kernel now knows; its xattrs may be read in C."""
+        if stat.S_ISREG(st.st_mode):
+            self.hook.register_node(inode.node, inode.fd)
+        return entry_attributes(inode, st)
+
     @translate_errors
     async def lookup(self, parent_inode, name, ctx):
-        return entry_attributes(*self.vol.lookup(parent_inode, name))
+        return self._entry(*self.vol.lookup(parent_inode, name))
 
     async def forget(self, inode_list):
         try:
-            self.vol.forget(inode_list)
+            for node in self.vol.forget(inode_list):
+                self.hook.unregister_node(node)
         except Exception:
             log.exception("forget failed")
 
@@ -116,12 +124,12 @@ class PassthroughOperations(pyfuse3.Operations):
 
     @translate_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return entry_attributes(*self.vol.mknod(parent_inode, name, mode, rdev, ctx.uid,
+        return self._entry(*self.vol.mknod(parent_inode, name, mode, rdev, ctx.uid,
                                                 ctx.gid, ctx.umask))
 
     @translate_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return entry_attributes(*self.vol.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid,
+        return self._entry(*self.vol.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid,
                                                 ctx.umask))
 
     @translate_errors
@@ -134,7 +142,7 @@ class PassthroughOperations(pyfuse3.Operations):
 
     @translate_errors
     async def symlink(self, parent_inode, name, target, ctx):
-        return entry_attributes(*self.vol.symlink(parent_inode, name, target, ctx.uid,
+        return self._entry(*self.vol.symlink(parent_inode, name, target, ctx.uid,
                                                   ctx.gid))
 
     @translate_errors
@@ -143,7 +151,7 @@ class PassthroughOperations(pyfuse3.Operations):
 
     @translate_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return entry_attributes(*self.vol.link(inode, new_parent_inode, new_name))
+        return self._entry(*self.vol.link(inode, new_parent_inode, new_name))
 
     @translate_errors
     async def open(self, inode, flags, ctx):
@@ -158,7 +166,7 @@ class PassthroughOperations(pyfuse3.Operations):
         fh, inode, st = self.vol.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid,
                                         ctx.umask)
         self.hook.register(fh, inode.ident, ctx.uid)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry_attributes(inode, st)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(inode, st)
 
     @translate_errors
     async def read(self, fh, off, size):
@@ -199,8 +207,9 @@ class PassthroughOperations(pyfuse3.Operations):
                 inode, st = self.vol.lookup(dir_inode.node, names[i])
             except FileNotFoundError:
                 continue  # removed since the listing was taken
-            if not pyfuse3.readdir_reply(token, names[i], entry_attributes(inode, st), i + 1):
-                self.vol.forget([(inode.node, 1)])
+            if not pyfuse3.readdir_reply(token, names[i], self._entry(inode, st), i + 1):
+                for node in self.vol.forget([(inode.node, 1)]):
+                    self.hook.unregister_node(node)
                 break
 
     @translate_errors

@@ -9,7 +9,8 @@
  *    INIT reply when the kernel offers it.
  *
  * 2. A fast path for READ and WRITE on files the daemon registered (zf_register), FSYNC
- *    (on a worker thread), and LSEEK (SEEK_DATA/SEEK_HOLE, which pyfuse3 cannot answer). In Python
+ *    (on a worker thread), times-only SETATTR, GETXATTR of registered regular files
+ *    (zf_register_node) and LSEEK (SEEK_DATA/SEEK_HOLE, which pyfuse3 cannot answer). In Python
  *    each request costs 50-100 us of pyfuse3/trio/handler overhead; here a request is one
  *    pread/pwrite on the backing descriptor (the file handle *is* the backing descriptor) and
  *    one reply. A WRITE is recorded before it is answered, exactly as the Python path does:
@@ -33,7 +34,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <stdio.h>
 #include <sys/uio.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 #include <linux/fuse.h>
 
@@ -329,6 +332,113 @@ void zf_shutdown(void)
     zf_fast = 0;
 }
 
+/* Nodes (kernel node ids) of regular files whose xattrs may be read here, each with the O_PATH
+ * descriptor the daemon holds for it: an open-addressing table (linear probing, tombstones). */
+struct zf_node { uint64_t node; int fd; int state; /* 0 empty, 1 used, 2 deleted */ };
+static struct zf_node *zf_nodes;
+static size_t zf_nodes_cap, zf_nodes_used, zf_nodes_dead;
+
+static size_t node_slot(uint64_t node, size_t cap)
+{
+    return (size_t)((node * 0x9E3779B97F4A7C15ull) >> 17) & (cap - 1);
+}
+
+static struct zf_node *node_find(uint64_t node)
+{
+    if (zf_nodes_cap == 0)
+        return NULL;
+    for (size_t i = node_slot(node, zf_nodes_cap);; i = (i + 1) & (zf_nodes_cap - 1)) {
+        struct zf_node *e = &zf_nodes[i];
+        if (e->state == 0)
+            return NULL;
+        if (e->state == 1 && e->node == node)
+            return e;
+    }
+}
+
+static int node_grow(void)
+{
+    size_t cap = zf_nodes_cap ? zf_nodes_cap * 2 : 4096;
+    struct zf_node *old = zf_nodes, *t = calloc(cap, sizeof *t);
+    if (t == NULL)
+        return -1;
+    for (size_t i = 0; i < zf_nodes_cap; i++) {
+        if (old[i].state != 1)
+            continue;
+        size_t j = node_slot(old[i].node, cap);
+        while (t[j].state)
+            j = (j + 1) & (cap - 1);
+        t[j] = old[i];
+    }
+    free(old);
+    zf_nodes = t;
+    zf_nodes_cap = cap;
+    zf_nodes_dead = 0;
+    return 0;
+}
+
+int zf_register_node(uint64_t node, int fd)
+{
+    struct zf_node *e = node_find(node);
+    if (e != NULL) {
+        e->fd = fd;
+        return 0;
+    }
+    if ((zf_nodes_used + zf_nodes_dead + 1) * 2 > zf_nodes_cap && node_grow() != 0)
+        return -1;
+    size_t i = node_slot(node, zf_nodes_cap);
+    while (zf_nodes[i].state == 1)
+        i = (i + 1) & (zf_nodes_cap - 1);
+    if (zf_nodes[i].state == 2)
+        zf_nodes_dead--;
+    zf_nodes[i] = (struct zf_node){node, fd, 1};
+    zf_nodes_used++;
+    return 0;
+}
+
+void zf_unregister_node(uint64_t node)
+{
+    struct zf_node *e = node_find(node);
+    if (e != NULL) {
+        e->state = 2;
+        zf_nodes_used--;
+        zf_nodes_dead++;
+    }
+}
+
+/* GETXATTR of a registered regular file, from the backing file: the kernel asks for
+ * security.capability before the first write to every inode, among others. */
+static int fast_getxattr(int fd, const struct fuse_in_header *in, size_t n)
+{
+    const struct fuse_getxattr_in *g = (const void *)(in + 1);
+    const char *name = (const char *)(g + 1);
+    if (n < sizeof *in + sizeof *g + 1 || ((const char *)in)[n - 1] != '\0')
+        return 0;
+    struct zf_node *e = node_find(in->nodeid);
+    if (e == NULL || g->size > (64u << 10))
+        return 0;
+    char path[40];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", e->fd);
+    if (g->size > zf_rbuf_cap) {
+        uint8_t *b = realloc(zf_rbuf, g->size);
+        if (b == NULL)
+            return 0;
+        zf_rbuf = b;
+        zf_rbuf_cap = g->size;
+    }
+    ssize_t got = getxattr(path, name, g->size ? zf_rbuf : NULL, g->size);
+    if (got < 0) {
+        reply(fd, in->unique, errno, NULL, 0);
+    } else if (g->size == 0) {
+        struct fuse_getxattr_out out = {.size = (uint32_t)got};
+        reply(fd, in->unique, 0, &out, sizeof out);
+    } else {
+        reply(fd, in->unique, 0, zf_rbuf, (size_t)got);
+    }
+    zf_count.getxattrs++;
+    return 1;
+}
+
 /* SEEK_DATA/SEEK_HOLE, which pyfuse3 has no handler for: answered from the backing file. */
 static int fast_lseek(int fd, const struct fuse_in_header *in, size_t n)
 {
@@ -367,6 +477,7 @@ static ssize_t read_and_serve(int fd, void *buf, size_t len)
             case FUSE_SETATTR: handled = fast_setattr(fd, in, (size_t)n); break;
             case FUSE_FSYNC: handled = fast_fsync(fd, in, (size_t)n); break;
             case FUSE_LSEEK: handled = fast_lseek(fd, in, (size_t)n); break;
+            case FUSE_GETXATTR: handled = fast_getxattr(fd, in, (size_t)n); break;
             default: break;
             }
         }

@@ -23,6 +23,7 @@ typedef struct {
     uint64_t writes;
     uint64_t fsyncs;
     uint64_t setattrs;
+    uint64_t getxattrs;
 } zf_counters;
 
 /* Hook the session pyfuse3.init() created: 0 on success. eventfd (or -1) is signalled when
@@ -33,6 +34,9 @@ int zf_install(int eventfd, int fast, size_t limit);
 int zf_killpriv_v2(void);
 int zf_register(uint64_t fh, uint64_t ident, uint32_t uid, int capture);
 void zf_unregister(uint64_t fh);
+/* Let the fast path read xattrs of kernel node ``node`` through O_PATH descriptor ``fd``. */
+int zf_register_node(uint64_t node, int fd);
+void zf_unregister_node(uint64_t node);
 size_t zf_pending(void);
 size_t zf_take(zf_rec *out, size_t max);
 void zf_set_held(size_t bytes);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import time
@@ -57,3 +58,20 @@ def test_truncate_by_root_keeps_setuid_like_the_backing_fs(protected, tmp_path) 
         os.truncate(p, 3)
     assert os.stat(tmp_path / "suid").st_mode == os.stat(protected.mnt / "suid").st_mode
     assert os.stat(protected.source / "suid").st_mode == os.stat(tmp_path / "suid").st_mode
+
+
+def test_xattrs_read_by_the_fast_path_match_the_backing_file(protected) -> None:
+    f = protected.mnt / "x"
+    f.write_bytes(b"data")
+    big = os.urandom(3000)  # larger than os.getxattr's first buffer: ERANGE, then retry
+    os.setxattr(f, "user.big", big)
+    os.setxattr(f, "user.empty", b"")
+    assert os.getxattr(f, "user.big") == big == os.getxattr(protected.source / "x", "user.big")
+    assert os.getxattr(f, "user.empty") == b""
+    with pytest.raises(OSError) as missing:
+        os.getxattr(f, "user.none")
+    assert missing.value.errno == errno.ENODATA
+    assert sorted(os.listxattr(f)) == ["user.big", "user.empty"]
+    assert protected.stop() == 0
+    line = [ln for ln in protected.log.read_text().splitlines() if "fast path answered" in ln]
+    assert int(line[-1].split(", ")[-1].split()[0]) > 0  # getxattrs answered in C

@@ -112,7 +112,10 @@ class BackingVolume:
             raise
         return self._remember(fd, st), st
 
-    def forget(self, items: Iterable[tuple[int, int]]) -> None:
+    def forget(self, items: Iterable[tuple[int, int]]) -> list[int]:
+        """Drop kernel lookups; returns the nodes no longer known (their descriptors are
+        closed)."""
+        dropped = []
         for node, count in items:
             inode = self._nodes.get(node)
             if inode is None:
@@ -121,6 +124,8 @@ class BackingVolume:
             if inode.nlookup <= 0 and node != ROOT_NODE:
                 del self._nodes[node]
                 os.close(inode.fd)
+                dropped.append(node)
+        return dropped
 
     def close(self) -> None:
         for fh in list(self._files):
