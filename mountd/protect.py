@@ -64,7 +64,7 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def _stop_on_signals(scope: trio.CancelScope) -> None:
+async def _stop_on_signals() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
@@ -141,7 +141,7 @@ async def _serve(opts: ProtectOptions, source: str, recorder, hook: SessionHook,
     hook.install(eventfd, fast=opts.fast_path, capture=capture, limit=opts.memory_limit)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+            nursery.start_soon(_stop_on_signals)
             if capture:
                 nursery.start_soon(_drain_fast_writes, eventfd, recorder)
             log.info("protecting %s at %s", source, opts.mountpoint)

@@ -81,7 +81,6 @@ class BackingVolume:
         self.writeback = writeback
         self.root = Inode(ROOT_NODE, st.st_ino, fd, False)
         self.root.nlookup = 1
-        self.root_dev = st.st_dev
         self._nodes: dict[int, Inode] = {ROOT_NODE: self.root}
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
