@@ -29,14 +29,9 @@ from pathlib import Path
 
 from cffi import FFI
 
-CDEF = """
-size_t zb_hash_blocks(const uint8_t *buf, size_t len, size_t block_size, uint8_t *out);
-size_t zb_diff_blocks(const uint8_t *buf, size_t len, size_t block_size,
-                      const uint8_t *digests, size_t ndigests, size_t *out_idx);
-size_t zb_zero_blocks(const uint8_t *buf, size_t len, size_t block_size, uint8_t *out_flags);
-void zb_digest(const uint8_t *buf, size_t len, uint8_t out[16]);
-const char *zb_kernel(void);
-"""
+# The declarations are those of native/blockhash.h, without its preprocessor lines.
+CDEF = "\n".join(ln for ln in (Path(__file__).with_name("blockhash.h").read_text()
+                               .splitlines()) if not ln.lstrip().startswith("#"))
 
 
 def _pkg_config(*args: str) -> list[str] | None:
