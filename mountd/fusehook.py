@@ -79,7 +79,8 @@ class SessionHook:
 
     def take(self) -> list[tuple[int, tuple]]:
         """The queued records, oldest first, as (op, args) of zfsrep.records: WRITE
-        (ident, offset, data, mtime_ns) or SETATTR (ident, mode, uid, gid, mtime_ns)."""
+        (ident, offset, data, mtime_ns), SETATTR (ident, mode, uid, gid, mtime_ns) or
+        FALLOCATE (ident, mode, offset, length, mtime_ns)."""
         lib, ffi, recs = _fusehook.lib, _fusehook.ffi, self._recs
         out: list[tuple[int, tuple]] = []
         while True:
@@ -91,8 +92,10 @@ class SessionHook:
                     owner = ffi.gc(r.data, lib.zf_free)
                     data = memoryview(ffi.buffer(owner, r.len))
                     out.append((Op.WRITE, (r.ident, r.offset, data, r.mtime_ns)))
-                else:
+                elif r.kind == lib.ZF_SETATTR:
                     out.append((Op.SETATTR, (r.ident, r.mode, r.uid, r.gid, r.mtime_ns)))
+                else:
+                    out.append((Op.FALLOCATE, (r.ident, r.mode, r.offset, r.len, r.mtime_ns)))
             if n < _TAKE:
                 return out
 
@@ -110,7 +113,8 @@ class SessionHook:
     def counts() -> dict[str, int]:
         """Requests answered by the fast path, by kind."""
         if _fusehook is None:
-            return {"reads": 0, "writes": 0, "fsyncs": 0, "setattrs": 0, "getxattrs": 0}
+            return dict.fromkeys(("reads", "writes", "fsyncs", "setattrs", "getxattrs",
+                                  "fallocates"), 0)
         c = _fusehook.lib.zf_counts()
         return {"reads": c.reads, "writes": c.writes, "fsyncs": c.fsyncs,
-                "setattrs": c.setattrs, "getxattrs": c.getxattrs}
+                "setattrs": c.setattrs, "getxattrs": c.getxattrs, "fallocates": c.fallocates}

@@ -5,7 +5,7 @@
 
 /* A record made by the fast path, waiting for the capture stream: a write (data is
  * malloc'd and owned by the taker) or the attributes after a times-only SETATTR. */
-enum { ZF_WRITE = 0, ZF_SETATTR = 1 };
+enum { ZF_WRITE = 0, ZF_SETATTR = 1, ZF_FALLOCATE = 2 };
 typedef struct {
     uint32_t kind;
     uint32_t mode;
@@ -24,6 +24,7 @@ typedef struct {
     uint64_t fsyncs;
     uint64_t setattrs;
     uint64_t getxattrs;
+    uint64_t fallocates;
 } zf_counters;
 
 /* Hook the session pyfuse3.init() created: 0 on success. eventfd (or -1) is signalled when

@@ -74,4 +74,22 @@ def test_xattrs_read_by_the_fast_path_match_the_backing_file(protected) -> None:
     assert sorted(os.listxattr(f)) == ["user.big", "user.empty"]
     assert protected.stop() == 0
     line = [ln for ln in protected.log.read_text().splitlines() if "fast path answered" in ln]
-    assert int(line[-1].split(", ")[-1].split()[0]) > 0  # getxattrs answered in C
+    counts = dict(reversed(c.split()) for c in line[-1].split("answered ")[1].split(", "))
+    assert int(counts["getxattrs"]) > 0  # answered in C
+
+
+def test_fallocate_through_the_mount_is_captured_and_replayed(protected, tmp_path) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    f = protected.mnt / "sparse"
+    f.write_bytes(os.urandom(64 << 10))
+    with open(f, "r+b") as fh:
+        for mode, off, length in ((0, 0, 1 << 20), (0x01 | 0x02, 4096, 8192), (0x10, 0, 4096)):
+            rc = libc.fallocate(fh.fileno(), mode, ctypes.c_int64(off), ctypes.c_int64(length))
+            assert rc == 0, os.strerror(ctypes.get_errno())
+    assert protected.stop() == 0
+    protected.replay_equals_source(tmp_path / "replayed")
+    replayed = (tmp_path / "replayed" / "sparse").read_bytes()
+    assert replayed == (protected.source / "sparse").read_bytes()
+    assert len(replayed) == 1 << 20 and replayed[4096:12288] == bytes(8192)

@@ -37,6 +37,9 @@ class Op(enum.IntEnum):
     SETXATTR = 8
     #: [id, name]
     REMOVEXATTR = 9
+    #: [id, mode, offset, length, mtime_ns]  fallocate(2) as applied (FALLOC_FL_* mode bits:
+    #: allocation, KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE, COLLAPSE_RANGE, INSERT_RANGE)
+    FALLOCATE = 10
 
 
 #: Block size of the per-block digests carried by WRITE records (see docs/record-format.md).

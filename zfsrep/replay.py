@@ -259,6 +259,15 @@ class Replayer:
             os.ftruncate(fd, size)
             os.utime(fd, ns=(mtime_ns, mtime_ns))
 
+    def _fallocate(self, ident: int, mode: int, offset: int, length: int,
+                   mtime_ns: int) -> None:
+        if ident in self.kinds:
+            self._kind(ident, stat.S_IFREG)
+        fd = self._fd(ident)
+        if fd is not None:
+            syscalls.fallocate(fd, mode, offset, length)
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+
     def _setattr(self, ident: int, mode: int, uid: int, gid: int, mtime_ns: int) -> None:
         p = self.path(ident)
         if p is None:
@@ -302,4 +311,5 @@ _HANDLERS = {
     Op.SETATTR: Replayer._setattr,
     Op.SETXATTR: Replayer._setxattr,
     Op.REMOVEXATTR: Replayer._removexattr,
+    Op.FALLOCATE: Replayer._fallocate,
 }

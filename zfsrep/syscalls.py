@@ -28,6 +28,7 @@ _libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.
                            ctypes.c_int]
 _libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec),
                             ctypes.c_int]
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 def _check(ret: int, what: str, name: bytes | None = None) -> None:
@@ -55,3 +56,8 @@ def lutimens_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
         else:
             ts[i].tv_sec, ts[i].tv_nsec = divmod(value, 1_000_000_000)
     _check(_libc.utimensat(fd, b"", ts, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "utimensat")
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its mode bits (os.posix_fallocate has none)."""
+    _check(_libc.fallocate(fd, mode, offset, length), "fallocate")
