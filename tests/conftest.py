@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from treesnap import diff_trees, tree_snapshot
+from treesnap import assert_same_tree
 
 FUSERMOUNT = "fusermount3"
 
@@ -109,9 +109,7 @@ class ProtectedMount:
 
     def replay_equals_source(self, dest: Path) -> None:
         zfsrep("replay", str(self.spool), str(dest))
-        diffs = diff_trees(tree_snapshot(self.source), tree_snapshot(dest))
-        assert not diffs, "replayed tree differs from the backing directory:\n" + "\n".join(
-            diffs)
+        assert_same_tree(self.source, dest)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from treesnap import diff_trees, tree_snapshot
+from treesnap import assert_same_tree
 
 from zfsrep.records import RENAME_EXCHANGE, RENAME_NOREPLACE, Op
 from zfsrep.replay import Replayer
@@ -72,9 +72,7 @@ class Volume:
         replica = self.base / "replica"
         replica.mkdir()
         Replayer(replica, self.root_ident).apply_all(self.rec.stream())
-        diffs = diff_trees(tree_snapshot(self.src), tree_snapshot(replica))
-        assert not diffs, "replayed tree differs from the backing directory:\n" + "\n".join(
-            diffs)
+        assert_same_tree(self.src, replica)
 
 
 @pytest.fixture

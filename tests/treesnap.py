@@ -70,3 +70,9 @@ def diff_trees(a: dict[str, tuple], b: dict[str, tuple], limit: int = 20) -> lis
         if len(out) >= limit:
             break
     return out
+
+
+def assert_same_tree(expected: Path, actual: Path, what: str = "replayed tree") -> None:
+    """Fail with the first differences if ``actual`` does not equal ``expected``."""
+    diffs = diff_trees(tree_snapshot(expected), tree_snapshot(actual))
+    assert not diffs, f"{what} differs from the backing directory:\n" + "\n".join(diffs)
