@@ -1,0 +1,523 @@
+"""VolumeJournal: idempotent appends, group commit, torn tails, fsync failures, trim, reads."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from zfsrep import frames
+from zfsrep.errors import CorruptDataError, FrameError, NotFoundError, OSFailure
+from zfsrep.journal import (
+    FaultInjectingFS,
+    SimulatedCrash,
+    VolumeJournal,
+    segment_name,
+)
+
+SMALL = 300  # segment size for rotation tests: three of the frames below per segment
+
+
+def _records(first: int, count: int) -> list[list]:
+    return [[seq, b"x" * 40] for seq in range(first, first + count)]
+
+
+def _frame(first: int, count: int = 3) -> bytes:
+    return frames.encode_frame(_records(first, count))
+
+
+def _fill(j: VolumeJournal, upto: int, *, count: int = 3) -> None:
+    """Append frames of ``count`` records until record ``upto`` is written."""
+    while j.written_seq < upto:
+        assert j.append(_frame(j.written_seq + 1, count))
+
+
+def _seqs(j: VolumeJournal, start: int) -> list[int]:
+    return [r[0] for _h, recs in j.read_from(start) for r in recs]
+
+
+class LogCheck(logging.Handler):
+    """Collects the package's log records; a test takes the warnings it expects with
+    ``take()``, and any other warning or error fails the test (CONVENTIONS 16)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def take(self, level: int = logging.WARNING) -> list[str]:
+        taken = [r for r in self.records if r.levelno >= level]
+        self.records = [r for r in self.records if r.levelno < level]
+        return [r.getMessage() for r in taken]
+
+
+def _files(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+@pytest.fixture
+def jpath(tmp_path: Path) -> Path:
+    return tmp_path / "journal"
+
+
+@pytest.fixture(autouse=True)
+def logs():
+    handler = LogCheck()
+    logger = logging.getLogger("zfsrep")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    unexpected = handler.take()
+    assert not unexpected, f"unexpected warnings or errors logged: {unexpected}"
+
+
+# -- appending and group commit
+
+
+def test_a_new_journal_is_empty_and_its_open_segment_exists(jpath: Path):
+    with VolumeJournal(jpath) as j:
+        assert (j.durable_seq, j.written_seq, j.first_seq) == (0, 0, 1)
+        assert list(j.read_from(1)) == []
+    assert _files(jpath) == [segment_name(1)]
+
+
+def test_appended_frames_are_durable_only_after_sync(jpath: Path):
+    j = VolumeJournal(jpath)
+    assert j.append(_frame(1))
+    assert j.append(_frame(4))
+    assert (j.written_seq, j.durable_seq) == (6, 0)
+    assert list(j.read_from(1)) == []  # readers see durable frames only
+    assert j.sync() == 6
+    assert j.durable_seq == 6
+    assert _seqs(j, 1) == list(range(1, 7))
+    j.close()
+
+
+def test_a_resent_frame_is_dropped(jpath: Path):
+    j = VolumeJournal(jpath)
+    j.append(_frame(1))
+    j.append(_frame(4))
+    size = (jpath / segment_name(1)).stat().st_size
+    assert j.append(_frame(1)) is False
+    assert j.append(_frame(4)) is False
+    assert j.append(_frame(2, 2)) is False  # any frame ending at or before written_seq
+    assert (jpath / segment_name(1)).stat().st_size == size
+    assert j.written_seq == 6
+    j.close()
+
+
+@pytest.mark.parametrize(("first", "count", "words"), [
+    (5, 3, "overlaps the records written up to 6"),
+    (9, 1, "leaves a gap: records 7..8 missing"),
+])
+def test_a_frame_that_does_not_follow_is_refused_and_nothing_is_written(
+        jpath: Path, first: int, count: int, words: str):
+    j = VolumeJournal(jpath)
+    j.append(_frame(1))
+    j.append(_frame(4))
+    size = (jpath / segment_name(1)).stat().st_size
+    with pytest.raises(CorruptDataError, match=words):
+        j.append(_frame(first, count))
+    assert (jpath / segment_name(1)).stat().st_size == size
+    assert j.written_seq == 6
+    assert j.append(_frame(7))  # the stream goes on
+    j.close()
+
+
+@pytest.mark.parametrize("damage", ["header", "payload", "short", "long"])
+def test_a_malformed_frame_is_refused_and_nothing_is_written(jpath: Path, damage: str):
+    frame = bytearray(_frame(1))
+    if damage == "header":
+        frame[10] ^= 1
+    elif damage == "payload":
+        frame[-1] ^= 1
+    elif damage == "short":
+        frame = frame[:-1]
+    else:
+        frame += b"\0"
+    j = VolumeJournal(jpath)
+    with pytest.raises(FrameError):
+        j.append(bytes(frame))
+    assert (jpath / segment_name(1)).stat().st_size == 0
+    assert j.written_seq == 0
+    j.close()
+
+
+def test_a_new_journal_can_start_later_in_the_stream(jpath: Path):
+    with VolumeJournal(jpath, first_seq=100) as j:
+        assert j.durable_seq == 99
+        assert j.append(_frame(1)) is False  # before the start: already had
+        with pytest.raises(CorruptDataError):
+            j.append(_frame(101))
+        j.append(_frame(100))
+        j.sync()
+    with VolumeJournal(jpath) as j:  # the files, not the argument, say where it continues
+        assert j.durable_seq == 102
+
+
+def test_reopening_continues_the_stream_and_logs_nothing(jpath: Path, logs):
+    with VolumeJournal(jpath, segment_bytes=SMALL) as j:
+        _fill(j, 30)
+        j.sync()
+    with VolumeJournal(jpath, segment_bytes=SMALL) as j:
+        assert (j.durable_seq, j.written_seq) == (30, 30)
+        j.append(_frame(31))
+        j.sync()
+        assert _seqs(j, 1) == list(range(1, 34))
+    assert logs.take() == []
+
+
+def test_segments_rotate_and_every_full_segment_is_fsynced(jpath: Path):
+    fs = FaultInjectingFS()
+    j = VolumeJournal(jpath, fs=fs, segment_bytes=SMALL)
+    _fill(j, 12)  # four frames: the fourth starts a new segment
+    assert _files(jpath) == [segment_name(1), segment_name(10)]
+    assert ("fsync", segment_name(1)) in fs.calls
+    assert j.durable_seq == 9  # the full segment is durable; the open one is not yet
+    j.sync()
+    assert fs.calls[-3:] == [("fsync", segment_name(10)), ("fsync_dir", "journal"),
+                             ("close", segment_name(10))]
+    j.close()
+
+
+def test_a_sync_with_nothing_new_does_no_io(jpath: Path):
+    fs = FaultInjectingFS()
+    j = VolumeJournal(jpath, fs=fs)
+    j.append(_frame(1))
+    j.sync()
+    n = len(fs.calls)
+    assert j.sync() == 3
+    assert len(fs.calls) == n
+    j.close()
+
+
+def test_appends_continue_while_another_thread_syncs(jpath: Path):
+    j = VolumeJournal(jpath, segment_bytes=2000)
+    stop = threading.Event()
+    synced: list[int] = []
+
+    def syncer() -> None:
+        while not stop.is_set():
+            synced.append(j.sync())
+
+    t = threading.Thread(target=syncer)
+    t.start()
+    try:
+        _fill(j, 600)
+    finally:
+        stop.set()
+        t.join()
+    j.sync()
+    assert synced == sorted(synced)
+    assert _seqs(j, 1) == list(range(1, 601))
+    j.close()
+    with VolumeJournal(jpath) as j2:
+        assert j2.durable_seq == 600
+
+
+# -- torn and corrupt tails
+
+
+def _three_frames(jpath: Path) -> tuple[int, int]:
+    """Write frames 1-3, 4-6, 7-9; return (end of the second frame, length of the third)."""
+    with VolumeJournal(jpath) as j:
+        _fill(j, 9)
+        j.sync()
+    n = len(_frame(7))
+    return (jpath / segment_name(1)).stat().st_size - n, n
+
+
+def test_a_tail_torn_at_every_byte_of_the_last_frame_is_cut(jpath: Path, logs):
+    good, n = _three_frames(jpath)
+    seg = jpath / segment_name(1)
+    for cut in range(n):
+        os.truncate(seg, good + cut)
+        with VolumeJournal(jpath) as j:
+            assert (j.durable_seq, j.written_seq) == (6, 6), cut
+            assert seg.stat().st_size == good
+            warned = logs.take()
+            if cut:
+                assert len(warned) == 1
+                assert f"{segment_name(1)} at byte {good}" in warned[0]
+                assert "truncated" in warned[0]
+            else:
+                assert warned == []
+            assert j.append(_frame(7))
+            j.sync()
+        with VolumeJournal(jpath) as j:
+            assert j.durable_seq == 9
+    assert _seqs(VolumeJournal(jpath), 1) == list(range(1, 10))
+
+
+@pytest.mark.parametrize("where", [5, 20, 47, 48, -1])
+def test_a_corrupt_byte_in_the_last_frame_cuts_that_frame(jpath: Path, logs, where: int):
+    good, n = _three_frames(jpath)
+    seg = jpath / segment_name(1)
+    data = bytearray(seg.read_bytes())
+    data[good + (where if where >= 0 else n + where)] ^= 0x40
+    seg.write_bytes(bytes(data))
+    with VolumeJournal(jpath) as j:
+        assert j.durable_seq == 6
+        assert seg.stat().st_size == good
+    (warned,) = logs.take()
+    assert f"at byte {good}" in warned
+
+
+def test_garbage_after_the_last_frame_is_cut(jpath: Path, logs):
+    good, n = _three_frames(jpath)
+    seg = jpath / segment_name(1)
+    with open(seg, "ab") as f:
+        f.write(b"\0" * 100)
+    with VolumeJournal(jpath) as j:
+        assert j.durable_seq == 9
+    (warned,) = logs.take()
+    assert "bad magic" in warned and "100 bytes cut" in warned
+
+
+def test_a_frame_out_of_sequence_in_the_last_segment_is_cut(jpath: Path, logs):
+    good, n = _three_frames(jpath)
+    with open(jpath / segment_name(1), "ab") as f:
+        f.write(_frame(20))
+    with VolumeJournal(jpath) as j:
+        assert j.durable_seq == 9
+    (warned,) = logs.take()
+    assert "sequence gap: expected record 10, frame starts at 20" in warned
+
+
+def test_a_new_segment_torn_in_its_first_frame_is_kept_empty(jpath: Path, logs):
+    with VolumeJournal(jpath, segment_bytes=SMALL) as j:
+        _fill(j, 12)
+        j.sync()
+    seg = jpath / segment_name(10)
+    os.truncate(seg, 30)
+    with VolumeJournal(jpath, segment_bytes=SMALL) as j:
+        assert j.durable_seq == 9
+        assert seg.stat().st_size == 0
+        assert j.trim(9) == 1  # even with nothing before it, the empty segment says 9
+    assert len(logs.take()) == 1
+    with VolumeJournal(jpath, segment_bytes=SMALL) as j:
+        assert (j.first_seq, j.durable_seq) == (10, 9)
+        assert list(j.read_from(10)) == []
+        j.append(_frame(10))
+
+
+# -- faults through the seam
+
+
+def test_an_fsync_failure_claims_nothing_and_refuses_appends_until_reopened(
+        jpath: Path, logs):
+    fs = FaultInjectingFS()
+    j = VolumeJournal(jpath, fs=fs)
+    j.append(_frame(1))
+    j.sync()
+    j.append(_frame(4))
+    fs.fail("fsync", errno.EIO)
+    with pytest.raises(OSFailure, match=r"fsync failed \(Input/output error.*EIO"):
+        j.sync()
+    assert j.durable_seq == 3
+    assert j.broken is not None
+    with pytest.raises(OSFailure, match="refuses writes until reopened"):
+        j.append(_frame(4))
+    with pytest.raises(OSFailure):
+        j.sync()  # not retried: the kernel may have dropped the dirty pages
+    assert _seqs(j, 1) == [1, 2, 3]
+    j.close()
+    (error,) = logs.take(logging.ERROR)
+    assert "refusing writes until reopened" in error
+    with VolumeJournal(jpath) as j:  # what was not durable was cut off: the peer resends it
+        assert j.durable_seq == 3
+        assert j.append(_frame(4))
+        j.sync()
+        assert j.durable_seq == 6
+
+
+def test_a_directory_fsync_failure_after_rotation_is_a_sync_failure(jpath: Path, logs):
+    fs = FaultInjectingFS()
+    j = VolumeJournal(jpath, fs=fs, segment_bytes=SMALL)
+    _fill(j, 12)
+    fs.fail("fsync_dir")
+    with pytest.raises(OSFailure):
+        j.sync()
+    assert j.durable_seq == 9
+    j.close()
+    assert len(logs.take()) == 1
+    with VolumeJournal(jpath, segment_bytes=SMALL) as j:
+        assert j.durable_seq == 9
+
+
+def test_an_fsync_failure_while_rotating_refuses_the_append(jpath: Path, logs):
+    fs = FaultInjectingFS()
+    j = VolumeJournal(jpath, fs=fs, segment_bytes=SMALL)
+    _fill(j, 9)
+    fs.fail("fsync")
+    with pytest.raises(OSFailure):
+        j.append(_frame(10))
+    assert (j.durable_seq, j.written_seq) == (0, 0)
+    assert _files(jpath) == [segment_name(1)]
+    assert len(logs.take()) == 1
+    j.close()
+
+
+def test_a_crash_half_way_through_a_write_loses_only_that_frame(jpath: Path, logs):
+    fs = FaultInjectingFS()
+    j = VolumeJournal(jpath, fs=fs)
+    j.append(_frame(1))
+    j.sync()
+    fs.crash_in_write(keep=30)
+    with pytest.raises(SimulatedCrash):
+        j.append(_frame(4))
+    fs.release()  # the process is gone: no close, no sync
+    with VolumeJournal(jpath) as j:
+        assert j.durable_seq == 3
+        (warned,) = logs.take()
+        assert "truncated, 30 of 48 bytes" in warned
+        j.append(_frame(4))
+
+
+def test_a_failed_write_is_taken_back_and_the_stream_continues(jpath: Path):
+    fs = FaultInjectingFS()
+    j = VolumeJournal(jpath, fs=fs)
+    j.append(_frame(1))
+    size = (jpath / segment_name(1)).stat().st_size
+    fs.fail("write", errno.ENOSPC)
+    with pytest.raises(OSFailure, match="ENOSPC"):
+        j.append(_frame(4))
+    assert (jpath / segment_name(1)).stat().st_size == size
+    assert j.broken is None
+    assert j.append(_frame(4))
+    j.sync()
+    assert _seqs(j, 1) == list(range(1, 7))
+    j.close()
+
+
+def test_a_failed_write_that_cannot_be_taken_back_breaks_the_journal(jpath: Path):
+    fs = FaultInjectingFS()
+    j = VolumeJournal(jpath, fs=fs)
+    fs.fail("write", errno.EIO)
+    fs.fail("truncate", errno.EIO)
+    with pytest.raises(OSFailure):
+        j.append(_frame(1))
+    with pytest.raises(OSFailure, match="refuses writes"):
+        j.append(_frame(1))
+    j.close()
+
+
+# -- trimming and reading
+
+
+def test_trim_deletes_whole_segments_only(jpath: Path):
+    j = VolumeJournal(jpath, segment_bytes=SMALL)
+    _fill(j, 30)  # segments 1, 10, 19, 28
+    j.sync()
+    assert j.trim(9) == 1
+    assert j.trim(17) == 0  # 10..18 still holds 18
+    assert j.first_seq == 10
+    assert j.trim(10**9) == 2  # never the open segment
+    assert _files(jpath) == [segment_name(28)]
+    assert j.stats() == {"bytes": (jpath / segment_name(28)).stat().st_size, "segments": 1,
+                         "first_seq": 28, "last_seq": 30, "written_seq": 30}
+    j.close()
+    with VolumeJournal(jpath, segment_bytes=SMALL) as j:
+        assert (j.first_seq, j.durable_seq) == (28, 30)
+        assert _seqs(j, 28) == [28, 29, 30]
+
+
+def test_reading_trimmed_records_is_refused(jpath: Path):
+    j = VolumeJournal(jpath, segment_bytes=SMALL)
+    _fill(j, 30)
+    j.sync()
+    j.trim(20)
+    with pytest.raises(NotFoundError, match="records before 19"):
+        list(j.read_from(5))
+    assert _seqs(j, 19) == list(range(19, 31))
+    j.close()
+
+
+def test_read_from_crosses_segments_and_starts_at_the_frame_holding_seq(jpath: Path):
+    j = VolumeJournal(jpath, segment_bytes=SMALL)
+    _fill(j, 30)
+    j.sync()
+    got = [(h.first_seq, h.last_seq) for h, _r in j.read_from(8)]
+    assert got == [(7, 9), (10, 12), (13, 15), (16, 18), (19, 21), (22, 24), (25, 27),
+                   (28, 30)]
+    assert list(j.read_from(31)) == []
+    raw = [f for _h, f in j.read_raw_from(28)]
+    assert raw == [_frame(28)]
+    j.close()
+
+
+def test_read_from_stops_at_durable_seq(jpath: Path):
+    j = VolumeJournal(jpath, segment_bytes=SMALL)
+    _fill(j, 6)
+    j.sync()
+    _fill(j, 12)  # rotation made 1..9 durable, 10..12 not yet
+    assert _seqs(j, 1) == list(range(1, 10))
+    j.close()
+
+
+def test_a_damaged_full_segment_is_reported_when_read(jpath: Path):
+    with VolumeJournal(jpath, segment_bytes=SMALL) as j:
+        _fill(j, 30)
+        j.sync()
+    seg = jpath / segment_name(10)
+    data = bytearray(seg.read_bytes())
+    data[-1] ^= 1
+    seg.write_bytes(bytes(data))
+    with VolumeJournal(jpath, segment_bytes=SMALL) as j:  # only the open segment is scanned
+        assert j.durable_seq == 30
+        with pytest.raises(CorruptDataError, match=f"{segment_name(10)} at byte 154: "
+                                                   "frame payload: checksum mismatch"):
+            list(j.read_from(1))
+    os.truncate(seg, 154)
+    with VolumeJournal(jpath, segment_bytes=SMALL) as j, \
+            pytest.raises(CorruptDataError, match="records 16..18 are missing"):
+        list(j.read_from(1))
+
+
+# -- a model-based check
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["append", "sync", "reopen", "trim", "tear"]),
+                          st.integers(1, 5)), max_size=30))
+def test_any_history_of_operations_keeps_a_contiguous_stream(tmp_path_factory, logs,
+                                                              ops):
+    path = tmp_path_factory.mktemp("j") / "journal"
+    j = VolumeJournal(path, segment_bytes=SMALL)
+    synced = 0
+    try:
+        for op, n in ops:
+            if op == "append":
+                j.append(_frame(j.written_seq + 1, n))
+            elif op == "sync":
+                synced = j.sync()
+            elif op == "trim":
+                j.trim(synced - n)
+            else:
+                j.close()
+                if op == "tear":  # a crash in the middle of a write to the open segment
+                    with open(path / max(_files(path)), "ab") as f:
+                        f.write(b"ZFRM"[:n % 4] + b"Z" * n)
+                j = VolumeJournal(path, segment_bytes=SMALL)
+                assert len(logs.take()) == (op == "tear")
+                synced = j.durable_seq
+            assert j.durable_seq >= synced
+            trimmed = j.first_seq
+            seqs = _seqs(j, trimmed)
+            assert seqs == list(range(trimmed, j.durable_seq + 1))
+    finally:
+        j.close()
