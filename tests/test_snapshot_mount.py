@@ -1,0 +1,367 @@
+"""The snapshot mount: its handlers called in-process against a fake view, and real mounts."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+
+import pyfuse3
+import pytest
+from zfsrep.mountd import snapshot
+from zfsrep.mountd.snapshot import DirStream, InodeNumbers, SnapshotOperations
+
+from zfsrep.errors import CorruptDataError, NotFoundError
+from zfsrep.view import Node
+
+ROOT = 1000
+T = 1_600_000_000_123_456_789
+REG, DIR, LNK = stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
+
+
+class FakeView:
+    """A SnapshotView held in dictionaries; counts the calls the adapter makes."""
+
+    def __init__(self, root: int = ROOT, seq: int = 7) -> None:
+        self.root, self.seq = root, seq
+        self.attrs: dict[int, dict] = {root: dict(mode=DIR | 0o755, uid=0, gid=0, mtime_ns=T,
+                                                  rdev=0)}
+        self.children: dict[int, dict[bytes, int]] = {root: {}}
+        self.data: dict[int, bytes] = {}
+        self.targets: dict[int, bytes] = {}
+        self.xattrs: dict[int, dict[bytes, bytes]] = {}
+        self.calls: list[tuple] = []
+        self.closed = False
+
+    def add(self, parent: int, name: bytes, ident: int, mode: int, *, data: bytes = b"",
+            target: bytes | None = None, xattrs: dict[bytes, bytes] | None = None,
+            uid: int = 0, gid: int = 0, mtime_ns: int = T, rdev: int = 0) -> FakeView:
+        self.children[parent][name] = ident
+        if ident in self.attrs:  # another name for the same object
+            return self
+        self.attrs[ident] = dict(mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns, rdev=rdev)
+        if stat.S_ISDIR(mode):
+            self.children[ident] = {}
+        self.data[ident] = data
+        if target is not None:
+            self.targets[ident] = target
+        self.xattrs[ident] = dict(xattrs or {})
+        return self
+
+    def _node(self, ident: int) -> Node:
+        a = self.attrs[ident]
+        if stat.S_ISDIR(a["mode"]):
+            nlink = 2 + sum(stat.S_ISDIR(self.attrs[c]["mode"])
+                            for c in self.children[ident].values())
+            size = 4096
+        else:
+            nlink = sum(list(kids.values()).count(ident) for kids in self.children.values())
+            size = len(self.targets.get(ident, self.data.get(ident, b"")))
+        return Node(ident, a["mode"], a["uid"], a["gid"], size, a["mtime_ns"], nlink, a["rdev"])
+
+    # -- the SnapshotView protocol --
+    def getattr(self, ident: int) -> Node:
+        self.calls.append(("getattr", ident))
+        if ident not in self.attrs:
+            raise NotFoundError(f"no object {ident}")
+        return self._node(ident)
+
+    def lookup(self, parent: int, name: bytes) -> Node | None:
+        self.calls.append(("lookup", parent, name))
+        ident = self.children[parent].get(name)
+        return None if ident is None else self._node(ident)
+
+    def readdir(self, parent: int, after: bytes = b"", limit: int = 1 << 30
+                ) -> list[tuple[bytes, Node]]:
+        self.calls.append(("readdir", parent, after, limit))
+        names = sorted(n for n in self.children[parent] if n > after)[:limit]
+        return [(n, self._node(self.children[parent][n])) for n in names]
+
+    def readlink(self, ident: int) -> bytes:
+        return self.targets[ident]
+
+    def read(self, ident: int, offset: int, size: int) -> bytes:
+        self.calls.append(("read", ident, offset, size))
+        return self.data[ident][offset:offset + size]
+
+    def listxattr(self, ident: int) -> list[bytes]:
+        return sorted(self.xattrs.get(ident, {}))
+
+    def getxattr(self, ident: int, name: bytes) -> bytes | None:
+        return self.xattrs.get(ident, {}).get(name)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def sample_view() -> FakeView:
+    v = FakeView()
+    v.add(ROOT, b"file", 11, REG | 0o640, data=b"hello world", uid=1234, gid=5678,
+          mtime_ns=T + 1, xattrs={b"user.colour": b"blue", b"user.empty": b""})
+    v.add(ROOT, b"dir", 12, DIR | 0o750, mtime_ns=T + 2)
+    v.add(12, b"link", 13, LNK | 0o777, target=b"../file", mtime_ns=T + 3)
+    v.add(12, b"hard", 11, REG)  # a second name of "file"
+    v.add(ROOT, b"dev", 14, stat.S_IFCHR | 0o600, rdev=os.makedev(1, 3))
+    return v
+
+
+CTX = pyfuse3.RequestContext()
+
+
+async def errno_raised(handler, *args) -> int:
+    """The errno the handler answers with (it must fail)."""
+    try:
+        await handler(*args)
+    except pyfuse3.FUSEError as e:
+        return e.errno
+    raise AssertionError(f"{handler.__name__} did not fail")
+
+
+# ---- inode numbers -------------------------------------------------------------------------
+def test_root_identity_is_inode_one_and_others_keep_their_number():
+    m = InodeNumbers(ROOT)
+    assert m.inode(ROOT) == pyfuse3.ROOT_INODE == 1
+    assert m.inode(11) == 11 and m.ident(11) == 11
+    assert m.ident(1) == ROOT
+
+
+def test_identity_one_takes_the_root_identity_as_its_number():
+    m = InodeNumbers(ROOT)
+    assert m.inode(1) == ROOT
+    assert m.ident(ROOT) == 1
+    assert m.ident(m.inode(1)) == 1 and m.ident(m.inode(ROOT)) == ROOT
+
+
+def test_mapping_is_identity_when_the_root_is_one():
+    m = InodeNumbers(1)
+    assert [m.inode(i) for i in (1, 2, 1000)] == [1, 2, 1000]
+
+
+async def test_object_with_identity_one_is_reachable_and_distinct_from_root():
+    v = FakeView()
+    v.add(ROOT, b"one", 1, REG | 0o644, data=b"x")
+    ops = SnapshotOperations(v)
+    e = await ops.lookup(1, b"one", CTX)
+    assert e.st_ino == ROOT
+    assert stat.S_ISREG((await ops.getattr(ROOT, CTX)).st_mode)
+    assert stat.S_ISDIR((await ops.getattr(1, CTX)).st_mode)
+
+
+# ---- lookup and attributes -----------------------------------------------------------------
+async def test_lookup_returns_the_nodes_attributes():
+    ops = SnapshotOperations(sample_view())
+    e = await ops.lookup(pyfuse3.ROOT_INODE, b"file", CTX)
+    assert e.st_ino == 11
+    assert (e.st_mode, e.st_uid, e.st_gid, e.st_size) == (REG | 0o640, 1234, 5678, 11)
+    assert e.st_mtime_ns == e.st_atime_ns == e.st_ctime_ns == T + 1
+    assert e.st_nlink == 2 and e.st_blocks == 1
+    assert e.attr_timeout >= 3600 and e.entry_timeout >= 3600
+
+
+async def test_lookup_of_a_missing_name_is_a_cacheable_negative_entry():
+    ops = SnapshotOperations(sample_view())
+    e = await ops.lookup(pyfuse3.ROOT_INODE, b"nothing", CTX)
+    assert e.st_ino == 0 and e.entry_timeout >= 3600
+
+
+async def test_getattr_of_root_and_device():
+    ops = SnapshotOperations(sample_view())
+    root = await ops.getattr(pyfuse3.ROOT_INODE, CTX)
+    assert stat.S_ISDIR(root.st_mode) and root.st_ino == 1 and root.st_nlink == 3
+    dev = await ops.getattr(14, CTX)
+    assert dev.st_rdev == os.makedev(1, 3) and stat.S_ISCHR(dev.st_mode)
+
+
+async def test_getattr_of_an_unknown_object_is_enoent():
+    ops = SnapshotOperations(sample_view())
+    assert await errno_raised(ops.getattr, 999, CTX) == errno.ENOENT
+
+
+async def test_corrupt_data_in_the_view_is_eio():
+    class Broken(FakeView):
+        def read(self, ident, offset, size):
+            raise CorruptDataError("pack checksum mismatch")
+
+    ops = SnapshotOperations(Broken())
+    assert await errno_raised(ops.read, 11, 0, 10) == errno.EIO
+
+
+async def test_readlink():
+    ops = SnapshotOperations(sample_view())
+    assert await ops.readlink(13, CTX) == b"../file"
+
+
+# ---- directories ---------------------------------------------------------------------------
+class Kernel:
+    """Stands in for pyfuse3.readdir_reply: a reply buffer that takes ``room`` entries."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.got: list[tuple[bytes, int, int]] = []  # (name, inode, next offset)
+
+    def __call__(self, token, name, attrs, next_id) -> bool:
+        if len(self.got) >= self.room:
+            return False
+        self.got.append((name, attrs.st_ino, next_id))
+        return True
+
+
+async def list_dir(ops: SnapshotOperations, inode: int, room: int,
+                   monkeypatch) -> list[tuple[bytes, int, int]]:
+    """Read a whole directory as the kernel does, ``room`` entries per request."""
+    fh = await ops.opendir(inode, CTX)
+    out: list[tuple[bytes, int, int]] = []
+    offset = 0
+    while True:
+        kernel = Kernel(room)
+        monkeypatch.setattr(pyfuse3, "readdir_reply", kernel)
+        await ops.readdir(fh, offset, None)
+        if not kernel.got:
+            break
+        out += kernel.got
+        offset = kernel.got[-1][2]
+    await ops.releasedir(fh)
+    return out
+
+
+def big_dir(n: int) -> FakeView:
+    v = FakeView()
+    for i in range(n):
+        v.add(ROOT, b"f%04d" % i, 100 + i, REG | 0o644)
+    return v
+
+
+async def test_readdir_lists_every_entry_in_name_order_with_attributes(monkeypatch):
+    ops = SnapshotOperations(sample_view())
+    got = await list_dir(ops, pyfuse3.ROOT_INODE, 100, monkeypatch)
+    assert [(n, ino) for n, ino, _ in got] == [(b"dev", 14), (b"dir", 12), (b"file", 11)]
+    assert [i for *_, i in got] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("room", [1, 3, 7, 1000])
+async def test_readdir_resumes_where_the_kernel_buffer_filled(monkeypatch, room):
+    v = big_dir(50)
+    ops = SnapshotOperations(v)
+    monkeypatch.setattr(snapshot, "READDIR_BATCH", 8)
+    got = await list_dir(ops, pyfuse3.ROOT_INODE, room, monkeypatch)
+    assert [n for n, *_ in got] == sorted(v.children[ROOT])
+    assert [i for *_, i in got] == list(range(1, 51))
+
+
+def test_readdir_fetches_each_entry_from_the_view_once():
+    v = big_dir(50)
+    stream = DirStream(v, ROOT, batch=8)
+    first = [name for _, name, _ in itertools.islice(stream.entries(0), 5)]
+    rest = [name for _, name, _ in stream.entries(5)]
+    assert first + rest == sorted(v.children[ROOT])
+    reads = [c for c in v.calls if c[0] == "readdir"]
+    assert [after for _, _, after, _ in reads] == [b"", b"f0007", b"f0015", b"f0023",
+                                                    b"f0031", b"f0039", b"f0047"]
+
+
+def test_readdir_from_an_earlier_offset_restarts_by_name():
+    v = big_dir(20)
+    stream = DirStream(v, ROOT, batch=4)
+    everything = list(stream.entries(0))
+    v.calls.clear()
+    again = list(stream.entries(9))
+    assert again == everything[9:]
+    assert v.calls[0] == ("readdir", ROOT, b"f0008", 4)
+    v.calls.clear()
+    assert list(stream.entries(20)) == []
+    assert v.calls == []  # the end is known
+
+
+def test_readdir_offset_never_handed_out_is_einval():
+    stream = DirStream(big_dir(3), ROOT)
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        list(stream.entries(2))
+    assert e.value.errno == errno.EINVAL
+
+
+async def test_empty_directory_lists_nothing(monkeypatch):
+    v = FakeView().add(ROOT, b"empty", 5, DIR | 0o755)
+    assert await list_dir(SnapshotOperations(v), 5, 10, monkeypatch) == []
+
+
+async def test_opendir_of_a_file_is_enotdir():
+    ops = SnapshotOperations(sample_view())
+    assert await errno_raised(ops.opendir, 11, CTX) == errno.ENOTDIR
+
+
+# ---- files ---------------------------------------------------------------------------------
+async def test_open_read_only_keeps_the_page_cache():
+    ops = SnapshotOperations(sample_view())
+    fi = await ops.open(11, os.O_RDONLY, CTX)
+    assert fi.keep_cache and fi.fh == 11
+
+
+@pytest.mark.parametrize("flags", [os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC,
+                                   os.O_WRONLY | os.O_APPEND])
+async def test_open_for_writing_is_erofs(flags):
+    ops = SnapshotOperations(sample_view())
+    assert await errno_raised(ops.open, 11, flags, CTX) == errno.EROFS
+
+
+async def test_read_makes_one_view_call_per_request_and_is_short_at_end():
+    v = sample_view()
+    ops = SnapshotOperations(v)
+    fi = await ops.open(11, os.O_RDONLY, CTX)
+    v.calls.clear()
+    assert await ops.read(fi.fh, 6, 1 << 20) == b"world"
+    assert await ops.read(fi.fh, 100, 10) == b""
+    assert v.calls == [("read", 11, 6, 1 << 20), ("read", 11, 100, 10)]
+
+
+# ---- xattrs, access, statfs ----------------------------------------------------------------
+async def test_xattrs_are_listed_and_read():
+    ops = SnapshotOperations(sample_view())
+    assert await ops.listxattr(11, CTX) == [b"user.colour", b"user.empty"]
+    assert await ops.getxattr(11, b"user.colour", CTX) == b"blue"
+    assert await ops.getxattr(11, b"user.empty", CTX) == b""
+    assert await ops.listxattr(12, CTX) == []
+
+
+async def test_absent_xattr_is_enodata():
+    ops = SnapshotOperations(sample_view())
+    assert await errno_raised(ops.getxattr, 11, b"user.none", CTX) == errno.ENODATA
+
+
+async def test_access_allows_reading_and_refuses_writing():
+    ops = SnapshotOperations(sample_view())
+    assert await ops.access(11, os.R_OK | os.X_OK, CTX)
+    assert await errno_raised(ops.access, 11, os.W_OK, CTX) == errno.EROFS
+    assert await errno_raised(ops.access, 999, os.R_OK, CTX) == errno.ENOENT
+
+
+async def test_statfs_reports_no_free_space():
+    out = await SnapshotOperations(sample_view()).statfs(CTX)
+    assert out.f_bavail == 0 and out.f_bfree == 0 and out.f_namemax == 255
+    assert out.f_bsize > 0 and out.f_frsize > 0
+
+
+# ---- every change is refused ---------------------------------------------------------------
+MUTATIONS = [
+    ("setattr", (11, pyfuse3.EntryAttributes(), pyfuse3.SetattrFields(), None, CTX)),
+    ("mknod", (1, b"n", REG | 0o644, 0, CTX)),
+    ("mkdir", (1, b"n", 0o755, CTX)),
+    ("unlink", (1, b"file", CTX)),
+    ("rmdir", (1, b"dir", CTX)),
+    ("symlink", (1, b"n", b"t", CTX)),
+    ("rename", (1, b"file", 1, b"n", 0, CTX)),
+    ("link", (11, 1, b"n", CTX)),
+    ("create", (1, b"n", REG | 0o644, os.O_WRONLY | os.O_CREAT, CTX)),
+    ("write", (11, 0, b"data")),
+    ("setxattr", (11, b"user.x", b"v", CTX)),
+    ("removexattr", (11, b"user.colour", CTX)),
+]
+
+
+@pytest.mark.parametrize(("handler", "args"), MUTATIONS, ids=[m[0] for m in MUTATIONS])
+async def test_mutating_request_is_erofs_and_changes_nothing(handler, args):
+    v = sample_view()
+    before = (dict(v.children[ROOT]), dict(v.xattrs[11]), v.data[11])
+    ops = SnapshotOperations(v)
+    assert await errno_raised(getattr(ops, handler), *args) == errno.EROFS
+    assert (dict(v.children[ROOT]), dict(v.xattrs[11]), v.data[11]) == before
