@@ -1,14 +1,26 @@
-"""The snapshot mount: its handlers called in-process against a fake view, and real mounts."""
+"""The snapshot mount: its handlers called in-process against a fake view, and real mounts
+(``python -m zfsrep.mountd.snapshot`` as a subprocess, always unmounted in ``finally``).
+
+Run as a script, this file is that same daemon serving :func:`served_view` instead of a stored
+volume, for the real-mount tests that are about the mount rather than the index."""
 
 from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import os
+import random
+import select
+import signal
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pyfuse3
 import pytest
+from conftest import FUSERMOUNT, is_mounted
 from zfsrep.mountd import snapshot
 from zfsrep.mountd.snapshot import DirStream, InodeNumbers, SnapshotOperations
 
@@ -93,6 +105,7 @@ class FakeView:
 
     def close(self) -> None:
         self.closed = True
+        logging.getLogger(__name__).info("fake view closed")
 
 
 def sample_view() -> FakeView:
@@ -365,3 +378,287 @@ async def test_mutating_request_is_erofs_and_changes_nothing(handler, args):
     ops = SnapshotOperations(v)
     assert await errno_raised(getattr(ops, handler), *args) == errno.EROFS
     assert (dict(v.children[ROOT]), dict(v.xattrs[11]), v.data[11]) == before
+
+
+# ---- real mounts ---------------------------------------------------------------------------
+READY_FD_ENV = "ZFSREP_READY_FD"
+BIG = random.Random(7).randbytes(8 << 20 | 12345)
+
+
+def served_view() -> FakeView:
+    """What the script form of this file serves: the sample tree, a big file, a big directory."""
+    v = sample_view()
+    v.add(ROOT, b"big", 20, REG | 0o600, data=BIG, mtime_ns=T + 9)
+    v.add(ROOT, b"many", 21, DIR | 0o755)
+    for i in range(500):
+        v.add(21, b"entry-with-a-longish-name-%04d" % i, 2000 + i, REG | 0o644, data=b"%d" % i)
+    return v
+
+
+class SnapshotDaemon:
+    """One snapshot mount daemon in a subprocess, started the way the CLI starts it."""
+
+    def __init__(self, base: Path, *, fake: bool, volume_dir: Path, seq: int,
+                 label: str = "test") -> None:
+        self.mnt = base / "mnt"
+        self.log = base / "snapshot.log"
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        self.fake = fake
+        entry = [__file__] if fake else ["-m", "zfsrep.mountd.snapshot"]
+        self.argv = [sys.executable, *entry, "--volume-dir", str(volume_dir), "--seq",
+                     str(seq), "--label", label, "--log", str(self.log), str(self.mnt)]
+        self.proc: subprocess.Popen | None = None
+        self.returncode: int | None = None
+        self.ready_line = ""
+        self.expected_log: list[str] = []  # log lines a test expects (warnings, errors)
+
+    def start(self, timeout: float = 30.0, *, expect_ready: bool = True) -> None:
+        r, w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         pass_fds=(w,), env={**os.environ, READY_FD_ENV: str(w)})
+        finally:
+            os.close(w)
+        with os.fdopen(r, "rb") as pipe:
+            if not select.select([pipe], [], [], timeout)[0]:
+                self.stop()
+                raise AssertionError("no readiness report in time:\n" + self.log_text())
+            self.ready_line = pipe.readline().decode().strip()
+        if expect_ready:
+            assert self.ready_line == "ready", self.ready_line + "\n" + self.log_text()
+            assert is_mounted(self.mnt)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Unmount and wait; escalate to a lazy unmount, terminate and kill."""
+        if self.proc is None:
+            return self.returncode
+        code = None
+        try:
+            if is_mounted(self.mnt):
+                subprocess.run([FUSERMOUNT, "-u", str(self.mnt)], capture_output=True,
+                               timeout=30)
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            if is_mounted(self.mnt):
+                subprocess.run([FUSERMOUNT, "-u", "-z", str(self.mnt)], capture_output=True)
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self.stderr = self.proc.stderr.read().decode(errors="replace")
+            self.proc.stderr.close()
+            self.proc, self.returncode = None, code
+        return code
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def log_problems(self) -> list[str]:
+        return [ln for ln in self.log_text().splitlines()
+                if any(k in ln for k in (" WARNING ", " ERROR ", " CRITICAL ", "Traceback"))
+                and not any(e in ln for e in self.expected_log)]
+
+
+@pytest.fixture
+def snapshot_daemons(tmp_path: Path):
+    """Make SnapshotDaemon objects; all are stopped, and their logs checked, at the end."""
+    made: list[SnapshotDaemon] = []
+
+    def make(name: str = "snap", *, fake: bool = True, volume_dir: Path | None = None,
+             seq: int = 7, label: str = "test") -> SnapshotDaemon:
+        base = tmp_path / name
+        base.mkdir()
+        d = SnapshotDaemon(base, fake=fake, volume_dir=volume_dir or tmp_path, seq=seq,
+                           label=label)
+        made.append(d)
+        return d
+
+    yield make
+    codes = [d.stop() for d in made]
+    for d, code in zip(made, codes, strict=True):
+        assert not is_mounted(d.mnt), f"{d.mnt} left mounted"
+        if d.ready_line == "ready":
+            assert code == 0, f"daemon exited {code}:\n{d.log_text()}"
+            assert "view closed" in d.log_text() or not d.fake
+        assert not d.log_problems(), "\n".join(d.log_problems())
+
+
+@pytest.fixture
+def fake_mount(snapshot_daemons) -> SnapshotDaemon:
+    d = snapshot_daemons()
+    d.start()
+    return d
+
+
+@pytest.mark.mount
+def test_mount_shows_files_with_their_attributes(fake_mount: SnapshotDaemon):
+    m = fake_mount.mnt
+    assert sorted(os.listdir(m)) == ["big", "dev", "dir", "file", "many"]
+    st = os.stat(m / "file")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size) == (0o640, 1234,
+                                                                             5678, 11)
+    assert st.st_mtime_ns == st.st_atime_ns == st.st_ctime_ns == T + 1
+    assert st.st_ino == 11
+    assert (m / "file").read_bytes() == b"hello world"
+    assert os.stat(m).st_ino == 1 and stat.S_ISDIR(os.stat(m).st_mode)
+    assert os.stat(m / "dev", follow_symlinks=False).st_rdev == os.makedev(1, 3)
+
+
+@pytest.mark.mount
+def test_mount_shows_symlinks_hard_links_and_xattrs(fake_mount: SnapshotDaemon):
+    m = fake_mount.mnt
+    assert os.readlink(m / "dir" / "link") == "../file"
+    assert (m / "dir" / "link").read_bytes() == b"hello world"
+    a, b = os.stat(m / "file"), os.stat(m / "dir" / "hard")
+    assert a.st_ino == b.st_ino and a.st_nlink == b.st_nlink == 2
+    assert sorted(os.listxattr(m / "file")) == ["user.colour", "user.empty"]
+    assert os.getxattr(m / "file", "user.colour") == b"blue"
+    assert os.getxattr(m / "file", "user.empty") == b""
+    with pytest.raises(OSError) as e:
+        os.getxattr(m / "file", "user.none")
+    assert e.value.errno == errno.ENODATA
+
+
+@pytest.mark.mount
+def test_mount_lists_a_directory_larger_than_one_kernel_buffer(fake_mount: SnapshotDaemon):
+    names = os.listdir(fake_mount.mnt / "many")
+    assert sorted(names) == [f"entry-with-a-longish-name-{i:04d}" for i in range(500)]
+    with os.scandir(fake_mount.mnt / "many") as it:
+        inodes = {e.inode() for e in it}
+    assert inodes == set(range(2000, 2500))
+    assert (fake_mount.mnt / "many" / "entry-with-a-longish-name-0321").read_bytes() == b"321"
+
+
+@pytest.mark.mount
+def test_mount_reads_a_big_file_in_large_requests(fake_mount: SnapshotDaemon):
+    with open(fake_mount.mnt / "big", "rb") as f:
+        assert f.read() == BIG
+        f.seek(5_000_001)
+        assert f.read(100) == BIG[5_000_001:5_000_101]
+    device = os.stat(fake_mount.mnt).st_dev
+    ra = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    if ra.exists():
+        assert int(ra.read_text()) == snapshot.READAHEAD_KIB
+
+
+def _refusals(m: Path) -> dict[str, object]:
+    return {
+        "open for writing": lambda: open(m / "file", "r+b"),
+        "create": lambda: open(m / "new", "wb"),
+        "truncate": lambda: os.truncate(m / "file", 0),
+        "unlink": lambda: os.unlink(m / "file"),
+        "rmdir": lambda: os.rmdir(m / "many"),
+        "mkdir": lambda: os.mkdir(m / "d2"),
+        "rename": lambda: os.rename(m / "file", m / "file2"),
+        "chmod": lambda: os.chmod(m / "file", 0o777),
+        "chown": lambda: os.chown(m / "file", 1, 1),
+        "utime": lambda: os.utime(m / "file", ns=(1, 1)),
+        "symlink": lambda: os.symlink("file", m / "sl"),
+        "link": lambda: os.link(m / "file", m / "hl"),
+        "mkfifo": lambda: os.mkfifo(m / "fifo"),
+        "setxattr": lambda: os.setxattr(m / "file", "user.x", b"1"),
+        "removexattr": lambda: os.removexattr(m / "file", "user.colour"),
+    }
+
+
+@pytest.mark.mount
+def test_every_change_through_the_mount_fails_with_erofs(fake_mount: SnapshotDaemon):
+    m = fake_mount.mnt
+    failures = {}
+    for what, attempt in _refusals(m).items():
+        try:
+            attempt()
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                failures[what] = e
+        else:
+            failures[what] = "succeeded"
+    assert not failures, failures
+    assert not os.access(m / "file", os.W_OK) and os.access(m / "file", os.R_OK)
+    assert (m / "file").read_bytes() == b"hello world"
+    assert sorted(os.listdir(m)) == ["big", "dev", "dir", "file", "many"]
+
+
+@pytest.mark.mount
+def test_mount_is_read_only_and_named_after_its_label(snapshot_daemons):
+    d = snapshot_daemons(label="vpg1/vol,a b")
+    d.start()
+    target = os.fsencode(d.mnt)
+    with open("/proc/self/mountinfo", "rb") as f:
+        line = next(ln for ln in f if ln.split()[4] == target)
+    fields = line.split()
+    sep = fields.index(b"-")
+    assert b"ro" in fields[5].split(b",")
+    assert fields[sep + 1] == b"fuse.zfsrep"
+    assert fields[sep + 2] == b"zfsrep-snapshot:vpg1/vol,a\\040b"
+    assert os.statvfs(d.mnt).f_flag & os.ST_RDONLY
+
+
+@pytest.mark.mount
+def test_several_snapshot_mounts_serve_at_once(snapshot_daemons):
+    daemons = [snapshot_daemons(f"s{i}", label=f"cp{i}") for i in range(3)]
+    for d in daemons:
+        d.start()
+    for d in daemons:
+        assert (d.mnt / "file").read_bytes() == b"hello world"
+        assert len(os.listdir(d.mnt / "many")) == 500
+    assert daemons[1].stop() == 0
+    assert not is_mounted(daemons[1].mnt)
+    assert (daemons[2].mnt / "big").read_bytes()[:1000] == BIG[:1000]
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_signal_unmounts_and_exits_zero(snapshot_daemons, sig):
+    d = snapshot_daemons()
+    d.start()
+    d.proc.send_signal(sig)
+    assert d.proc.wait(timeout=30) == 0
+    assert not is_mounted(d.mnt)
+    assert "unmounted from" in d.log_text() and "fake view closed" in d.log_text()
+
+
+@pytest.mark.mount
+def test_missing_mount_point_is_reported_on_the_ready_pipe(snapshot_daemons):
+    d = snapshot_daemons()
+    d.mnt.rmdir()
+    d.expected_log.append("does not exist")
+    d.start(expect_ready=False)
+    assert d.ready_line.startswith("error 3 ") and "does not exist" in d.ready_line
+    assert d.stop() == 3
+    assert d.stderr.startswith("zfsrep: mount point") and "Traceback" not in d.stderr
+
+
+@pytest.mark.mount
+def test_mount_point_already_mounted_is_refused(snapshot_daemons, fake_mount):
+    d = snapshot_daemons("second")
+    d.mnt = fake_mount.mnt
+    d.argv[-1] = str(fake_mount.mnt)
+    d.expected_log.append("already a mount point")
+    d.start(expect_ready=False)
+    assert d.ready_line.startswith("error 4 ") and "already a mount point" in d.ready_line
+    d.mnt = d.mnt.parent / "unused"  # the first daemon's mount is not this one's to stop
+    assert d.stop() == 4
+    assert (fake_mount.mnt / "file").read_bytes() == b"hello world"
+
+
+@pytest.mark.mount
+def test_missing_volume_directory_is_reported(snapshot_daemons, tmp_path: Path):
+    d = snapshot_daemons(volume_dir=tmp_path / "no-such-volume")
+    d.expected_log.append("does not exist")
+    d.start(expect_ready=False)
+    assert d.ready_line.startswith("error 3 ") and "volume directory" in d.ready_line
+    assert d.stop() == 3
+    assert not is_mounted(d.mnt)
+
+
+if __name__ == "__main__":
+    # The snapshot daemon serving served_view() (see the module docstring).
+    snapshot.open_view = lambda volume_dir, seq: served_view()
+    sys.exit(snapshot.main())
