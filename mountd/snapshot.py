@@ -446,6 +446,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run(opts: SnapshotOptions, ready: Callable[[], None]) -> None:
+    """run_snapshot_mount in a new event loop; failures surface as one ZfsrepError."""
+    try:
+        try:
+            trio.run(run_snapshot_mount, opts, ready)
+        except BaseExceptionGroup as group:
+            raise _single_error(group) from None
+    except OSError as e:
+        raise OSFailure(f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from zfsrep.cli import READY_FD_ENV
 
@@ -459,19 +470,18 @@ def main(argv: list[str] | None = None) -> int:
                            mountpoint=args.mountpoint, label=args.label,
                            allow_other=args.allow_other)
     try:
-        try:
-            trio.run(run_snapshot_mount, opts, pipe.ready)
-        except BaseExceptionGroup as group:
-            raise _single_error(group) from None
+        _run(opts, pipe.ready)
     except ZfsrepError as e:
         pipe.error(e)
         if args.log:
             log.error("%s", e)
         print(f"zfsrep: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # before the signal handlers were installed
+        return 130
     except Exception as e:
         log.exception("snapshot mount failed")
-        pipe.error(ZfsrepError(f"snapshot mount failed: {e}", exit_code=ExitCode.FAILURE))
+        pipe.error(ZfsrepError(f"snapshot mount failed: {e}"))
         return ExitCode.FAILURE
     return ExitCode.OK
 
