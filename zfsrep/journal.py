@@ -319,12 +319,18 @@ class VolumeJournal:
     def _open(self, first_seq: int) -> None:
         fs = self._fs
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            if not self.path.is_dir():
+                self.path.mkdir(parents=True)
+                fs.fsync_dir(self.path.parent)
             firsts = _segment_firsts(self.path)
             if not firsts:
                 fd = fs.open(self._seg_path(first_seq),
                              os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND)
-                fs.fsync_dir(self.path)
+                try:
+                    fs.fsync_dir(self.path)
+                except BaseException:
+                    fs.close(fd)
+                    raise
                 self._firsts = [first_seq]
                 self._fd = fd
                 self._durable_seq = self._written_seq = first_seq - 1
@@ -388,6 +394,8 @@ class VolumeJournal:
         header = frames.parse_header(frame)
         if len(frame) != header.frame_len:
             raise FrameError(f"frame: {len(frame)} bytes, header says {header.frame_len}")
+        if frames.payload_checksum(memoryview(frame)[frames.HEADER_SIZE:]) != header.checksum:
+            raise FrameError("frame payload: checksum mismatch")  # checked outside the lock
         with self._lock:
             self._check_usable()
             expected = self._written_seq + 1
@@ -400,8 +408,6 @@ class VolumeJournal:
                     what = f"leaves a gap: records {expected}..{header.first_seq - 1} missing"
                 raise CorruptDataError(
                     f"journal {self.path}: frame {header.first_seq}..{header.last_seq} {what}")
-            if frames.payload_checksum(memoryview(frame)[frames.HEADER_SIZE:]) != header.checksum:
-                raise FrameError("frame payload: checksum mismatch")
             if self._size and self._size + len(frame) > self._segment_bytes:
                 self._rotate(header.first_seq)
             self._write(frame)
@@ -565,8 +571,8 @@ class VolumeJournal:
               ) -> Iterator:
         firsts, durable, durable_size = self._snapshot()
         if seq < firsts[0]:
-            raise NotFoundError(f"journal {self.path}: records before {firsts[0]} are no "
-                                f"longer in the journal (asked for {seq})")
+            raise NotFoundError(f"journal {self.path}: record {seq} is not in the journal, "
+                                f"which starts at {firsts[0]} (trimmed or never held)")
         if seq > durable:
             return
         start = bisect.bisect_right(firsts, seq) - 1
