@@ -19,9 +19,10 @@ from zfsrep.mountd.passthrough import PassthroughOperations
 
 from zfsrep.capture import CaptureStream, NullRecorder
 from zfsrep.errors import NotFoundError, StateError, UsageError
+from zfsrep.link import LinkOptions, VolumeShipper
 from zfsrep.records import BLOCK_SIZE
-from zfsrep.scan import scan_tree
-from zfsrep.spool import SpoolWriter, VolumeIdentity
+from zfsrep.scan import ScanProgress, count_tree, scan_tree
+from zfsrep.spool import SpoolWriter, VolumeIdentity, read_initial_sync, write_initial_sync
 from zfsrep.volume import BackingVolume
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ class ProtectOptions:
     allow_other: bool = False
     memory_limit: int = 64 << 20
     fast_path: bool = True
+    #: Replicate to a journal server (None: capture to the spool only).
+    link: LinkOptions | None = None
+    spool_limit: int | None = None
+    drain_timeout: float = 10.0
 
 
 def check_options(opts: ProtectOptions) -> None:
@@ -81,6 +86,19 @@ async def _report_killpriv(hook: SessionHook) -> None:
                  "security.capability first")
 
 
+def _initial_sync_state(spool: SpoolWriter) -> tuple[bool, int]:
+    """(whether the initial scan must run, the seq it ended at if it is done)."""
+    state = read_initial_sync(spool.path)
+    if spool.next_seq == 1:
+        return True, 0
+    if state is None:  # a spool from before initial-sync markers: its scan completed
+        return False, 1
+    if state.get("state") != "done":
+        raise StateError(f"the initial sync of {spool.identity.source} into spool "
+                         f"{spool.path} was interrupted; protect again with a new spool")
+    return False, int(state.get("end_seq") or 1)
+
+
 async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -> None:
     """Serve the protected mount until it is unmounted or the process is told to stop."""
     check_options(opts)
@@ -91,29 +109,58 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
     spool = None
     hook = SessionHook()
     recorder: CaptureStream | NullRecorder = NullRecorder()
+    shipper: VolumeShipper | None = None
+    must_scan, synced_seq = False, 0
+    progress = ScanProgress()
     if opts.capture:
         assert opts.spool is not None
-        spool = SpoolWriter(opts.spool, VolumeIdentity(source, root_ident, BLOCK_SIZE))
+        spool = SpoolWriter(opts.spool, VolumeIdentity(source, root_ident, BLOCK_SIZE),
+                            limit=opts.spool_limit)
+        must_scan, synced_seq = _initial_sync_state(spool)
         recorder = CaptureStream(spool, next_seq=spool.next_seq,
                                  memory_limit=opts.memory_limit, external=hook)
-    async with trio.open_nursery() as nursery:
-        if isinstance(recorder, CaptureStream):
-            await nursery.start(recorder.run)
-        try:
-            if spool is not None and spool.next_seq == 1:
-                log.info("first protection of %s: recording its current content", source)
-                progress = await scan_tree(source, recorder)
-                log.info("initial scan done: %d entries, %d bytes", progress.entries,
-                         progress.bytes)
-            await _serve(opts, source, recorder, hook, ready)
-        finally:
+        if opts.link is not None:
+            shipper = VolumeShipper(opts.link, spool, recorder, progress, synced_seq)
+            await shipper.first_contact()
+    async with trio.open_nursery() as link_nursery:
+        if shipper is not None:
+            await link_nursery.start(shipper.run)
+        async with trio.open_nursery() as nursery:
             if isinstance(recorder, CaptureStream):
-                await recorder.aclose()
+                await nursery.start(recorder.run)
+            try:
+                if must_scan:
+                    assert spool is not None
+                    await _initial_sync(source, spool, recorder, progress, shipper)
+                await _serve(opts, source, recorder, hook, ready)
+            finally:
+                if isinstance(recorder, CaptureStream):
+                    await recorder.aclose()
+        if shipper is not None:
+            await shipper.drain(opts.drain_timeout)
+        link_nursery.cancel_scope.cancel()
     if isinstance(recorder, CaptureStream):
         st = recorder.stats
         log.info("stopped: %d records in %d frames (%d bytes) captured this session, last seq "
                  "%d; writers waited for the spool %d times", st.records, st.frames,
                  st.frame_bytes, st.last_seq_sunk, st.waits)
+
+
+async def _initial_sync(source: str, spool: SpoolWriter, recorder, progress: ScanProgress,
+                        shipper: VolumeShipper | None) -> None:
+    """Record the directory's current content first (Initial Sync); no checkpoint is
+    offered before it is complete."""
+    log.info("first protection of %s: recording its current content", source)
+    write_initial_sync(spool.path, {"state": "running"})
+    progress.total_bytes = await trio.to_thread.run_sync(count_tree, source)
+    log.info("initial sync: %d MiB to record", progress.total_bytes >> 20)
+    await scan_tree(source, recorder, progress=progress)
+    end_seq = recorder.last_seq
+    write_initial_sync(spool.path, {"state": "done", "end_seq": end_seq})
+    log.info("initial scan done: %d entries, %d bytes, through record %d", progress.entries,
+             progress.bytes, end_seq)
+    if shipper is not None:
+        shipper.initial_sync_done(end_seq)
 
 
 async def _drain_fast_writes(eventfd: int, recorder: CaptureStream) -> None:

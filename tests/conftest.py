@@ -142,3 +142,92 @@ def mount_factory(tmp_path: Path):
     yield make
     for m in made:
         m.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class JournalServerProcess:
+    """A `zfsrep serve --foreground` process on a loopback port, for one test."""
+
+    def __init__(self, base: Path) -> None:
+        self.store = base / "store"
+        self.log = base / "server.log"
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.expected_log: list[str] = []
+
+    def start(self, timeout: float = 30.0) -> None:
+        import socket
+
+        args = [sys.executable, "-m", "zfsrep.cli", "serve", "--store", str(self.store),
+                "--listen", self.address, "--foreground"]
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=logf,
+                                         stderr=logf)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}:\n"
+                                     + self.log.read_text())
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise AssertionError("server did not listen in time") from None
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        """kill -9, as a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        self.proc.terminate()
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+        self.proc = None
+        return code
+
+    def cli(self, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        env = dict(os.environ, ZFSREP_SERVER=self.address)
+        return zfsrep(*args, check=check, env=env, **kw)
+
+    def log_problems(self) -> list[str]:
+        if not self.log.exists():
+            return []
+        lines = self.log.read_text(errors="replace").splitlines()
+        bad = [ln for ln in lines
+               if (" WARNING " in ln or " ERROR " in ln or " CRITICAL " in ln
+                   or "Traceback" in ln)]
+        return [ln for ln in bad if not any(e in ln for e in self.expected_log)]
+
+
+@pytest.fixture
+def journal_server(tmp_path: Path):
+    """A started journal server; stopped (SIGTERM, exit 0) and log-checked afterwards."""
+    srv = JournalServerProcess(tmp_path)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        code = srv.stop()
+    assert code == 0, f"server exited {code}:\n{srv.log.read_text()}"
+    problems = srv.log_problems()
+    assert not problems, "unexpected warnings or errors in the server log:\n" + "\n".join(
+        problems)

@@ -140,6 +140,12 @@ class CaptureStream:
         if self._batch_bytes >= self._frame_bytes:
             self._hand_off()
 
+    def flush(self) -> None:
+        """Hand everything recorded so far on to the encoder now (a checkpoint is waiting
+        for it) instead of at the next tick."""
+        self.take_external()
+        self._hand_off()
+
     @property
     def over_limit(self) -> bool:
         return self._held > self._memory_limit and self.failed is None

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zfsrep",
         description="Continuous data protection for ordinary Linux directories.",
         epilog="Exit codes: 0 ok, 1 internal error, 2 usage, 3 not found, 4 wrong state, "
-               "5 corrupt data, 6 I/O error, 7 unsafe (would escape or overwrite).")
+               "5 corrupt data, 6 I/O error, 7 unsafe (would escape or overwrite), "
+               "8 journal server unreachable.")
     p.add_argument("--version", action="version", version=f"zfsrep {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     p.add_argument("--log-level", default=None,
@@ -68,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="memory for captured data not yet in the spool (default 64)")
     pr.add_argument("--log", type=Path, metavar="FILE",
                     help="daemon log file (default SPOOLDIR/mountd.log)")
+    pr.add_argument("--vpg", metavar="NAME",
+                    help="replicate to this VPG on the journal server (see 'zfsrep vpg')")
+    pr.add_argument("--volume", metavar="VOL",
+                    help="the volume's name in the VPG (default: the source's basename)")
+    pr.add_argument("--server", metavar="HOST:PORT",
+                    help="journal server (default $ZFSREP_SERVER, else 127.0.0.1:7450)")
+    pr.add_argument("--spool-limit", type=_mib, default=None, metavar="MIB",
+                    help="most disk the spool may use for frames the server has not "
+                         "acknowledged (default: no limit; when reached, capture stops and "
+                         "the VPG reports it)")
     pr.add_argument("--ready-timeout", type=float, default=600.0, help=argparse.SUPPRESS)
 
     rp = sub.add_parser("replay", help="rebuild a directory from a spool's record stream",
@@ -84,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--records", type=int, default=0, metavar="N",
                       help="also list the last N records")
     show.add_argument("--json", action="store_true", help="machine-readable output")
+
+    from zfsrep import cli_journal
+
+    cli_journal.add_parsers(sub)
     return p
 
 
@@ -97,42 +112,90 @@ def _setup_logging(args: argparse.Namespace, stream=None) -> None:
 def cmd_protect(args: argparse.Namespace) -> int:
     from zfsrep.mountd.protect import ProtectOptions, check_options
 
+    link = None
+    if args.vpg is not None:
+        from zfsrep import protocol
+        from zfsrep.link import LinkOptions, default_spool
+        from zfsrep.store import check_name
+
+        check_name("VPG", args.vpg)
+        if args.volume is None:
+            args.volume = args.source.resolve().name
+        check_name("volume", args.volume)
+        link = LinkOptions(protocol.server_address(args.server), args.vpg, args.volume)
+        if args.spool is None and not args.no_capture:
+            args.spool = default_spool(args.vpg, args.volume)
+    elif args.volume is not None or args.server is not None:
+        raise UsageError("--volume and --server need --vpg")
+    if link is not None and args.no_capture:
+        raise UsageError("--vpg needs capture (drop --no-capture)")
     opts = ProtectOptions(source=args.source, spool=args.spool, mountpoint=args.mountpoint,
                           capture=not args.no_capture, allow_other=args.allow_other,
-                          memory_limit=args.memory_limit, fast_path=not args.no_fast_path)
+                          memory_limit=args.memory_limit, fast_path=not args.no_fast_path,
+                          link=link, spool_limit=args.spool_limit)
     check_options(opts)
     if args.foreground:
-        return _protect_foreground(opts)
-    return _protect_background(args, opts)
+        from zfsrep.mountd.protect import run_protected_mount
+
+        return run_foreground(run_protected_mount, opts,
+                              mount_error=f"cannot mount {opts.mountpoint}")
+    if args.spool is not None:
+        args.spool.mkdir(parents=True, exist_ok=True)
+    log_path = args.log or ((args.spool or Path("/var/log")) / "mountd.log")
+    argv = ["protect", str(args.mountpoint), "--source", str(args.source), "--foreground",
+            "--memory-limit", str(args.memory_limit >> 20)]
+    if args.spool is not None:
+        argv += ["--spool", str(args.spool)]
+    for flag in ("no_capture", "allow_other", "no_fast_path"):
+        if getattr(args, flag):
+            argv.append("--" + flag.replace("_", "-"))
+    if args.vpg is not None:
+        argv += ["--vpg", args.vpg, "--volume", args.volume]
+        if args.server:
+            argv += ["--server", args.server]
+    if args.spool_limit is not None:
+        argv += ["--spool-limit", str(args.spool_limit >> 20)]
+    pid = spawn_daemon(args, argv, log_path, args.ready_timeout)
+    target = f", replicating to VPG {args.vpg} as volume {args.volume}" if link else ""
+    print(f"protecting {args.source} at {args.mountpoint}{target} (daemon pid {pid}, "
+          f"log {log_path})")
+    return 0
 
 
-def _protect_foreground(opts) -> int:
+def run_foreground(async_fn, *fn_args, mount_error: str | None = None) -> int:
+    """Run a daemon's trio main in this process; ``async_fn(*fn_args, ready)`` calls
+    ``ready()`` once it serves. A parent waiting on the ready pipe (``$ZFSREP_READY_FD``) gets
+    ``ready`` or ``error CODE MESSAGE``."""
     import trio
-
-    from zfsrep.mountd.protect import run_protected_mount
 
     ready_fd = int(os.environ.pop(READY_FD_ENV, "-1"))
 
-    def ready() -> None:
+    def report(text: str) -> None:
         nonlocal ready_fd
         if ready_fd >= 0:
-            os.write(ready_fd, b"ready\n")
+            os.write(ready_fd, text.encode() + b"\n")
             os.close(ready_fd)
             ready_fd = -1
 
+    def ready() -> None:
+        report("ready")
+
     try:
         try:
-            trio.run(run_protected_mount, opts, ready)
+            trio.run(async_fn, *fn_args, ready)
         except BaseExceptionGroup as group:
             raise _single_error(group) from None
     except ZfsrepError as e:
-        if ready_fd >= 0:
-            os.write(ready_fd, f"error {e.exit_code} {e}\n".encode())
+        report(f"error {e.exit_code} {e}")
         raise
     except RuntimeError as e:  # pyfuse3.init failures (e.g. mount refused)
-        if ready_fd >= 0:
-            os.write(ready_fd, f"error {ExitCode.IO} {e}\n".encode())
-        raise OSFailure(f"cannot mount {opts.mountpoint}: {e}") from None
+        if mount_error is None:
+            raise
+        report(f"error {ExitCode.IO} {mount_error}: {e}")
+        raise OSFailure(f"{mount_error}: {e}") from None
+    except OSError as e:
+        report(f"error {ExitCode.IO} {e.strerror or e}")
+        raise
     return 0
 
 
@@ -151,46 +214,37 @@ def _single_error(group: BaseExceptionGroup) -> BaseException:
     return leaves[0] if len(leaves) == 1 else group
 
 
-def _protect_background(args: argparse.Namespace, opts) -> int:
-    log_path = args.log or ((args.spool or Path("/var/log")) / "mountd.log")
-    if args.spool is not None:
-        args.spool.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "zfsrep.cli"]
-    if args.log_level:
-        argv += ["--log-level", args.log_level]
-    elif args.verbose:
-        argv.append("-v")
-    argv += ["protect", str(args.mountpoint), "--source", str(args.source), "--foreground",
-             "--memory-limit", str(args.memory_limit >> 20)]
-    if args.spool is not None:
-        argv += ["--spool", str(args.spool)]
-    if args.no_capture:
-        argv.append("--no-capture")
-    if args.allow_other:
-        argv.append("--allow-other")
-    if args.no_fast_path:
-        argv.append("--no-fast-path")
+def spawn_daemon(args: argparse.Namespace, argv: list[str], log_path: Path,
+                 ready_timeout: float, *, module: str = "zfsrep.cli") -> int:
+    """Start ``python -m MODULE ARGV`` in its own session, logging to ``log_path``, and
+    return its pid once it reports ready; its error line becomes this command's error."""
+    cmd = [sys.executable, "-m", module]
+    if module == "zfsrep.cli":
+        if args.log_level:
+            cmd += ["--log-level", args.log_level]
+        elif args.verbose:
+            cmd.append("-v")
+    cmd += argv
     r, w = os.pipe()
     env = dict(os.environ, **{READY_FD_ENV: str(w)})
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                 pass_fds=(w,), env=env, start_new_session=True)
     os.close(w)
     with os.fdopen(r, "rb") as pipe:
         line = pipe.readline().decode(errors="replace").strip()
     if line == "ready":
-        print(f"protecting {args.source} at {args.mountpoint} (daemon pid {proc.pid}, "
-              f"log {log_path})")
-        return 0
+        return proc.pid
     try:
-        code = proc.wait(timeout=args.ready_timeout)
+        code = proc.wait(timeout=ready_timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         code = ExitCode.FAILURE
     if line.startswith("error "):
         _, code_text, message = line.split(" ", 2)
         raise ZfsrepError(message, exit_code=int(code_text))
-    raise ZfsrepError(f"the mount daemon exited with status {code}; see {log_path}",
+    raise ZfsrepError(f"the daemon exited with status {code}; see {log_path}",
                       exit_code=ExitCode.FAILURE)
 
 
@@ -268,6 +322,12 @@ def cmd_spool(args: argparse.Namespace) -> int:
 COMMANDS = {"protect": cmd_protect, "replay": cmd_replay, "spool": cmd_spool}
 
 
+def _command(name: str):
+    from zfsrep import cli_journal
+
+    return COMMANDS.get(name) or cli_journal.COMMANDS[name]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -276,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.USAGE
     _setup_logging(args)
     try:
-        return COMMANDS[args.command](args)
+        return _command(args.command)(args)
     except ZfsrepError as e:
         print(f"zfsrep: {e}", file=sys.stderr)
         return e.exit_code

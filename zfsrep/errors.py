@@ -19,6 +19,7 @@ class ExitCode:
     CORRUPT = 5  # malformed, truncated, oversized or inconsistent data
     IO = 6  # an operating-system error while doing the work
     UNSAFE = 7  # refused because it would escape a directory or overwrite data
+    UNREACHABLE = 8  # the journal server cannot be reached or stopped answering
 
 
 class ZfsrepError(Exception):

@@ -25,13 +25,16 @@ CHUNK = 1 << 20
 class ScanProgress:
     entries: int = 0
     bytes: int = 0
+    total_bytes: int | None = None  # set by count_tree() when known beforehand
+    done: bool = False
 
 
 class _Scanner:
-    def __init__(self, recorder, progress_every: float) -> None:
+    def __init__(self, recorder, progress_every: float,
+                 progress: ScanProgress | None = None) -> None:
         self.rec = recorder
         self.seen: set[int] = set()
-        self.progress = ScanProgress()
+        self.progress = progress if progress is not None else ScanProgress()
         self._progress_every = progress_every
         self._last_report = time.monotonic()
 
@@ -102,15 +105,34 @@ class _Scanner:
             self.rec.emit(Op.SETATTR, ident, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
 
 
-async def scan_tree(source: str, recorder, *, progress_every: float = 5.0) -> ScanProgress:
+def count_tree(source: str) -> int:
+    """Bytes of data the initial scan will read (regular files, each hard-linked one once),
+    for progress reports. Metadata only; run it in a thread."""
+    total = 0
+    seen: set[int] = set()
+    for dirpath, _dirs, files in os.walk(source):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_ino not in seen:
+                seen.add(st.st_ino)
+                total += st.st_size
+    return total
+
+
+async def scan_tree(source: str, recorder, *, progress_every: float = 5.0,
+                    progress: ScanProgress | None = None) -> ScanProgress:
     """Record the whole tree under ``source`` (its root included) through ``recorder``."""
     fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        scanner = _Scanner(recorder, progress_every)
+        scanner = _Scanner(recorder, progress_every, progress)
         scanner.xattrs(b"/proc/self/fd/%d" % fd, st.st_ino)
         await scanner.directory(fd, st.st_ino, st)
         recorder.emit(Op.SETATTR, st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
     finally:
         os.close(fd)
+    scanner.progress.done = True
     return scanner.progress

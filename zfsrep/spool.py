@@ -12,9 +12,12 @@ cuts a torn or corrupt tail (a crash in the middle of a write), logging what it 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import threading
+import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +34,9 @@ FORMAT = 1
 #: Present when capture stopped (the spool could not be written): the stream ends at
 #: ``last_seq`` and does not describe the directory after that.
 INCOMPLETE = "INCOMPLETE"
+#: State of the initial sync (the first recording of a non-empty directory):
+#: {"state": "running"} while it runs, {"state": "done", "end_seq": N} after.
+INITIAL_SYNC = "initial-sync.json"
 CLOSING_MAX = 4
 META = "volume.json"
 SEGMENTS = "segments"
@@ -46,10 +52,20 @@ class VolumeIdentity:
     block_size: int
     created: str = ""
     format: int = FORMAT
+    #: Names this stream for the journal server (a new spool is a new stream).
+    spool_id: str = ""
+
+    @property
+    def stream_id(self) -> str:
+        return self.spool_id or f"{self.root_ident}@{self.created}"
 
 
 def _segment_name(first_seq: int) -> str:
     return f"{first_seq:020d}{SUFFIX}"
+
+
+def _segment_first_seq(path: Path) -> int:
+    return int(path.name[: -len(SUFFIX)])
 
 
 def segment_paths(spool: Path) -> list[Path]:
@@ -115,13 +131,18 @@ class SpoolWriter:
     """Appends frames to a spool directory (a :class:`zfsrep.capture.FrameSink`)."""
 
     def __init__(self, spool: Path, identity: VolumeIdentity, *,
-                 segment_bytes: int = 64 << 20) -> None:
+                 segment_bytes: int = 64 << 20, limit: int | None = None) -> None:
         self.path = spool
         self.identity = identity
         self._segment_bytes = segment_bytes
         self._fd: int | None = None
         self._size = 0
         self.next_seq = 1
+        #: Bytes of segments on disk; writing past ``limit`` fails with ENOSPC (capture then
+        #: stops, the application goes on: see docs/spool-format.md).
+        self.limit = limit
+        self.bytes = 0
+        self._bytes_lock = threading.Lock()
         # Full segments are fsynced and closed (and the directory entry of the next one made
         # durable) by this worker while frames go on into the next segment: the writer does
         # not stall for a 64 MiB fsync unless CLOSING_MAX segments are still waiting for the
@@ -145,6 +166,7 @@ class SpoolWriter:
         else:
             ident = asdict(self.identity)
             ident["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+            ident["spool_id"] = uuid.uuid4().hex
             tmp = meta.with_suffix(".tmp")
             tmp.write_text(json.dumps(ident, indent=1) + "\n")
             os.replace(tmp, meta)
@@ -162,6 +184,7 @@ class SpoolWriter:
                 continue
             self.next_seq = last_seq + 1
             break
+        self.bytes = sum(p.stat().st_size for p in segment_paths(spool))
 
     def _rotate(self, first_seq: int) -> None:
         while len(self._closing) >= CLOSING_MAX or (self._closing and self._closing[0].done()):
@@ -183,9 +206,29 @@ class SpoolWriter:
         parts = [memoryview(frame)] if isinstance(frame, bytes) else [
             memoryview(p) for p in frame]
         size = sum(p.nbytes for p in parts)
+        if self.limit is not None and self.bytes + size > self.limit:
+            raise OSError(errno.ENOSPC, f"spool limit of {self.limit >> 20} MiB reached "
+                          "(the journal server has not acknowledged enough)")
         _writev_all(self._fd, parts)
         self._size += size
+        with self._bytes_lock:
+            self.bytes += size
         self.next_seq = last_seq + 1
+
+    def trim(self, upto_seq: int) -> int:
+        """Delete segments whose records are all <= ``upto_seq`` (acknowledged by the
+        journal server); the newest segment always stays. Returns the bytes freed."""
+        segs = segment_paths(self.path)
+        freed = 0
+        for seg, nxt in zip(segs, segs[1:], strict=False):
+            if _segment_first_seq(nxt) - 1 > upto_seq:
+                break
+            size = seg.stat().st_size
+            seg.unlink()
+            freed += size
+        with self._bytes_lock:
+            self.bytes -= freed
+        return freed
 
     def sync(self) -> None:
         if self._fd is not None:
@@ -246,10 +289,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def iter_spool_frames(spool: Path) -> Iterator[tuple[frames.FrameHeader, list[list]]]:
-    """Every frame in the spool in sequence order; refuses gaps and corrupt frames."""
-    expected = 1  # spools are never trimmed: the stream starts at the first record
-    for path in segment_paths(spool):
+def iter_spool_frames(spool: Path, *, allow_trimmed: bool = False
+                      ) -> Iterator[tuple[frames.FrameHeader, list[list]]]:
+    """Every frame in the spool in sequence order; refuses gaps and corrupt frames, and a
+    spool whose first records were trimmed after the journal server acknowledged them
+    (unless ``allow_trimmed``, for inspection)."""
+    segs = segment_paths(spool)
+    expected = _segment_first_seq(segs[0]) if segs else 1
+    if expected != 1 and not allow_trimmed:
+        raise StateError(f"spool {spool}: records 1..{expected - 1} were acknowledged by the "
+                         "journal server and trimmed; restore from the server instead")
+    for path in segs:
         with open(path, "rb") as f:
             while True:
                 try:
@@ -271,7 +321,7 @@ def iter_records(spool: Path, *, allow_incomplete: bool = False) -> Iterator[lis
     ``allow_incomplete`` (for inspection)."""
     if not allow_incomplete:
         check_complete(spool)
-    for _header, records in iter_spool_frames(spool):
+    for _header, records in iter_spool_frames(spool, allow_trimmed=allow_incomplete):
         yield from records
 
 
@@ -281,10 +331,119 @@ def spool_stats(spool: Path) -> dict[str, int]:
     out = {"segments": len(segs), "frames": 0, "records": 0,
            "bytes": sum(p.stat().st_size for p in segs),
            "first_seq": 0, "last_seq": 0, "raw_bytes": 0}
-    for header, _records in iter_spool_frames(spool):
+    for header, _records in iter_spool_frames(spool, allow_trimmed=True):
         out["frames"] += 1
         out["records"] += header.record_count
         out["raw_bytes"] += header.raw_len
         out["first_seq"] = out["first_seq"] or header.first_seq
         out["last_seq"] = header.last_seq
     return out
+
+
+def read_initial_sync(spool: Path) -> dict | None:
+    try:
+        data = json.loads((spool / INITIAL_SYNC).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        raise CorruptDataError(f"{spool / INITIAL_SYNC}: unreadable") from None
+    return data if isinstance(data, dict) else None
+
+
+def write_initial_sync(spool: Path, state: dict) -> None:
+    tmp = spool / (INITIAL_SYNC + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, spool / INITIAL_SYNC)
+    _fsync_dir(spool)
+
+
+class SpoolReader:
+    """Reads whole frames, as stored, from a spool that is still being written (for the
+    replication link). Only frames the writer has finished (seq < its ``next_seq``) are read,
+    so a frame being written is never seen half-way."""
+
+    def __init__(self, spool: Path) -> None:
+        self.path = spool
+        self._f = None
+        self._next: int | None = None
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def _open_at(self, seq: int) -> None:
+        self.close()
+        segs = [p for p in segment_paths(self.path) if _segment_first_seq(p) <= seq]
+        if not segs:
+            raise CorruptDataError(f"spool {self.path}: record {seq} is no longer in the spool")
+        f = open(segs[-1], "rb")  # noqa: SIM115 (kept open across calls)
+        while True:
+            head = f.read(frames.HEADER_SIZE)
+            if len(head) < frames.HEADER_SIZE:
+                f.close()
+                raise CorruptDataError(f"spool {self.path}: record {seq} not found in "
+                                       f"{segs[-1].name}")
+            header = frames.parse_header(head)
+            if header.first_seq == seq:
+                f.seek(-frames.HEADER_SIZE, os.SEEK_CUR)
+                break
+            if header.first_seq > seq:
+                f.close()
+                raise CorruptDataError(f"spool {self.path}: record {seq} is inside a frame "
+                                       f"that starts at {header.first_seq}")
+            f.seek(header.comp_len, os.SEEK_CUR)
+        self._f, self._next = f, seq
+
+    def unread_bytes(self) -> int:
+        """Bytes of segments after the read position (for lag reports)."""
+        f = self._f
+        total = 0
+        try:
+            pos_name, pos = (Path(f.name).name, f.tell()) if f is not None else ("", 0)
+            for seg in segment_paths(self.path):
+                if seg.name > pos_name:
+                    total += seg.stat().st_size
+                elif seg.name == pos_name:
+                    total += seg.stat().st_size - pos
+        except (OSError, ValueError):
+            pass
+        return total
+
+    def read(self, start_seq: int, upto_seq: int, max_bytes: int
+             ) -> list[tuple[int, int, bytes]]:
+        """Frames (first_seq, last_seq, bytes) from ``start_seq`` through at most ``upto_seq``,
+        at least one and about ``max_bytes`` in all."""
+        out: list[tuple[int, int, bytes]] = []
+        if start_seq > upto_seq:
+            return out
+        if self._f is None or self._next != start_seq:
+            self._open_at(start_seq)
+        total = 0
+        while self._next <= upto_seq and (not out or total < max_bytes):
+            head = self._f.read(frames.HEADER_SIZE)
+            if not head:  # end of this segment: the next one starts at the next seq
+                nxt = self.path / SEGMENTS / _segment_name(self._next)
+                self._f.close()
+                try:
+                    self._f = open(nxt, "rb")  # noqa: SIM115
+                except FileNotFoundError:
+                    self._f = None
+                    raise CorruptDataError(f"spool {self.path}: segment {nxt.name} is "
+                                           "missing") from None
+                continue
+            header = frames.parse_header(head)
+            if header.first_seq != self._next:
+                raise CorruptDataError(f"spool {self.path}: expected record {self._next}, "
+                                       f"found a frame starting at {header.first_seq}")
+            payload = self._f.read(header.comp_len)
+            if len(payload) != header.comp_len:
+                raise CorruptDataError(f"spool {self.path}: frame {header.first_seq} is "
+                                       "truncated")
+            out.append((header.first_seq, header.last_seq, head + payload))
+            total += header.frame_len
+            self._next = header.last_seq + 1
+        return out

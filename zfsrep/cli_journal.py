@@ -1,0 +1,380 @@
+"""The journal-server side of the command line: ``serve``, ``vpg``, ``tag``, ``checkpoints``,
+``status``, ``snapshot`` and ``restore-file``. Client commands find the server through
+``--server HOST:PORT``, else ``$ZFSREP_SERVER``, else 127.0.0.1:7450."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from zfsrep.errors import NotFoundError, StateError, UsageError
+
+SNAPSHOT_FSNAME = "zfsrep-snapshot:"
+
+
+def _server_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", metavar="HOST:PORT",
+                   help="journal server (default $ZFSREP_SERVER, else 127.0.0.1:7450)")
+
+
+def _json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    sv = sub.add_parser(
+        "serve", help="run the journal server (recovery site)",
+        description="Serve the journal store in --store: accept protected mounts, make their "
+                    "frames durable, index them, record checkpoints. Returns once listening "
+                    "(unless --foreground); stop it with SIGTERM.")
+    sv.add_argument("--store", type=Path, required=True, metavar="DIR",
+                    help="store directory (created if missing)")
+    sv.add_argument("--listen", default="127.0.0.1:7450", metavar="HOST:PORT",
+                    help="address to listen on (default 127.0.0.1:7450)")
+    sv.add_argument("--foreground", "-f", action="store_true", help="stay attached")
+    sv.add_argument("--log", type=Path, metavar="FILE",
+                    help="server log file when in the background (default STORE/server.log)")
+    sv.add_argument("--ready-timeout", type=float, default=120.0, help=argparse.SUPPRESS)
+
+    vp = sub.add_parser("vpg", help="create, list and delete VPGs (protection groups)")
+    vps = vp.add_subparsers(dest="vpg_command", metavar="SUBCOMMAND")
+    create = vps.add_parser("create", help="create a VPG",
+                            description="Create a VPG. Durations take s, m, h or d.")
+    create.add_argument("name", metavar="NAME")
+    create.add_argument("--history", default="8h", help="journal history to keep (default 8h)")
+    create.add_argument("--rpo", default="10s", help="RPO target (default 10s)")
+    create.add_argument("--checkpoint-interval", default="5s",
+                        help="automatic checkpoint interval (default 5s)")
+    for p in (create, vps.add_parser("list", help="list VPGs")):
+        _server_arg(p)
+        _json_arg(p)
+    delete = vps.add_parser("delete", help="delete a VPG and its journal")
+    delete.add_argument("name", metavar="NAME")
+    delete.add_argument("--force", action="store_true",
+                        help="delete even while protected mounts are connected")
+    _server_arg(delete)
+
+    tg = sub.add_parser("tag", help="record a tagged checkpoint now",
+                        description="Record a checkpoint named NAME across the VPG's volumes; "
+                                    "returns once it is durable.")
+    tg.add_argument("vpg", metavar="VPG")
+    tg.add_argument("name", metavar="NAME")
+    _server_arg(tg)
+    _json_arg(tg)
+
+    cp = sub.add_parser("checkpoints", help="list checkpoints",
+                        description="List checkpoints, oldest first. Ages take s, m, h or d.")
+    cp.add_argument("--selector", metavar='"vpg=V;minAge=5m;maxAge=3d"')
+    cp.add_argument("--vpg", metavar="VPG")
+    cp.add_argument("--min-age", metavar="AGE", help="only checkpoints at least this old")
+    cp.add_argument("--max-age", metavar="AGE", help="only checkpoints at most this old")
+    _server_arg(cp)
+    _json_arg(cp)
+
+    st = sub.add_parser("status", help="VPG status, RPO, journal and volume lag")
+    st.add_argument("vpg", nargs="?", metavar="VPG")
+    _server_arg(st)
+    _json_arg(st)
+
+    sn = sub.add_parser("snapshot", help="mount a checkpoint read-only")
+    sns = sn.add_subparsers(dest="snapshot_command", metavar="SUBCOMMAND")
+    mount = sns.add_parser(
+        "mount", help="mount a volume as it was at a checkpoint",
+        description="Mount a read-only view of a volume at CHECKPOINT (id, tag or 'latest') "
+                    "on MOUNTPOINT. Runs on the recovery-site host (it reads the store). "
+                    "Returns once the view is ready, unless --foreground.")
+    mount.add_argument("vpg", metavar="VPG")
+    mount.add_argument("checkpoint", metavar="CHECKPOINT")
+    mount.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    mount.add_argument("--volume", metavar="VOL", help="needed when the VPG has several")
+    mount.add_argument("--foreground", "-f", action="store_true", help="stay attached")
+    mount.add_argument("--allow-other", action="store_true",
+                       help="let users other than root read the view")
+    mount.add_argument("--log", type=Path, metavar="FILE",
+                       help="daemon log (default /var/log/zfsrep/snapshot.log)")
+    _server_arg(mount)
+    umount = sns.add_parser("umount", help="unmount a snapshot view")
+    umount.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+
+    rf = sub.add_parser(
+        "restore-file", help="copy a file or tree out of a checkpoint",
+        description="Copy PATH (inside the volume; '/' is the whole volume) as it was at "
+                    "CHECKPOINT to DEST with its metadata. Refuses to overwrite without "
+                    "--force; never writes outside DEST. Runs on the recovery-site host.")
+    rf.add_argument("vpg", metavar="VPG")
+    rf.add_argument("checkpoint", metavar="CHECKPOINT")
+    rf.add_argument("volume", metavar="VOL")
+    rf.add_argument("path", metavar="PATH")
+    rf.add_argument("--to", type=Path, required=True, metavar="DEST", dest="dest")
+    rf.add_argument("--force", action="store_true", help="overwrite existing files")
+    _server_arg(rf)
+    _json_arg(rf)
+
+
+# ---- helpers -------------------------------------------------------------------------------
+def _call(args: argparse.Namespace, op: str, req: dict | None = None, timeout: float = 60.0):
+    from zfsrep import protocol
+
+    return protocol.call(protocol.server_address(args.server), op, req, timeout=timeout)
+
+
+def _iso(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _human(seconds: float) -> str:
+    from zfsrep.status import _human as human
+
+    return human(seconds)
+
+
+# ---- serve ---------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from zfsrep import protocol
+    from zfsrep.cli import run_foreground, spawn_daemon
+
+    listen = protocol.parse_address(args.listen)
+    if args.foreground:
+        from zfsrep.server import serve
+
+        args.store.mkdir(parents=True, exist_ok=True)
+        return run_foreground(serve, args.store.resolve(), listen)
+    args.store.mkdir(parents=True, exist_ok=True)
+    log_path = args.log or (args.store / "server.log")
+    argv = ["serve", "--store", str(args.store.resolve()), "--listen", args.listen,
+            "--foreground"]
+    pid = spawn_daemon(args, argv, log_path, args.ready_timeout)
+    print(f"journal server listening on {args.listen}, store {args.store} (pid {pid}, "
+          f"log {log_path})")
+    return 0
+
+
+# ---- VPGs ----------------------------------------------------------------------------------
+def cmd_vpg(args: argparse.Namespace) -> int:
+    if args.vpg_command == "create":
+        res = _call(args, "vpg.create", {"name": args.name, "history": args.history,
+                                         "rpo": args.rpo,
+                                         "checkpoint_interval": args.checkpoint_interval})
+        if args.json:
+            print(json.dumps(res))
+        else:
+            print(f"VPG {res['name']} created (history {args.history}, RPO {args.rpo}, "
+                  f"checkpoints every {args.checkpoint_interval})")
+        return 0
+    if args.vpg_command == "list":
+        res = _call(args, "vpg.list")
+        if args.json:
+            print(json.dumps(res))
+            return 0
+        print(f"{'VPG':<20} {'volumes':<30} {'history':>8} {'RPO':>6} {'interval':>8}")
+        for v in res:
+            print(f"{v['name']:<20} {','.join(v['volumes']) or '-':<30} "
+                  f"{v['history_s'] / 3600:>7.1f}h {v['rpo_s']:>5g}s "
+                  f"{v['checkpoint_interval_s']:>7g}s")
+        return 0
+    if args.vpg_command == "delete":
+        _call(args, "vpg.delete", {"name": args.name, "force": args.force}, timeout=600)
+        print(f"VPG {args.name} deleted")
+        return 0
+    raise UsageError("usage: zfsrep vpg {create,list,delete} ...")
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+def cmd_tag(args: argparse.Namespace) -> int:
+    res = _call(args, "tag", {"vpg": args.vpg, "name": args.name}, timeout=120)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"checkpoint {res['id']} tagged {res['tag']} at {res['time']}")
+    return 0
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    from zfsrep.checkpoints import parse_duration, parse_selector
+
+    req: dict = {}
+    if args.selector:
+        sel = parse_selector(args.selector)
+        req = {"vpg": sel.vpg, "min_age": sel.min_age_s, "max_age": sel.max_age_s}
+    for key, value in (("vpg", args.vpg), ("min_age", args.min_age),
+                       ("max_age", args.max_age)):
+        if value is None:
+            continue
+        if req.get(key) is not None:
+            raise UsageError(f"{key.replace('_', '-')} is given twice (option and selector)")
+        req[key] = parse_duration(value) if key != "vpg" else value
+    res = _call(args, "checkpoints", {k: v for k, v in req.items() if v is not None})
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"{'VPG':<16} {'id':>7}  {'time (UTC)':<24} {'kind':<7} tag")
+    for cp in res:
+        print(f"{cp['vpg']:<16} {cp['id']:>7}  {cp['time']:<24} {cp['kind']:<7} "
+              f"{cp.get('tag') or ''}")
+    return 0
+
+
+# ---- status --------------------------------------------------------------------------------
+def cmd_status(args: argparse.Namespace) -> int:
+    res = _call(args, "status", {"vpg": args.vpg} if args.vpg else {})
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    for v in res:
+        rpo = "-" if v["rpo_s"] is None else f"{v['rpo_s']:.1f} s"
+        sub = f" ({v['substatus']})" if v["substatus"] else ""
+        print(f"VPG {v['vpg']}: {v['status']}{sub}")
+        print(f"  RPO {rpo} (target {v['rpo_target_s']:g} s), history held "
+              f"{_human(v['history_s'])} of {_human(v['history_target_s'])}, "
+              f"{v['checkpoints']} checkpoints, journal {_size(v['journal_bytes'])}")
+        for vol in v["volumes"]:
+            lag = ("-" if vol["lag_records"] is None
+                   else f"{vol['lag_records']} records / {_size(vol['lag_bytes'])}")
+            print(f"  volume {vol['name']}: {vol['connection']} since {_iso(vol['since'])}, "
+                  f"{vol['source']} on {vol['host']}; lag {lag}; spool "
+                  f"{_size(vol['spool_bytes'])}; journal through {vol['durable_seq']}, "
+                  f"indexed through {vol['indexed_seq']}")
+            prog = vol.get("initial_sync_progress")
+            if prog:
+                pct = "?" if prog["percent"] is None else f"{prog['percent']:g}%"
+                print(f"    initial sync {pct}: {_size(prog['bytes'])} of "
+                      f"{_size(prog['total_bytes'])}")
+    return 0
+
+
+# ---- snapshots and restore -----------------------------------------------------------------
+def _resolve_local(args: argparse.Namespace, volume: str | None) -> dict:
+    res = _call(args, "resolve", {"vpg": args.vpg, "checkpoint": args.checkpoint,
+                                  "volume": volume}, timeout=180)
+    if not Path(res["volume_dir"], "index.sqlite").exists():
+        raise StateError(f"the store of VPG {args.vpg} is not on this host "
+                         f"({res['volume_dir']}); run this command on the recovery-site host")
+    return res
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    if args.snapshot_command == "umount":
+        return _snapshot_umount(args.mountpoint)
+    if args.snapshot_command != "mount":
+        raise UsageError("usage: zfsrep snapshot {mount,umount} ...")
+    from zfsrep.cli import run_foreground, spawn_daemon
+
+    if not args.mountpoint.is_dir():
+        raise NotFoundError(f"mount point {args.mountpoint} does not exist")
+    if os.path.ismount(args.mountpoint):
+        raise StateError(f"{args.mountpoint} is already a mount point")
+    res = _resolve_local(args, args.volume)
+    cp = res["checkpoint"]
+    label = f"{res['vpg']}/{res['volume']}@{cp['id']}"
+    if args.foreground:
+        from zfsrep.mountd.snapshot import SnapshotOptions, run_snapshot_mount
+
+        opts = SnapshotOptions(volume_dir=Path(res["volume_dir"]), seq=res["seq"],
+                               mountpoint=args.mountpoint, label=label,
+                               allow_other=args.allow_other)
+        return run_foreground(run_snapshot_mount, opts)
+    log_path = args.log or Path("/var/log/zfsrep/snapshot.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = ["--volume-dir", res["volume_dir"], "--seq", str(res["seq"]), "--label", label,
+            "--log", str(log_path)]
+    if args.allow_other:
+        argv.append("--allow-other")
+    argv.append(str(args.mountpoint))
+    pid = spawn_daemon(args, argv, log_path, 120.0, module="zfsrep.mountd.snapshot")
+    tag = f" ({cp['tag']})" if cp.get("tag") else ""
+    print(f"checkpoint {cp['id']}{tag} of {res['vpg']}/{res['volume']} at {cp['time']} "
+          f"mounted read-only on {args.mountpoint} (pid {pid})")
+    return 0
+
+
+def _mount_fsname(mountpoint: Path) -> str | None:
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) > 4 and fields[4].encode().decode("unicode_escape") == target:
+                parts = right.split()
+                return parts[1] if len(parts) > 1 else ""
+    return None
+
+
+def _snapshot_umount(mountpoint: Path) -> int:
+    fsname = _mount_fsname(mountpoint)
+    if fsname is None:
+        raise NotFoundError(f"{mountpoint} is not a mount point")
+    if not fsname.startswith(SNAPSHOT_FSNAME):
+        raise StateError(f"{mountpoint} is not a zfsrep snapshot mount ({fsname})")
+    r = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise StateError(f"cannot unmount {mountpoint}: {r.stderr.strip()}")
+    deadline = time.monotonic() + 10
+    while os.path.ismount(mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(f"unmounted {mountpoint}")
+    return 0
+
+
+def cmd_restore_file(args: argparse.Namespace) -> int:
+    from zfsrep.restore import restore_tree
+    from zfsrep.view import open_view
+
+    path = os.fsencode(args.path)
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    res = _resolve_local(args, args.volume)
+    view = open_view(Path(res["volume_dir"]), res["seq"])
+    show = sys.stderr.isatty() and not args.json
+    last = [0.0]
+
+    def progress(stats) -> None:
+        now = time.monotonic()
+        if show and now - last[0] > 0.5:
+            last[0] = now
+            print(f"\r  {stats.files} files, {stats.bytes >> 20} MiB", end="",
+                  file=sys.stderr, flush=True)
+
+    try:
+        stats = restore_tree(view, path, args.dest, force=args.force, progress=progress)
+    finally:
+        view.close()
+        if show:
+            print(file=sys.stderr)
+    cp = res["checkpoint"]
+    out = {"vpg": res["vpg"], "volume": res["volume"], "checkpoint": cp, "path": args.path,
+           "dest": str(args.dest), **_stats_dict(stats)}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"restored {args.path} of {res['vpg']}/{res['volume']} at checkpoint {cp['id']} "
+              f"({cp['time']}) to {args.dest}: {out.get('files', 0)} files, "
+              f"{_size(out.get('bytes'))}")
+    return 0
+
+
+def _stats_dict(stats) -> dict:
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(stats) if is_dataclass(stats) else dict(vars(stats))
+
+
+COMMANDS = {"serve": cmd_serve, "vpg": cmd_vpg, "tag": cmd_tag, "checkpoints": cmd_checkpoints,
+            "status": cmd_status, "snapshot": cmd_snapshot, "restore-file": cmd_restore_file}

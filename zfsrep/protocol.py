@@ -1,0 +1,194 @@
+"""The framed protocol between mounts, the CLI and the journal server (docs/protocol.md).
+
+Every message is a 4-byte big-endian length followed by that many bytes of one msgpack map with
+a string field ``t`` (the message type). Capture frames travel unchanged inside ``data``
+messages, so the server checks the same checksums the spool has. Lengths are bounded before
+anything is allocated; anything malformed is a :class:`ProtocolError` that ends that one
+connection and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+import trio
+
+from zfsrep import frames
+from zfsrep.errors import CorruptDataError, ExitCode, UsageError, ZfsrepError
+
+PROTOCOL = "zfsrep/1"
+DEFAULT_PORT = 7450
+DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_PORT}"
+SERVER_ENV = "ZFSREP_SERVER"
+
+_LEN = struct.Struct(">I")
+#: A data message carries one capture frame plus a few fields.
+MAX_MESSAGE = frames.HEADER_SIZE + frames.MAX_COMP_LEN + 4096
+_READ_CHUNK = 1 << 20
+
+
+class ProtocolError(CorruptDataError):
+    """The peer sent something that is not a well-formed message of this protocol."""
+
+
+class ServerUnreachable(ZfsrepError):
+    exit_code = ExitCode.UNREACHABLE
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 as ``[addr]:port``) into a (host, port) pair."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"bad server address {text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def server_address(explicit: str | None) -> tuple[str, int]:
+    """``--server``, else ``$ZFSREP_SERVER``, else 127.0.0.1:7450."""
+    return parse_address(explicit or os.environ.get(SERVER_ENV) or DEFAULT_SERVER)
+
+
+def pack(msg: Mapping[str, Any]) -> bytes:
+    body = msgpack.packb(msg, use_bin_type=True)
+    if len(body) > MAX_MESSAGE:
+        raise ValueError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE}")
+    return _LEN.pack(len(body)) + body
+
+
+def unpack(body: bytes | bytearray | memoryview) -> dict[str, Any]:
+    try:
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=True, max_bin_len=MAX_MESSAGE,
+                              max_str_len=1 << 20, max_array_len=1 << 20, max_map_len=1 << 20)
+    except Exception as e:  # untrusted input: any decoder failure is a malformed message
+        raise ProtocolError(f"malformed message: {type(e).__name__}: {e}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
+        raise ProtocolError("malformed message: not a map with a string field 't'")
+    return msg
+
+
+class MessageStream:
+    """Length-prefixed msgpack messages over a trio stream; sends are serialised."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self._buf = bytearray()
+        self._send_lock = trio.Lock()
+
+    async def send(self, msg: Mapping[str, Any]) -> None:
+        data = pack(msg)
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
+    async def _fill(self, n: int) -> bool:
+        while len(self._buf) < n:
+            chunk = await self.stream.receive_some(max(_READ_CHUNK, n - len(self._buf)))
+            if not chunk:
+                if self._buf:
+                    raise ProtocolError(f"connection closed inside a message "
+                                        f"({len(self._buf)} of {n} bytes)")
+                return False
+            self._buf += chunk
+        return True
+
+    async def receive(self) -> dict[str, Any] | None:
+        """The next message, or None when the peer closed cleanly between messages."""
+        if not await self._fill(_LEN.size):
+            return None
+        (length,) = _LEN.unpack_from(self._buf)
+        if length > MAX_MESSAGE:
+            raise ProtocolError(f"message length {length} exceeds limit {MAX_MESSAGE}")
+        if not await self._fill(_LEN.size + length):
+            raise ProtocolError("connection closed inside a message")
+        body = bytes(memoryview(self._buf)[_LEN.size:_LEN.size + length])
+        del self._buf[:_LEN.size + length]
+        return unpack(body)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    async def __aenter__(self) -> MessageStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def error_reply(exc: ZfsrepError, **fields: Any) -> dict[str, Any]:
+    return {"t": "error", "code": exc.exit_code, "error": str(exc), **fields}
+
+
+def raise_for_error(msg: dict[str, Any]) -> dict[str, Any]:
+    """Turn an ``error`` reply into the ZfsrepError it describes; pass other replies."""
+    if msg.get("t") == "error":
+        code = msg.get("code")
+        raise ZfsrepError(str(msg.get("error", "the server refused the request")),
+                          exit_code=code if isinstance(code, int) and 0 < code < 64 else 1)
+    return msg
+
+
+async def connect(address: tuple[str, int], hello: Mapping[str, Any], *,
+                  timeout: float = 10.0) -> tuple[MessageStream, dict[str, Any]]:
+    """Open a connection, send ``hello``, and return the stream and the server's welcome."""
+    host, port = address
+    with trio.move_on_after(timeout) as scope:
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except OSError as e:
+            raise ServerUnreachable(
+                f"cannot reach the journal server at {host}:{port}: "
+                f"{e.strerror or e} (is `zfsrep serve` running? set --server or "
+                f"${SERVER_ENV})") from None
+        conn = MessageStream(stream)
+        try:
+            await conn.send({"t": "hello", "proto": PROTOCOL, **hello})
+            welcome = await conn.receive()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            await conn.aclose()
+            raise ServerUnreachable(f"the journal server at {host}:{port} closed the "
+                                    f"connection: {e}") from None
+        except BaseException:
+            await conn.aclose()
+            raise
+        if welcome is None:
+            await conn.aclose()
+            raise ServerUnreachable(f"the journal server at {host}:{port} closed the "
+                                    "connection during the handshake")
+        try:
+            raise_for_error(welcome)
+        except ZfsrepError:
+            await conn.aclose()
+            raise
+        return conn, welcome
+    assert scope.cancelled_caught
+    raise ServerUnreachable(f"the journal server at {host}:{port} did not answer within "
+                            f"{timeout:g} s")
+
+
+async def request(address: tuple[str, int], op: str, args: Mapping[str, Any] | None = None,
+                  *, timeout: float = 60.0) -> Any:
+    """One control request on its own connection: the result, or the server's error raised."""
+    conn, _welcome = await connect(address, {"role": "control"})
+    try:
+        with trio.fail_after(timeout):
+            await conn.send({"t": "req", "op": op, "args": dict(args or {})})
+            reply = await conn.receive()
+    except trio.TooSlowError:
+        raise ServerUnreachable(f"the journal server did not answer {op!r} within "
+                                f"{timeout:g} s") from None
+    except (trio.BrokenResourceError, OSError) as e:
+        raise ServerUnreachable(f"lost the connection to the journal server: {e}") from None
+    finally:
+        await conn.aclose()
+    if reply is None:
+        raise ServerUnreachable("the journal server closed the connection without answering")
+    return raise_for_error(reply).get("result")
+
+
+def call(address: tuple[str, int], op: str, args: Mapping[str, Any] | None = None, *,
+         timeout: float = 60.0) -> Any:
+    """Synchronous :func:`request` for the CLI."""
+    return trio.run(lambda: request(address, op, args, timeout=timeout))

@@ -1,0 +1,526 @@
+"""The journal server (``zfsrep serve``): one trio event loop serving mounts and the CLI.
+
+Per volume, three workers: the connection of its mount (frames in, acknowledgements out), a
+committer that makes appended frames durable (one fsync for everything appended since the last
+one: group commit) and then acknowledges them, and an indexer that turns durable frames into
+the index (zfsrep.index) and trims the journal behind it. Journal work runs on one thread per
+volume and index work on another, so the event loop never waits for a disk. Per VPG, a
+scheduler records an automatic checkpoint every interval. Control requests (CLI) are handled
+by zfsrep.control on their own connections. A failing connection is logged and closed; it
+never stops the server (DESIGN invariant 6). Protocol: docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from zfsrep import protocol
+from zfsrep.checkpoints import Checkpoint, CheckpointLog
+from zfsrep.errors import (
+    CorruptDataError,
+    NotFoundError,
+    OSFailure,
+    StateError,
+    UsageError,
+    ZfsrepError,
+)
+from zfsrep.index import VolumeIndex
+from zfsrep.journal import VolumeJournal
+from zfsrep.store import Store, VolumeMeta, VpgSettings, check_name
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+HELLO_TIMEOUT = 10.0
+MARK_TIMEOUT = 10.0
+DURABLE_TIMEOUT = 60.0
+INDEX_BATCH_BYTES = 64 << 20
+
+
+async def on_thread(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` on ``executor`` (a one-thread executor owns its object) and wait for it
+    without holding a trio worker thread. Cancellation stops the wait, not the work."""
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+
+    def wake(_fut: object) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(done.set)
+
+    fut = executor.submit(fn, *args)
+    fut.add_done_callback(wake)
+    await done.wait()
+    return fut.result()
+
+
+class VolumeConnection:
+    """The live connection of a volume's mount."""
+
+    def __init__(self, conn: protocol.MessageStream, scope: trio.CancelScope) -> None:
+        self.conn = conn
+        self.scope = scope
+        self.since = time.time()
+        self._marks: dict[int, tuple[trio.Event, list]] = {}
+        self._next_mark = 0
+
+    async def mark(self) -> tuple[int | None, str | None]:
+        self._next_mark += 1
+        mark_id = self._next_mark
+        event, slot = trio.Event(), []
+        self._marks[mark_id] = (event, slot)
+        try:
+            await self.conn.send({"t": "mark", "id": mark_id})
+            with trio.move_on_after(MARK_TIMEOUT):
+                await event.wait()
+                msg = slot[0]
+                seq = msg.get("seq")
+                return (int(seq) if isinstance(seq, int) else None), msg.get("reason")
+            return None, f"the mount did not answer a checkpoint mark within {MARK_TIMEOUT:g} s"
+        finally:
+            self._marks.pop(mark_id, None)
+
+    def marked(self, msg: dict) -> None:
+        entry = self._marks.get(msg.get("id"))  # type: ignore[arg-type]
+        if entry is not None:
+            entry[1].append(msg)
+            entry[0].set()
+
+
+@dataclass
+class VolumeRuntime:
+    vpg: str
+    meta: VolumeMeta
+    dir: Path
+    journal: VolumeJournal
+    index: VolumeIndex
+    journal_thread: ThreadPoolExecutor
+    index_thread: ThreadPoolExecutor
+    durable_seq: int = 0
+    indexed_seq: int = 0
+    conn: VolumeConnection | None = None
+    disconnected_since: float = field(default_factory=time.time)
+    report: dict = field(default_factory=dict)
+    error: str | None = None
+    changed: trio.Event = field(default_factory=trio.Event)
+    dirty: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def wait_until(self, test: Callable[[], bool], timeout: float) -> bool:
+        with trio.move_on_after(timeout):
+            while not test():
+                if self.error is not None:
+                    raise OSFailure(f"volume {self.vpg}/{self.name}: {self.error}")
+                await self.changed.wait()
+            return True
+        return False
+
+
+@dataclass
+class VpgRuntime:
+    settings: VpgSettings
+    log: CheckpointLog
+    volumes: dict[str, VolumeRuntime] = field(default_factory=dict)
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    last_problem: str | None = None
+    deleting: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+
+class JournalServer:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.vpgs: dict[str, VpgRuntime] = {}
+        self._nursery: trio.Nursery | None = None
+        self.started = time.time()
+
+    # ---- startup -----------------------------------------------------------------------
+    async def run(self, listen: tuple[str, int], *,
+                  task_status: trio.TaskStatus[list[trio.SocketListener]]
+                  = trio.TASK_STATUS_IGNORED) -> None:
+        host, port = listen
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                for name in self.store.vpg_names():
+                    await self._load_vpg(name)
+                nursery.start_soon(trio.serve_listeners, self._handle, listeners)
+                log.info("journal server listening on %s:%d, store %s",
+                         host, listeners[0].socket.getsockname()[1], self.store.root)
+                task_status.started(listeners)
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._close_all()
+
+    async def _load_vpg(self, name: str) -> VpgRuntime:
+        settings = self.store.load_vpg(name)
+        cplog = await trio.to_thread.run_sync(
+            lambda: CheckpointLog(self.store.checkpoint_log_path(name), vpg=name))
+        vpg = VpgRuntime(settings, cplog)
+        self.vpgs[name] = vpg
+        for vol in self.store.volume_names(name):
+            meta = self.store.load_volume(name, vol)
+            if meta is not None:
+                await self._open_volume(vpg, meta)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._scheduler, vpg)
+        return vpg
+
+    async def _open_volume(self, vpg: VpgRuntime, meta: VolumeMeta) -> VolumeRuntime:
+        voldir = self.store.volume_dir(vpg.name, meta.name)
+        jthread = ThreadPoolExecutor(1, thread_name_prefix=f"journal-{meta.name}")
+        ithread = ThreadPoolExecutor(1, thread_name_prefix=f"index-{meta.name}")
+        journal = await on_thread(jthread, VolumeJournal, voldir / "journal")
+        index = await on_thread(ithread, VolumeIndex, voldir, meta.root_ident)
+        vol = VolumeRuntime(vpg.name, meta, voldir, journal, index, jthread, ithread,
+                            durable_seq=journal.durable_seq, indexed_seq=index.indexed_seq)
+        if vol.indexed_seq > vol.durable_seq:
+            raise CorruptDataError(f"volume {vpg.name}/{meta.name}: the index holds record "
+                                   f"{vol.indexed_seq} but the journal ends at {vol.durable_seq}")
+        vpg.volumes[meta.name] = vol
+        assert self._nursery is not None
+        self._nursery.start_soon(self._volume_workers, vol)
+        log.info("volume %s/%s: journal through record %d, indexed through %d",
+                 vpg.name, meta.name, vol.durable_seq, vol.indexed_seq)
+        return vol
+
+    async def _close_volume(self, vol: VolumeRuntime) -> None:
+        vol.scope.cancel()
+        if vol.conn is not None:
+            vol.conn.scope.cancel()
+        await on_thread(vol.journal_thread, vol.journal.close)
+        await on_thread(vol.index_thread, vol.index.close)
+        vol.journal_thread.shutdown(wait=True)
+        vol.index_thread.shutdown(wait=True)
+
+    async def _close_all(self) -> None:
+        for vpg in list(self.vpgs.values()):
+            vpg.scope.cancel()
+            for vol in list(vpg.volumes.values()):
+                try:
+                    await self._close_volume(vol)
+                except Exception:
+                    log.exception("closing volume %s/%s", vpg.name, vol.name)
+
+    # ---- per-volume workers ------------------------------------------------------------
+    async def _volume_workers(self, vol: VolumeRuntime) -> None:
+        with vol.scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._committer, vol)
+                nursery.start_soon(self._indexer, vol)
+
+    async def _committer(self, vol: VolumeRuntime) -> None:
+        """Make appended frames durable, then acknowledge them (group commit)."""
+        while True:
+            await vol.dirty.wait()
+            vol.dirty = trio.Event()
+            try:
+                durable = await on_thread(vol.journal_thread, vol.journal.sync)
+            except (OSError, ZfsrepError) as e:
+                vol.error = f"journal storage error: {e}"
+                log.error("volume %s/%s: %s; no further frames are accepted until the server "
+                          "restarts", vol.vpg, vol.name, vol.error)
+                vol.notify()
+                if vol.conn is not None:
+                    vol.conn.scope.cancel()
+                return
+            if durable > vol.durable_seq:
+                vol.durable_seq = durable
+                vol.notify()
+                if vol.conn is not None:
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await vol.conn.conn.send({"t": "ack", "seq": durable})
+
+    def _index_some(self, vol: VolumeRuntime, upto: int) -> int:
+        """(index thread) Index durable frames after indexed_seq, about INDEX_BATCH_BYTES."""
+        index = vol.index
+        done = 0
+        for header, records in vol.journal.read_from(index.indexed_seq + 1):
+            if header.first_seq > upto:
+                break
+            index.apply(records)
+            done += header.raw_len
+            if header.last_seq >= upto or done >= INDEX_BATCH_BYTES:
+                break
+        index.commit()
+        return index.indexed_seq
+
+    async def _indexer(self, vol: VolumeRuntime) -> None:
+        while True:
+            if vol.indexed_seq >= vol.durable_seq:
+                await vol.changed.wait()
+                continue
+            try:
+                indexed = await on_thread(vol.index_thread, self._index_some, vol,
+                                          vol.durable_seq)
+            except (OSError, ZfsrepError) as e:
+                vol.error = f"index error: {e}"
+                log.error("volume %s/%s: %s", vol.vpg, vol.name, vol.error)
+                vol.notify()
+                return
+            if indexed > vol.indexed_seq:
+                vol.indexed_seq = indexed
+                vol.notify()
+                await on_thread(vol.journal_thread, vol.journal.trim, indexed)
+
+    # ---- checkpoints -------------------------------------------------------------------
+    async def _scheduler(self, vpg: VpgRuntime) -> None:
+        with vpg.scope:
+            while True:
+                interval = vpg.settings.checkpoint_interval_s
+                now = time.time()
+                await trio.sleep(math.ceil(now / interval) * interval - now + 0.001)
+                if not vpg.volumes:
+                    continue
+                try:
+                    await self.take_checkpoint(vpg, "auto")
+                    vpg.last_problem = None
+                except ZfsrepError as e:
+                    if str(e) != vpg.last_problem:
+                        log.info("VPG %s: no automatic checkpoint: %s", vpg.name, e)
+                    vpg.last_problem = str(e)
+
+    async def take_checkpoint(self, vpg: VpgRuntime, kind: str, tag: str | None = None,
+                              **extra: Any) -> Checkpoint:
+        """Place a checkpoint at the current position of every volume's stream and return
+        once it is durable."""
+        async with vpg.lock:
+            if vpg.deleting:
+                raise StateError(f"VPG {vpg.name} is being deleted")
+            vols = list(vpg.volumes.values())
+            if not vols:
+                raise StateError(f"VPG {vpg.name} has no volumes")
+            for vol in vols:
+                if vol.error is not None:
+                    raise StateError(f"volume {vol.name}: {vol.error}")
+                if vol.conn is None:
+                    raise StateError(f"volume {vol.name} is not connected")
+                if not vol.meta.synced_seq:
+                    raise StateError(f"volume {vol.name}: initial sync is not complete")
+            time_ns = time.time_ns()
+            positions: dict[str, int] = {}
+            problems: list[str] = []
+
+            async def mark(vol: VolumeRuntime) -> None:
+                conn = vol.conn
+                if conn is None:
+                    problems.append(f"volume {vol.name} disconnected")
+                    return
+                seq, why = await conn.mark()
+                if seq is None:
+                    problems.append(f"volume {vol.name}: {why}")
+                else:
+                    positions[vol.name] = seq
+
+            async with trio.open_nursery() as nursery:
+                for vol in vols:
+                    nursery.start_soon(mark, vol)
+            if problems:
+                raise StateError("; ".join(sorted(problems)))
+            for vol in vols:
+                seq = positions[vol.name]
+                if seq < vol.meta.synced_seq:
+                    raise StateError(f"volume {vol.name}: initial sync is not complete")
+                if not await vol.wait_until(lambda v=vol, s=seq: v.durable_seq >= s,
+                                            DURABLE_TIMEOUT):
+                    raise StateError(f"volume {vol.name}: records through {seq} were not "
+                                     f"acknowledged within {DURABLE_TIMEOUT:g} s")
+            cp = Checkpoint(id=0, time_ns=time_ns, kind=kind, tag=tag, positions=positions,
+                            **extra)
+            return await trio.to_thread.run_sync(vpg.log.append, cp)
+
+    # ---- connections -------------------------------------------------------------------
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        conn = protocol.MessageStream(stream)
+        peer = "?"
+        try:
+            peer = "{}:{}".format(*stream.socket.getpeername()[:2])
+            with trio.fail_after(HELLO_TIMEOUT):
+                hello = await conn.receive()
+            if hello is None:
+                return
+            if hello.get("t") != "hello" or hello.get("proto") != protocol.PROTOCOL:
+                raise protocol.ProtocolError(
+                    f"expected a {protocol.PROTOCOL} hello, got {hello.get('t')!r} "
+                    f"{hello.get('proto')!r}")
+            role = hello.get("role")
+            if role == "control":
+                from zfsrep.control import serve_control
+
+                await conn.send({"t": "welcome", "proto": protocol.PROTOCOL})
+                await serve_control(self, conn)
+            elif role == "volume":
+                await self._serve_volume(conn, hello, peer)
+            else:
+                raise protocol.ProtocolError(f"unknown role {role!r}")
+        except ZfsrepError as e:
+            log.warning("connection from %s: %s", peer, e)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await conn.send(protocol.error_reply(e))
+        except trio.TooSlowError:
+            log.warning("connection from %s: no hello within %g s", peer, HELLO_TIMEOUT)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            log.info("connection from %s closed: %s", peer, e)
+        except Exception:
+            log.exception("connection from %s failed", peer)
+        finally:
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+
+    def vpg(self, name: object) -> VpgRuntime:
+        if not isinstance(name, str):
+            raise UsageError("a VPG name is required")
+        vpg = self.vpgs.get(name)
+        if vpg is None or vpg.deleting:
+            raise NotFoundError(f"no VPG named {name}")
+        return vpg
+
+    async def _attach(self, vpg: VpgRuntime, hello: dict) -> VolumeRuntime:
+        name = check_name("volume", hello.get("volume"))  # type: ignore[arg-type]
+        fields = {k: hello.get(k) for k in ("root_ident", "source", "host", "spool_id")}
+        if not isinstance(fields["root_ident"], int) or not all(
+                isinstance(fields[k], str) for k in ("source", "host", "spool_id")):
+            raise protocol.ProtocolError("volume hello lacks root_ident/source/host/spool_id")
+        vol = vpg.volumes.get(name)
+        if vol is None:
+            meta = VolumeMeta(name=name, **fields)  # type: ignore[arg-type]
+            await trio.to_thread.run_sync(self.store.save_volume, vpg.name, meta)
+            log.info("VPG %s: new volume %s (%s on %s)", vpg.name, name, meta.source,
+                     meta.host)
+            return await self._open_volume(vpg, meta)
+        if vol.meta.spool_id != fields["spool_id"]:
+            raise StateError(
+                f"volume {name} of VPG {vpg.name} holds the stream of {vol.meta.source} on "
+                f"{vol.meta.host} from another spool; protect with another --volume name or "
+                "delete the VPG")
+        return vol
+
+    async def _serve_volume(self, conn: protocol.MessageStream, hello: dict, peer: str) -> None:
+        vpg = self.vpg(hello.get("vpg"))
+        vol = await self._attach(vpg, hello)
+        if vol.error is not None:
+            raise StateError(f"volume {vol.name}: {vol.error}")
+        last_seq = hello.get("last_seq")
+        if not isinstance(last_seq, int) or last_seq < vol.durable_seq:
+            raise StateError(
+                f"volume {vol.name}: the journal holds records through {vol.durable_seq} but "
+                f"the spool ends at {last_seq}; this spool does not continue the stream")
+        synced = hello.get("synced_seq")
+        if isinstance(synced, int) and synced and not vol.meta.synced_seq:
+            await self._set_synced(vpg, vol, synced)
+        with trio.CancelScope() as scope:
+            vc = VolumeConnection(conn, scope)
+            old, vol.conn = vol.conn, vc
+            if old is not None:
+                log.info("volume %s/%s: a new connection replaces the one from %s",
+                         vpg.name, vol.name, old.since)
+                old.scope.cancel()
+            log.info("volume %s/%s connected from %s; journal through record %d",
+                     vpg.name, vol.name, peer, vol.durable_seq)
+            try:
+                await conn.send({"t": "welcome", "proto": protocol.PROTOCOL,
+                                 "durable_seq": vol.durable_seq,
+                                 "checkpoint_interval": vpg.settings.checkpoint_interval_s})
+                await self._volume_messages(vpg, vol, vc)
+            finally:
+                if vol.conn is vc:
+                    vol.conn = None
+                    vol.disconnected_since = time.time()
+                    log.info("volume %s/%s disconnected", vpg.name, vol.name)
+
+    async def _set_synced(self, vpg: VpgRuntime, vol: VolumeRuntime, seq: int) -> None:
+        vol.meta.synced_seq = seq
+        await trio.to_thread.run_sync(self.store.save_volume, vpg.name, vol.meta)
+        log.info("volume %s/%s: initial sync complete at record %d", vpg.name, vol.name, seq)
+
+    async def _volume_messages(self, vpg: VpgRuntime, vol: VolumeRuntime,
+                               vc: VolumeConnection) -> None:
+        conn = vc.conn
+        while True:
+            msg = await conn.receive()
+            if msg is None:
+                return
+            kind = msg["t"]
+            if kind == "data":
+                frame = msg.get("frame")
+                if not isinstance(frame, bytes):
+                    raise protocol.ProtocolError("data message without a frame")
+                if vol.error is not None:
+                    raise StateError(f"volume {vol.name}: {vol.error}")
+                await on_thread(vol.journal_thread, vol.journal.append, frame)
+                vol.dirty.set()
+            elif kind == "marked":
+                vc.marked(msg)
+            elif kind == "stat":
+                vol.report = {k: msg.get(k) for k in (
+                    "time", "captured_seq", "written_seq", "spool_bytes", "spool_limit",
+                    "unacked_bytes", "capture_failed", "scan")}
+            elif kind == "synced":
+                seq = msg.get("seq")
+                if isinstance(seq, int) and seq > 0 and not vol.meta.synced_seq:
+                    await self._set_synced(vpg, vol, seq)
+            else:
+                raise protocol.ProtocolError(f"unexpected message {kind!r} from a volume")
+
+    # ---- VPG lifecycle (called by zfsrep.control) --------------------------------------
+    async def create_vpg(self, settings: VpgSettings) -> VpgRuntime:
+        if settings.name in self.vpgs:
+            raise StateError(f"VPG {settings.name} already exists")
+        await trio.to_thread.run_sync(self.store.create_vpg, settings)
+        log.info("VPG %s created", settings.name)
+        return await self._load_vpg(settings.name)
+
+    async def delete_vpg(self, name: str, *, force: bool) -> None:
+        vpg = self.vpg(name)
+        connected = sorted(v.name for v in vpg.volumes.values() if v.conn is not None)
+        if connected and not force:
+            raise StateError(f"VPG {name} has connected volumes ({', '.join(connected)}): stop "
+                             "their protected mounts first, or use --force")
+        vpg.deleting = True
+        vpg.scope.cancel()
+        async with vpg.lock:
+            for vol in list(vpg.volumes.values()):
+                await self._close_volume(vol)
+            del self.vpgs[name]
+            await trio.to_thread.run_sync(self.store.delete_vpg, name)
+        log.info("VPG %s deleted", name)
+
+
+async def serve(store_dir: Path, listen: tuple[str, int], ready: Callable[[], None]) -> None:
+    """The wiring of ``zfsrep serve``: the store, the server, signals for an orderly stop."""
+    import signal
+
+    store = Store(store_dir)
+    server = JournalServer(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run, listen)
+        ready()
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                log.info("received %s: stopping", signal.Signals(signum).name)
+                break
+        nursery.cancel_scope.cancel()
