@@ -259,9 +259,12 @@ class JournalServer:
         """(index thread) Index durable frames after indexed_seq, about INDEX_BATCH_BYTES."""
         index = vol.index
         done = 0
-        for header, records in vol.journal.read_from(index.indexed_seq + 1):
+        start = index.indexed_seq + 1
+        for header, records in vol.journal.read_from(start):
             if header.first_seq > upto:
                 break
+            if header.first_seq < start:  # the frame holding ``start`` comes whole
+                records = [r for r in records if r[0] >= start]
             index.apply(records)
             done += header.raw_len
             if header.last_seq >= upto or done >= INDEX_BATCH_BYTES:

@@ -37,6 +37,8 @@ INCOMPLETE = "INCOMPLETE"
 #: State of the initial sync (the first recording of a non-empty directory):
 #: {"state": "running"} while it runs, {"state": "done", "end_seq": N} after.
 INITIAL_SYNC = "initial-sync.json"
+#: {"first_seq": N}: records before N were acknowledged by the journal server and trimmed.
+TRIMMED = "trimmed.json"
 CLOSING_MAX = 4
 META = "volume.json"
 SEGMENTS = "segments"
@@ -223,6 +225,8 @@ class SpoolWriter:
         for seg, nxt in zip(segs, segs[1:], strict=False):
             if _segment_first_seq(nxt) - 1 > upto_seq:
                 break
+            # say so first: a spool that lacks its first records was trimmed, not damaged
+            (self.path / TRIMMED).write_text(json.dumps({"first_seq": _segment_first_seq(nxt)}))
             size = seg.stat().st_size
             seg.unlink()
             freed += size
@@ -296,9 +300,16 @@ def iter_spool_frames(spool: Path, *, allow_trimmed: bool = False
     (unless ``allow_trimmed``, for inspection)."""
     segs = segment_paths(spool)
     expected = _segment_first_seq(segs[0]) if segs else 1
-    if expected != 1 and not allow_trimmed:
-        raise StateError(f"spool {spool}: records 1..{expected - 1} were acknowledged by the "
-                         "journal server and trimmed; restore from the server instead")
+    if expected != 1:
+        try:
+            trimmed = json.loads((spool / TRIMMED).read_text()).get("first_seq", 1)
+        except (OSError, ValueError, AttributeError):
+            trimmed = 1
+        if trimmed < expected:
+            raise CorruptDataError(f"{spool}: records 1..{expected - 1} are missing")
+        if not allow_trimmed:
+            raise StateError(f"spool {spool}: records 1..{expected - 1} were acknowledged by "
+                             "the journal server and trimmed; restore from the server instead")
     for path in segs:
         with open(path, "rb") as f:
             while True:
