@@ -21,10 +21,13 @@ from pathlib import Path
 import pyfuse3
 import pytest
 from conftest import FUSERMOUNT, is_mounted
+from treesnap import assert_same_tree
 from zfsrep.mountd import snapshot
 from zfsrep.mountd.snapshot import DirStream, InodeNumbers, SnapshotOperations
 
 from zfsrep.errors import CorruptDataError, NotFoundError
+from zfsrep.records import Op
+from zfsrep.replay import Replayer
 from zfsrep.view import Node
 
 ROOT = 1000
@@ -657,6 +660,142 @@ def test_missing_volume_directory_is_reported(snapshot_daemons, tmp_path: Path):
     assert d.stop() == 3
     assert not is_mounted(d.mnt)
 
+
+
+# ---- real mounts of a stored volume --------------------------------------------------------
+VOLUME_ROOT = 5000  # the volume root's identity (its backing inode number)
+FIFO, CHR = stat.S_IFIFO, stat.S_IFCHR
+DATA = random.Random(11).randbytes(3 << 20 | 777)
+
+
+class Stream:
+    """Records [seq, time_ns, op, *args] with consecutive seqs (docs/record-format.md)."""
+
+    def __init__(self) -> None:
+        self.records: list[list] = []
+
+    def add(self, op: int, *args: object) -> Stream:
+        seq = len(self.records) + 1
+        # a plain int, as records arrive decoded from frames
+        self.records.append([seq, 1_700_000_000_000_000_000 + seq, int(op), *args])
+        return self
+
+    def new(self, parent: int, name: bytes, ident: int, mode: int, *, uid: int = 0,
+            gid: int = 0, rdev: int = 0, target: bytes | None = None, t: int = T) -> Stream:
+        return self.add(Op.NEW, parent, name, ident, mode, uid, gid, rdev, target, t, t + 1)
+
+    def write(self, ident: int, offset: int, data: bytes, t: int = T) -> Stream:
+        return self.add(Op.WRITE, ident, offset, data, None, t)
+
+
+def history() -> tuple[list[list], list[int]]:
+    """A volume's records and two checkpoint positions in them."""
+    r = VOLUME_ROOT
+    s = Stream()
+    s.new(r, b"docs", 10, DIR | 0o750, uid=1000, gid=100, t=T + 1)
+    s.new(10, b"a.txt", 11, REG | 0o640, uid=1000, gid=100, t=T + 2)
+    s.write(11, 0, b"first version\n", t=T + 3)
+    s.new(r, b"one", 1, REG | 0o644, t=T + 4)  # identity 1, not the root's
+    s.write(1, 0, b"the object numbered one", t=T + 5)
+    s.new(r, b"big", 12, REG | 0o600, t=T + 6)
+    s.write(12, 0, DATA, t=T + 7)
+    s.write(12, 9 << 20, b"after a hole", t=T + 8)
+    s.new(10, b"link", 13, LNK | 0o777, target=b"a.txt", t=T + 9)
+    s.add(Op.LINK, 11, r, b"hard", T + 10)
+    s.add(Op.SETXATTR, 11, b"user.kept", b"v1")
+    s.add(Op.SETXATTR, 11, b"user.dropped", b"gone later")
+    s.new(r, b"fifo", 14, FIFO | 0o600, t=T + 11)
+    s.new(r, b"null", 15, CHR | 0o666, rdev=os.makedev(1, 3), t=T + 12)
+    for i in range(300):
+        s.new(10, f"n{i:03d}".encode(), 100 + i, REG | 0o644, t=T + 13)
+    first = len(s.records)
+    s.write(11, 0, b"second", t=T + 20)
+    s.add(Op.TRUNCATE, 12, 5 << 20, T + 21)
+    s.add(Op.SETATTR, 11, REG | 0o600, 1001, 101, T + 22)
+    s.add(Op.RENAME, 10, b"link", r, b"link2", 0, 13, None, T + 23, T + 24)
+    s.add(Op.REMOVE, r, b"fifo", 14, T + 25)
+    s.add(Op.REMOVEXATTR, 11, b"user.dropped")
+    s.add(Op.SETXATTR, 10, b"user.on-a-dir", b"d" * 200)
+    for i in range(0, 300, 3):
+        s.add(Op.REMOVE, 10, f"n{i:03d}".encode(), 100 + i, T + 26)
+    return s.records, [first, len(s.records)]
+
+
+@pytest.fixture(scope="module")
+def stored_volume(tmp_path_factory) -> tuple[Path, list[list], list[int]]:
+    """A volume directory indexed from history()."""
+    from zfsrep.index import VolumeIndex
+
+    records, checkpoints = history()
+    voldir = tmp_path_factory.mktemp("store") / "vol"
+    index = VolumeIndex(voldir, VOLUME_ROOT)
+    try:
+        index.apply(records)
+        index.commit()
+    finally:
+        index.close()
+    return voldir, records, checkpoints
+
+
+def replayed(records: list[list], dest: Path) -> Path:
+    dest.mkdir()
+    replayer = Replayer(dest, VOLUME_ROOT)
+    try:
+        replayer.apply_all(records)
+    finally:
+        replayer.close()
+    return dest
+
+
+@pytest.mark.mount
+def test_snapshot_mount_equals_the_replayed_tree_at_each_checkpoint(
+        snapshot_daemons, stored_volume, tmp_path: Path):
+    voldir, records, checkpoints = stored_volume
+    daemons = [snapshot_daemons(f"cp{seq}", fake=False, volume_dir=voldir, seq=seq,
+                                label=f"vol@{seq}") for seq in checkpoints]
+    for d in daemons:  # all mounted at once
+        d.start()
+    for seq, d in zip(checkpoints, daemons, strict=True):
+        expected = replayed(records[:seq], tmp_path / f"replay{seq}")
+        assert_same_tree(expected, d.mnt, f"snapshot mount at {seq}")
+
+
+@pytest.mark.mount
+def test_snapshot_mount_numbers_objects_by_identity(snapshot_daemons, stored_volume):
+    voldir, _, checkpoints = stored_volume
+    d = snapshot_daemons(fake=False, volume_dir=voldir, seq=checkpoints[-1])
+    d.start()
+    assert os.stat(d.mnt).st_ino == 1
+    assert os.stat(d.mnt / "one").st_ino == VOLUME_ROOT  # identity 1 takes the root's number
+    assert (d.mnt / "one").read_bytes() == b"the object numbered one"
+    a, b = os.stat(d.mnt / "docs" / "a.txt"), os.stat(d.mnt / "hard")
+    assert a.st_ino == b.st_ino == 11 and a.st_nlink == 2
+    assert os.readlink(d.mnt / "link2") == "a.txt"
+
+
+@pytest.mark.mount
+def test_snapshot_mount_of_a_real_volume_refuses_changes(snapshot_daemons, stored_volume):
+    voldir, _, checkpoints = stored_volume
+    d = snapshot_daemons(fake=False, volume_dir=voldir, seq=checkpoints[0])
+    d.start()
+    for attempt in (lambda: os.open(d.mnt / "big", os.O_WRONLY | os.O_APPEND),
+                    lambda: os.unlink(d.mnt / "one"),
+                    lambda: os.setxattr(d.mnt / "hard", "user.x", b"1")):
+        with pytest.raises(OSError) as e:
+            attempt()
+        assert e.value.errno == errno.EROFS
+    assert (d.mnt / "big").read_bytes()[:len(DATA)] == DATA
+
+
+@pytest.mark.mount
+def test_position_not_yet_indexed_is_refused(snapshot_daemons, stored_volume):
+    voldir, records, _ = stored_volume
+    d = snapshot_daemons(fake=False, volume_dir=voldir, seq=len(records) + 1)
+    d.expected_log.append("not indexed yet")
+    d.start(expect_ready=False)
+    assert d.ready_line.startswith("error 4 ") and "not indexed yet" in d.ready_line
+    assert d.stop() == 4
+    assert not is_mounted(d.mnt)
 
 if __name__ == "__main__":
     # The snapshot daemon serving served_view() (see the module docstring).
