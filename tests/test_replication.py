@@ -1,0 +1,414 @@
+"""End to end: real journal server process, real protected mounts replicating over loopback,
+tagged and automatic checkpoints, snapshot mounts and restore-file checked against oracles
+taken from the backing directory."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import JournalServerProcess, is_mounted, zfsrep
+from test_capture_workload import RandomWorkload
+from treesnap import diff_trees, tree_snapshot
+
+from zfsrep import protocol
+from zfsrep.view import open_view
+
+pytestmark = pytest.mark.mount
+
+VPG = "v"
+VOL = "vol"
+
+
+@pytest.fixture
+def vpg(journal_server: JournalServerProcess) -> str:
+    journal_server.cli("vpg", "create", VPG, "--checkpoint-interval", "1s", "--history", "1m")
+    return VPG
+
+
+def replicated(mount_factory, server: JournalServerProcess, name: str = "m",
+               volume: str = VOL, extra: tuple[str, ...] = ()):
+    m = mount_factory(name, extra=("--vpg", VPG, "--volume", volume, "--server",
+                                   server.address, *extra))
+    m.expected_log.append("replication link")
+    return m
+
+
+def tag(server: JournalServerProcess, name: str, timeout: float = 30.0) -> dict:
+    """Tag, retrying while the mount is (re)connecting."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = server.cli("tag", VPG, name, "--json", check=False)
+        if r.returncode == 0:
+            return json.loads(r.stdout)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"tag {name}: {r.stderr}")
+        time.sleep(0.3)
+
+
+def checkpoints(server: JournalServerProcess, *args: str) -> list[dict]:
+    return json.loads(server.cli("checkpoints", "--vpg", VPG, "--json", *args).stdout)
+
+
+def resolve(server: JournalServerProcess, cp: object) -> dict:
+    return protocol.call(protocol.parse_address(server.address), "resolve",
+                         {"vpg": VPG, "checkpoint": str(cp), "volume": VOL})
+
+
+@contextlib.contextmanager
+def snapshot_mount(server: JournalServerProcess, cp: object, mnt: Path):
+    mnt.mkdir(exist_ok=True)
+    server.cli("snapshot", "mount", VPG, str(cp), str(mnt), "--log", str(mnt) + ".log")
+    try:
+        yield mnt
+    finally:
+        if is_mounted(mnt):
+            zfsrep("snapshot", "umount", str(mnt), check=False)
+        if is_mounted(mnt):
+            os.system(f"fusermount3 -u -z {mnt}")
+
+
+def assert_tree(oracle: dict, actual: Path, what: str) -> None:
+    diffs = diff_trees(oracle, tree_snapshot(actual))
+    assert not diffs, f"{what} differs from its oracle:\n" + "\n".join(diffs)
+
+
+def test_tagged_snapshots_and_restore_equal_their_oracles(journal_server, vpg, mount_factory,
+                                                         tmp_path: Path) -> None:
+    m = replicated(mount_factory, journal_server)
+    m.start()
+    work = RandomWorkload(m.mnt, seed=11)
+    oracles: dict[str, dict] = {}
+    for round_no in range(4):
+        for _ in range(30):
+            work.step()
+        tag(journal_server, f"t{round_no}")
+        oracles[f"t{round_no}"] = tree_snapshot(m.source)
+    for name, oracle in oracles.items():
+        with snapshot_mount(journal_server, name, tmp_path / f"snap-{name}") as snap:
+            assert_tree(oracle, snap, f"snapshot {name}")
+    dest = tmp_path / "restored"
+    journal_server.cli("restore-file", VPG, "t3", VOL, "/", "--to", str(dest))
+    assert_tree(oracles["t3"], dest, "restore-file of the whole volume")
+    assert m.stop() == 0
+    assert not m.log_problems()
+
+
+def test_snapshot_mounts_are_read_only_and_several_can_be_open(journal_server, vpg,
+                                                               mount_factory,
+                                                               tmp_path: Path) -> None:
+    m = replicated(mount_factory, journal_server)
+    m.start()
+    (m.mnt / "f").write_text("one")
+    tag(journal_server, "one")
+    (m.mnt / "f").write_text("two")
+    tag(journal_server, "two")
+    with snapshot_mount(journal_server, "one", tmp_path / "s1") as s1, \
+            snapshot_mount(journal_server, "two", tmp_path / "s2") as s2, \
+            snapshot_mount(journal_server, "latest", tmp_path / "s3") as s3:
+        assert (s1 / "f").read_text() == "one"
+        assert (s2 / "f").read_text() == "two"
+        assert (s3 / "f").read_text() == "two"
+        with pytest.raises(OSError) as e:
+            (s1 / "f").write_text("x")
+        assert e.value.errno == 30  # EROFS
+        with pytest.raises(OSError) as e:
+            (s1 / "new").write_text("x")
+        assert e.value.errno == 30
+    assert m.stop() == 0
+
+
+def _stepper(root: Path, stop: threading.Event, steps: list[int], limit: int = 100000) -> None:
+    """Step i: write steps/i and fsync it, then append "i" to log and fsync that."""
+    (root / "steps").mkdir(exist_ok=True)
+    log_fd = os.open(root / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for i in range(1, limit):
+            if stop.is_set():
+                return
+            fd = os.open(root / "steps" / f"{i:06d}", os.O_WRONLY | os.O_CREAT, 0o644)
+            os.write(fd, f"step {i}\n".encode() * 50)
+            os.fsync(fd)
+            os.close(fd)
+            os.write(log_fd, f"{i}\n".encode())
+            os.fsync(log_fd)
+            steps.append(i)
+            time.sleep(0.002)
+    finally:
+        os.close(log_fd)
+
+
+def _check_prefix(view, cp_id: int) -> int:
+    """Every checkpoint holds steps 1..k with nothing missing, and the log lines 1..k or
+    1..k-1; returns k."""
+    root = view.root
+    steps_dir = view.lookup(root, b"steps")
+    names = [] if steps_dir is None else [n for n, _node in view.readdir(steps_dir.ident)]
+    got = sorted(int(n) for n in names)
+    k = len(got)
+    assert got == list(range(1, k + 1)), f"checkpoint {cp_id}: steps are not a prefix"
+    log_node = view.lookup(root, b"log")
+    lines = [] if log_node is None else view.read(log_node.ident, 0, log_node.size).split()
+    numbers = [int(x) for x in lines]
+    assert numbers == list(range(1, len(numbers) + 1)), f"checkpoint {cp_id}: log is torn"
+    assert len(numbers) in (k, k - 1) or k == 0, f"checkpoint {cp_id}: log {len(numbers)} " \
+                                                 f"vs steps {k}"
+    return k
+
+
+def test_every_automatic_checkpoint_is_a_prefix_closed_cut(journal_server, vpg, mount_factory
+                                                           ) -> None:
+    m = replicated(mount_factory, journal_server)
+    m.start()
+    stop, steps = threading.Event(), []
+    writer = threading.Thread(target=_stepper, args=(m.mnt, stop, steps))
+    writer.start()
+    try:
+        time.sleep(6)
+    finally:
+        stop.set()
+        writer.join()
+    assert len(steps) > 100
+    autos = [cp for cp in checkpoints(journal_server) if cp["kind"] == "auto"]
+    assert len(autos) >= 4
+    seen = []
+    for cp in autos:
+        where = resolve(journal_server, cp["id"])
+        view = open_view(Path(where["volume_dir"]), where["seq"])
+        try:
+            seen.append(_check_prefix(view, cp["id"]))
+        finally:
+            view.close()
+    assert seen == sorted(seen)
+    assert seen[-1] > 0
+    assert m.stop() == 0
+
+
+def test_server_killed_mid_workload_loses_no_acknowledged_checkpoint(
+        journal_server, vpg, mount_factory, tmp_path: Path) -> None:
+    journal_server.expected_log += ["cutting invalid tail"]
+    m = replicated(mount_factory, journal_server)
+    m.start()
+    work = RandomWorkload(m.mnt, seed=5)
+    for _ in range(40):
+        work.step()
+    first = tag(journal_server, "before")
+    oracle_before = tree_snapshot(m.source)
+    listed_before = {cp["id"] for cp in checkpoints(journal_server)}
+
+    stop, steps = threading.Event(), []
+    writer = threading.Thread(target=_stepper, args=(m.mnt / "d", stop, steps))
+    (m.mnt / "d").mkdir()
+    writer.start()
+    try:
+        time.sleep(1.5)
+        journal_server.kill()
+        time.sleep(1.0)
+        journal_server.start()
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        writer.join()
+    after = tag(journal_server, "after")
+    oracle_after = tree_snapshot(m.source)
+    listed_after = {cp["id"] for cp in checkpoints(journal_server)}
+    assert listed_before <= listed_after, "an acknowledged checkpoint was lost"
+    assert after["id"] > first["id"]
+    for name, oracle in (("before", oracle_before), ("after", oracle_after)):
+        dest = tmp_path / f"restore-{name}"
+        journal_server.cli("restore-file", VPG, name, VOL, "/", "--to", str(dest))
+        assert_tree(oracle, dest, f"checkpoint {name}")
+    for cp in checkpoints(journal_server):
+        if cp["kind"] == "auto":
+            where = resolve(journal_server, cp["id"])
+            view = open_view(Path(where["volume_dir"]), where["seq"])
+            try:
+                dir_node = view.lookup(view.root, b"d")
+                if dir_node is not None:
+                    steps_dir = view.lookup(dir_node.ident, b"steps")
+                    names = [] if steps_dir is None else [
+                        int(n) for n, _ in view.readdir(steps_dir.ident)]
+                    assert sorted(names) == list(range(1, len(names) + 1))
+            finally:
+                view.close()
+    assert m.stop() == 0
+
+
+def test_writes_go_on_while_the_server_is_down_and_drain_after(
+        journal_server, vpg, mount_factory, tmp_path: Path) -> None:
+    assert journal_server.stop() == 0
+    m = replicated(mount_factory, journal_server)
+    m.start()  # the server is down: the mount comes up anyway
+    data = os.urandom(1 << 20)
+    for i in range(24):
+        (m.mnt / f"f{i}").write_bytes(data[i:] + data[:i])
+    os.sync()
+    spool_bytes = sum(p.stat().st_size for p in (m.spool / "segments").iterdir())
+    assert spool_bytes > 20 << 20
+    journal_server.start()
+    tag(journal_server, "after-outage")
+    oracle = tree_snapshot(m.source)
+    dest = tmp_path / "restored"
+    journal_server.cli("restore-file", VPG, "after-outage", VOL, "/", "--to", str(dest))
+    assert_tree(oracle, dest, "restore after the outage")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # acknowledged segments leave the spool
+        st = json.loads(journal_server.cli("status", VPG, "--json").stdout)[0]
+        vol = st["volumes"][0]
+        if vol["lag_records"] == 0 and (vol["spool_bytes"] or 0) < spool_bytes // 2:
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError(f"spool did not drain: {vol}")
+    assert m.stop() == 0
+
+
+def test_initial_sync_ships_existing_content_before_any_checkpoint(
+        journal_server, vpg, mount_factory, tmp_path: Path) -> None:
+    m = replicated(mount_factory, journal_server)
+    (m.source / "sub").mkdir()
+    for i in range(40):
+        (m.source / "sub" / f"file{i}").write_bytes(os.urandom(256 << 10))
+    os.link(m.source / "sub" / "file0", m.source / "hard")
+    os.symlink("sub/file1", m.source / "sym")
+    os.setxattr(m.source / "sub" / "file2", "user.k", b"v")
+    oracle = tree_snapshot(m.source)
+    m.start()
+    deadline = time.monotonic() + 60
+    while not checkpoints(journal_server):
+        assert time.monotonic() < deadline, "no checkpoint after the initial sync"
+        time.sleep(0.3)
+    first = checkpoints(journal_server)[0]
+    dest = tmp_path / "first"
+    journal_server.cli("restore-file", VPG, str(first["id"]), VOL, "/", "--to", str(dest))
+    assert_tree(oracle, dest, "the first checkpoint after the initial sync")
+    st = json.loads(journal_server.cli("status", VPG, "--json").stdout)[0]
+    assert st["volumes"][0]["initial_sync"] == "done"
+    assert m.stop() == 0
+
+
+def test_status_reports_sla_rpo_history_and_volume_lag(journal_server, vpg, mount_factory
+                                                       ) -> None:
+    st = json.loads(journal_server.cli("status", "--json").stdout)
+    assert st[0]["status"] == "Error" and st[0]["substatus"] == "VPG has no volumes"
+    m = replicated(mount_factory, journal_server)
+    m.start()
+    (m.mnt / "x").write_bytes(b"x" * 10000)
+    tag(journal_server, "one")
+    time.sleep(1.5)
+    st = json.loads(journal_server.cli("status", VPG, "--json").stdout)[0]
+    assert st["status"] in ("Meeting SLA", "History Not Meeting SLA"), st
+    assert 0 <= st["rpo_s"] <= 10
+    assert st["journal_bytes"] > 0 and st["checkpoints"] >= 1
+    vol = st["volumes"][0]
+    assert vol["connection"] == "connected" and vol["initial_sync"] == "done"
+    for key in ("lag_records", "lag_bytes", "spool_bytes", "durable_seq"):
+        assert isinstance(vol[key], int), key
+    text = journal_server.cli("status").stdout
+    assert f"VPG {VPG}:" in text and "volume vol: connected" in text
+    assert m.stop() == 0
+    time.sleep(0.3)
+    st = json.loads(journal_server.cli("status", VPG, "--json").stdout)[0]
+    assert (st["status"], st["substatus"]) == ("Error", "Site disconnection")
+
+
+def test_restore_file_stays_inside_dest_and_refuses_to_overwrite(
+        journal_server, vpg, mount_factory, tmp_path: Path) -> None:
+    m = replicated(mount_factory, journal_server)
+    m.start()
+    os.symlink("/etc", m.mnt / "abs")
+    os.symlink("../../../../../../../tmp", m.mnt / "rel")
+    (m.mnt / "dir").mkdir()
+    (m.mnt / "dir" / "passwd").write_text("not the real one")
+    tag(journal_server, "hostile")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    journal_server.cli("restore-file", VPG, "hostile", VOL, "/", "--to", str(dest))
+    assert os.readlink(dest / "abs") == "/etc" and os.readlink(dest / "rel").endswith("tmp")
+    assert (dest / "dir" / "passwd").read_text() == "not the real one"
+    r = journal_server.cli("restore-file", VPG, "hostile", VOL, "/dir", "--to", str(dest),
+                           check=False)
+    assert r.returncode == 7, r.stderr
+    r = journal_server.cli("restore-file", VPG, "hostile", VOL, "/abs/passwd", "--to",
+                           str(tmp_path / "d2"), check=False)
+    assert r.returncode in (3, 7), r.stderr
+    assert not (tmp_path / "d2").exists() or not any((tmp_path / "d2").iterdir())
+    # a symlink planted in DEST is not followed with --force either
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest2 = tmp_path / "dest2"
+    dest2.mkdir()
+    os.symlink(outside, dest2 / "dir")
+    journal_server.cli("restore-file", VPG, "hostile", VOL, "/", "--to", str(dest2), "--force",
+                       check=False)
+    assert not any(outside.iterdir())
+    assert m.stop() == 0
+
+
+def test_cli_errors_have_distinct_exit_codes(journal_server, vpg, tmp_path: Path) -> None:
+    cli = journal_server.cli
+    assert cli("vpg", "create", VPG, check=False).returncode == 4
+    assert cli("vpg", "create", "bad/name", check=False).returncode == 2
+    assert cli("vpg", "create", "x", "--history", "40d", check=False).returncode == 2
+    assert cli("tag", "nosuch", "t", check=False).returncode == 3
+    assert cli("tag", VPG, "t", check=False).returncode == 4  # no volumes
+    assert cli("checkpoints", "--selector", "vpg=v;bogus=1", check=False).returncode == 2
+    assert cli("checkpoints", "--min-age", "5x", check=False).returncode == 2
+    assert cli("snapshot", "mount", VPG, "nosuch", str(tmp_path), check=False).returncode == 3
+    r = zfsrep("vpg", "list", "--server", f"127.0.0.1:{free_closed_port()}", check=False)
+    assert r.returncode == 8 and "cannot reach the journal server" in r.stderr
+    assert "Traceback" not in r.stderr
+    listed = json.loads(cli("vpg", "list", "--json").stdout)
+    assert [v["name"] for v in listed] == [VPG]
+    cli("vpg", "delete", VPG)
+    assert cli("vpg", "delete", VPG, check=False).returncode == 3
+    assert json.loads(cli("vpg", "list", "--json").stdout) == []
+
+
+def free_closed_port() -> int:
+    from conftest import free_port
+
+    return free_port()
+
+
+def test_malformed_peers_get_errors_and_others_are_still_served(journal_server, vpg) -> None:
+    import socket
+    import struct
+
+    host, port = protocol.parse_address(journal_server.address)
+    journal_server.expected_log += ["connection from"]
+    # garbage, an oversized length, a bad hello, a truncated message
+    for payload in (b"GET / HTTP/1.0\r\n\r\n", struct.pack(">I", 1 << 31),
+                    protocol.pack({"t": "hello", "proto": "other/9"}),
+                    struct.pack(">I", 100) + b"\x81"):
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(5)
+            with contextlib.suppress(OSError):
+                s.recv(4096)
+    # a volume whose frame fails its checksum: an error reply, nothing journaled
+    from zfsrep import frames
+    frame = bytearray(frames.encode_frame([[1, 0, 9, 1, b"n", b"v"]]))
+    frame[-1] ^= 0xFF
+
+    async def bad_volume() -> dict:
+        conn, welcome = await protocol.connect((host, port), {
+            "role": "volume", "vpg": VPG, "volume": "evil", "root_ident": 5,
+            "source": "/x", "host": "h", "spool_id": "s", "last_seq": 0, "synced_seq": 0})
+        async with conn:
+            await conn.send({"t": "data", "frame": bytes(frame)})
+            return await conn.receive()
+
+    import trio
+    reply = trio.run(bad_volume)
+    assert reply["t"] == "error" and reply["code"] == 5, reply
+    st = json.loads(journal_server.cli("status", VPG, "--json").stdout)[0]
+    evil = [v for v in st["volumes"] if v["name"] == "evil"][0]
+    assert evil["durable_seq"] == 0
+    assert json.loads(journal_server.cli("vpg", "list", "--json").stdout)[0]["name"] == VPG
