@@ -1,0 +1,369 @@
+"""File-level restore: copy a file or tree out of a checkpoint view into a local directory.
+
+``restore_tree(view, path, dest)`` copies what ``path`` names in the view (``b"/"``: the whole
+volume) with its content (holes stay holes), modes, owners, mtimes, symlinks (created, never
+followed), hard links (linked again when both names are inside the restored tree), xattrs and
+special files.
+
+Safety: whatever names or symlinks the checkpoint holds, nothing is written outside DEST.
+Every name from the view must be one safe path component; every object is created and changed
+relative to an open directory descriptor (``openat``-style calls with ``O_NOFOLLOW``), and a
+path is never resolved through anything the restore created except directories it opened
+itself with ``O_NOFOLLOW | O_DIRECTORY``. Special files and symlinks are changed through
+``O_PATH`` descriptors (``/proc/self/fd``), never by name. Existing files are not overwritten
+without ``force``: a first pass checks the whole tree against DEST before anything is written
+(UnsafePathError, nothing changed). Even with ``force`` an existing directory is never replaced
+by a non-directory. Directory attributes are set after their children.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from zfsrep.errors import NotFoundError, OSFailure, UnsafePathError
+from zfsrep.records import BLOCK_SIZE
+from zfsrep.view import Node, SnapshotView
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+PAGE = 1024  # readdir page size
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass
+class RestoreStats:
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    specials: int = 0
+    bytes: int = 0  # file data written (holes excluded)
+    owners_skipped: int = 0  # chown refused (not running as root)
+
+
+def safe_name(name: object) -> bytes:
+    """``name`` if it is one path component, else UnsafePathError."""
+    if (not isinstance(name, bytes) or not name or b"/" in name or b"\0" in name
+            or name in (b".", b"..") or len(name) > 255):
+        raise UnsafePathError(f"checkpoint holds an unsafe name {name!r}")
+    return name
+
+
+def resolve(view: SnapshotView, path: bytes) -> tuple[Node, bytes | None]:
+    """The node ``path`` names in the view and its last component (None for the root)."""
+    node = view.getattr(view.root)
+    name = None
+    for comp in path.split(b"/"):
+        if not comp:
+            continue
+        if comp in (b".", b"..") or b"\0" in comp:
+            raise UnsafePathError(f"path {path!r} is not a plain path")
+        if not stat.S_ISDIR(node.mode):
+            raise NotFoundError(f"{path!r} is not in the checkpoint (a component is not a "
+                                "directory; symlinks are not followed)")
+        child = view.lookup(node.ident, comp)
+        if child is None:
+            raise NotFoundError(f"{path!r} is not in the checkpoint")
+        node, name = child, comp
+    return node, name
+
+
+def _lstat_at(dfd: int, name: bytes) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _entries(view: SnapshotView, ident: int):
+    after = b""
+    while True:
+        page = view.readdir(ident, after, PAGE)
+        yield from page
+        if len(page) < PAGE:
+            return
+        after = page[-1][0]
+
+
+class _Restorer:
+    def __init__(self, view: SnapshotView, force: bool,
+                 progress: Callable[[RestoreStats], None] | None) -> None:
+        self.view = view
+        self.force = force
+        self.progress = progress
+        self.stats = RestoreStats()
+        self.base_fd = -1  # directory every recorded relative path starts from
+        self.links: dict[int, tuple[bytes, ...]] = {}
+        self.conflicts: list[str] = []
+        self.is_root = os.geteuid() == 0
+
+    # ---- first pass: names and conflicts --------------------------------------------------
+    def _check_one(self, dfd: int | None, name: bytes | None, node: Node,
+                   shown: bytes) -> int | None:
+        """Note a conflict at ``name``; an fd of the existing directory to descend into."""
+        if dfd is None:
+            return None
+        st = _lstat_at(dfd, name) if name is not None else os.fstat(dfd)
+        if st is None:
+            return None
+        if stat.S_ISDIR(node.mode) and stat.S_ISDIR(st.st_mode):
+            return os.dup(dfd) if name is None else os.open(name, _DIR_FLAGS, dir_fd=dfd)
+        if stat.S_ISDIR(st.st_mode) or not self.force:
+            self.conflicts.append(os.fsdecode(shown))
+        return None
+
+    def check(self, dfd: int | None, name: bytes | None, node: Node, shown: bytes) -> None:
+        """Walk the tree to restore against DEST (``dfd`` None: DEST has nothing there),
+        checking every name and noting every conflict, before anything is written."""
+        sub = self._check_one(dfd, name, node, shown)
+        if not stat.S_ISDIR(node.mode):
+            if sub is not None:
+                os.close(sub)
+            return
+        stack = [(sub, _entries(self.view, node.ident), shown.rstrip(b"/"))]
+        try:
+            while stack:
+                sfd, it, sshown = stack[-1]
+                item = next(it, None)
+                if item is None:
+                    stack.pop()
+                    if sfd is not None:
+                        os.close(sfd)
+                    continue
+                cname, child = item
+                cshown = sshown + b"/" + safe_name(cname)
+                csub = self._check_one(sfd, cname, child, cshown)
+                if stat.S_ISDIR(child.mode):
+                    stack.append((csub, _entries(self.view, child.ident), cshown))
+                elif csub is not None:
+                    os.close(csub)
+        finally:
+            for sfd, _, _ in stack:
+                if sfd is not None:
+                    os.close(sfd)
+
+    # ---- second pass: writing -----------------------------------------------------------------
+    def _clear_for(self, dfd: int, name: bytes, want_dir: bool) -> bool:
+        """Make room for ``name`` (force only); True if an existing directory is kept."""
+        st = _lstat_at(dfd, name)
+        if st is None:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            if want_dir:
+                return True
+            raise UnsafePathError(f"{os.fsdecode(name)!r} is an existing directory")
+        if not self.force:
+            raise UnsafePathError(f"{os.fsdecode(name)!r} exists (use force to overwrite)")
+        os.unlink(name, dir_fd=dfd)
+        return False
+
+    def _open_rel(self, comps: tuple[bytes, ...]) -> int:
+        fd = os.dup(self.base_fd)
+        try:
+            for c in comps:
+                nfd = os.open(c, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _owner(self, target: int | str, uid: int, gid: int, **kw) -> None:
+        try:
+            os.chown(target, uid, gid, **kw)
+        except PermissionError:
+            if self.is_root:
+                raise
+            self.stats.owners_skipped += 1
+
+    def _xattrs(self, ident: int, target: int | str) -> None:
+        for xname in self.view.listxattr(ident):
+            value = self.view.getxattr(ident, xname)
+            if value is not None:
+                os.setxattr(target, xname, value)
+
+    def _finish_fd(self, fd: int, node: Node) -> None:
+        """Owner, mode, xattrs and times of an object open as ``fd``."""
+        self._owner(fd, node.uid, node.gid)
+        os.chmod(fd, stat.S_IMODE(node.mode))
+        self._xattrs(node.ident, fd)
+        os.utime(fd, ns=(node.mtime_ns, node.mtime_ns))
+
+    def _tick(self) -> None:
+        if self.progress is not None:
+            self.progress(self.stats)
+
+    def write_leaf(self, dfd: int, name: bytes, node: Node, rel: tuple[bytes, ...]) -> None:
+        self._clear_for(dfd, name, False)
+        kind = stat.S_IFMT(node.mode)
+        first = self.links.get(node.ident)
+        if first is not None:
+            pfd = self._open_rel(first[:-1])
+            try:
+                os.link(first[-1], name, src_dir_fd=pfd, dst_dir_fd=dfd, follow_symlinks=False)
+            finally:
+                os.close(pfd)
+            self.stats.hardlinks += 1
+            self._tick()
+            return
+        if kind == stat.S_IFREG:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+            try:
+                self._copy(node, fd)
+                self._finish_fd(fd, node)
+            finally:
+                os.close(fd)
+            self.stats.files += 1
+        elif kind == stat.S_IFLNK:
+            os.symlink(self.view.readlink(node.ident), name, dir_fd=dfd)
+            self._owner(name, node.uid, node.gid, dir_fd=dfd, follow_symlinks=False)
+            os.utime(name, ns=(node.mtime_ns, node.mtime_ns), dir_fd=dfd,
+                     follow_symlinks=False)
+            self.stats.symlinks += 1
+        elif kind in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            os.mknod(name, kind | 0o600, node.rdev, dir_fd=dfd)
+            pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                if stat.S_IFMT(os.fstat(pfd).st_mode) != kind:
+                    raise UnsafePathError(f"{os.fsdecode(name)!r} changed while restoring")
+                proc = f"/proc/self/fd/{pfd}"
+                self._owner(proc, node.uid, node.gid)
+                os.chmod(proc, stat.S_IMODE(node.mode))
+                self._xattrs(node.ident, proc)
+                os.utime(proc, ns=(node.mtime_ns, node.mtime_ns))
+            finally:
+                os.close(pfd)
+            self.stats.specials += 1
+        else:
+            raise UnsafePathError(f"checkpoint holds {name!r} of unknown type {node.mode:o}")
+        if node.nlink > 1:
+            self.links[node.ident] = rel
+        self._tick()
+
+    def _copy(self, node: Node, fd: int) -> None:
+        """File data, holes (all-zero blocks) left unwritten."""
+        size = node.size
+        off = 0
+        while off < size:
+            data = self.view.read(node.ident, off, min(CHUNK, size - off))
+            if not data:
+                break
+            n = len(data)
+            mv = memoryview(data)
+            run = -1  # start of the current run of non-zero blocks
+            for pos in range(0, n + BLOCK_SIZE, BLOCK_SIZE):
+                end = min(pos + BLOCK_SIZE, n)
+                zero = pos >= n or (data[pos] == 0 and data[end - 1] == 0
+                                     and data.count(0, pos, end) == end - pos)
+                if not zero and run < 0:
+                    run = pos
+                elif zero and run >= 0:
+                    stop = min(pos, n)
+                    self.stats.bytes += stop - run
+                    chunk = mv[run:stop]
+                    at = off + run
+                    while chunk:
+                        w = os.pwrite(fd, chunk, at)
+                        chunk, at = chunk[w:], at + w
+                    run = -1
+            off += n
+        os.ftruncate(fd, size)
+
+    def write_tree(self, dfd: int, name: bytes | None, node: Node,
+                   rel: tuple[bytes, ...]) -> None:
+        """Restore ``node`` as ``name`` in ``dfd`` (``name`` None: into ``dfd`` itself)."""
+        if not stat.S_ISDIR(node.mode):
+            assert name is not None
+            self.write_leaf(dfd, name, node, rel)
+            return
+        # Each frame: [fd, node, rel, entries iterator]
+        stack: list[list] = []
+
+        def enter(parent_fd: int, dname: bytes | None, dnode: Node,
+                  drel: tuple[bytes, ...]) -> None:
+            if dname is None:
+                fd = os.dup(parent_fd)
+            else:
+                if not self._clear_for(parent_fd, dname, True):
+                    os.mkdir(dname, 0o700, dir_fd=parent_fd)
+                fd = os.open(dname, _DIR_FLAGS, dir_fd=parent_fd)
+            stack.append([fd, dnode, drel, _entries(self.view, dnode.ident)])
+
+        enter(dfd, name, node, rel)
+        try:
+            while stack:
+                fd, dnode, drel, it = stack[-1]
+                item = next(it, None)
+                if item is None:
+                    stack.pop()
+                    try:
+                        self._finish_fd(fd, dnode)
+                    finally:
+                        os.close(fd)
+                    self.stats.dirs += 1
+                    self._tick()
+                    continue
+                cname, child = item
+                safe_name(cname)
+                if stat.S_ISDIR(child.mode):
+                    enter(fd, cname, child, (*drel, cname))
+                else:
+                    self.write_leaf(fd, cname, child, (*drel, cname))
+        finally:
+            for frame in stack:
+                os.close(frame[0])
+
+
+def restore_tree(view: SnapshotView, path: bytes, dest: Path, *, force: bool = False,
+                 progress: Callable[[RestoreStats], None] | None = None) -> RestoreStats:
+    """Copy the file or tree at ``path`` in ``view`` to ``dest`` (see the module docstring).
+
+    ``b"/"`` restores the whole volume into ``dest`` (created if missing). Any other path
+    restores as ``dest/<basename>`` if ``dest`` is an existing directory, else as ``dest``.
+    """
+    node, name = resolve(view, path)
+    dest = Path(dest)
+    r = _Restorer(view, force, progress)
+    try:
+        if name is None:
+            parent, tname = dest, None
+            if dest.exists() and not dest.is_dir():
+                raise UnsafePathError(f"{dest} exists and is not a directory")
+        elif dest.is_dir():
+            parent, tname = dest, name
+        else:
+            parent, tname = dest.parent, safe_name(os.fsencode(dest.name))
+        try:
+            pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if tname is not None or not dest.parent.is_dir():
+                raise NotFoundError(f"directory {parent} does not exist") from None
+            pfd = -1  # the whole volume into a DEST that does not exist yet
+        try:
+            r.check(pfd if pfd >= 0 else None, tname, node, path or b"/")
+            if r.conflicts:
+                more = f" and {len(r.conflicts) - 3} more" if len(r.conflicts) > 3 else ""
+                raise UnsafePathError("refusing to overwrite existing "
+                                      f"{', '.join(r.conflicts[:3])}{more} (use force)")
+            if pfd < 0:
+                os.mkdir(dest, 0o700)
+                pfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            r.base_fd = pfd
+            r.write_tree(pfd, tname, node, () if tname is None else (tname,))
+        finally:
+            if pfd >= 0:
+                os.close(pfd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EEXIST):
+            raise UnsafePathError(f"restore refused: {e}") from None
+        raise OSFailure(f"restore into {dest} failed: {e}") from None
+    return r.stats
