@@ -115,7 +115,8 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
     if opts.capture:
         assert opts.spool is not None
         spool = SpoolWriter(opts.spool, VolumeIdentity(source, root_ident, BLOCK_SIZE),
-                            limit=opts.spool_limit)
+                            limit=opts.spool_limit,
+                            segment_bytes=(16 << 20) if opts.link else (64 << 20))
         must_scan, synced_seq = _initial_sync_state(spool)
         recorder = CaptureStream(spool, next_seq=spool.next_seq,
                                  memory_limit=opts.memory_limit, external=hook)

@@ -40,6 +40,9 @@ INITIAL_SYNC = "initial-sync.json"
 #: {"first_seq": N}: records before N were acknowledged by the journal server and trimmed.
 TRIMMED = "trimmed.json"
 CLOSING_MAX = 4
+#: An open segment whose frames were all acknowledged is closed at the next frame once it
+#: holds this much, so a replicated spool does not keep a large acknowledged segment.
+ROTATE_ACKED_BYTES = 1 << 20
 META = "volume.json"
 SEGMENTS = "segments"
 SUFFIX = ".zfr"
@@ -145,6 +148,7 @@ class SpoolWriter:
         self.limit = limit
         self.bytes = 0
         self._bytes_lock = threading.Lock()
+        self._rotate_soon = False  # everything written was acknowledged: start a new segment
         # Full segments are fsynced and closed (and the directory entry of the next one made
         # durable) by this worker while frames go on into the next segment: the writer does
         # not stall for a 64 MiB fsync unless CLOSING_MAX segments are still waiting for the
@@ -203,7 +207,9 @@ class SpoolWriter:
         if first_seq != self.next_seq:
             raise StateError(f"spool {self.path}: frame starts at {first_seq}, "
                              f"expected {self.next_seq}")
-        if self._fd is None or self._size >= self._segment_bytes:
+        if self._fd is None or self._size >= self._segment_bytes or (
+                self._rotate_soon and self._size >= ROTATE_ACKED_BYTES):
+            self._rotate_soon = False
             self._rotate(first_seq)
         parts = [memoryview(frame)] if isinstance(frame, bytes) else [
             memoryview(p) for p in frame]
@@ -232,6 +238,8 @@ class SpoolWriter:
             freed += size
         with self._bytes_lock:
             self.bytes -= freed
+        if upto_seq >= self.next_seq - 1:
+            self._rotate_soon = True  # so the acknowledged open segment can go next time
         return freed
 
     def sync(self) -> None:
