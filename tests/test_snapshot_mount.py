@@ -357,6 +357,17 @@ async def test_statfs_reports_no_free_space():
     assert out.f_bsize > 0 and out.f_frsize > 0
 
 
+# ---- mount options -------------------------------------------------------------------------
+def test_mount_options_are_read_only_and_allow_others_only_when_asked(tmp_path: Path):
+    opts = snapshot.SnapshotOptions(tmp_path, 3, tmp_path, "vpg/vol,x\\y")
+    options = snapshot.mount_options(opts)
+    assert {"ro", "default_permissions", "subtype=zfsrep"} <= options
+    assert "fsname=zfsrep-snapshot:vpg/vol\\,x\\\\y" in options  # libfuse unescapes it
+    assert "allow_other" not in options
+    opts.allow_other = True
+    assert "allow_other" in snapshot.mount_options(opts)
+
+
 # ---- every change is refused ---------------------------------------------------------------
 MUTATIONS = [
     ("setattr", (11, pyfuse3.EntryAttributes(), pyfuse3.SetattrFields(), None, CTX)),
