@@ -102,9 +102,9 @@ class VolumeShipper:
             return None, f"capture stopped: {self.recorder.failed}"
         if not self.synced_seq:
             return None, "initial sync is running"
-        seq = self.recorder.last_seq
+        # the fast path's queued writes completed before now: number them first
         self.recorder.flush()
-        return seq, None
+        return self.recorder.last_seq, None
 
     async def drain(self, timeout: float) -> bool:
         """Wait until everything in the spool is acknowledged (at most ``timeout`` s)."""
