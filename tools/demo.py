@@ -65,8 +65,9 @@ def describe(root: Path) -> dict[str, tuple]:
             else:
                 content = ""
             xattrs = () if p.is_symlink() else tuple(sorted(os.listxattr(p)))
+            size = None if stat.S_ISDIR(st.st_mode) else st.st_size  # fs-specific
             out[str(p.relative_to(root))] = (oct(st.st_mode), st.st_uid, st.st_gid,
-                                             st.st_size, st.st_mtime_ns, content, xattrs,
+                                             size, st.st_mtime_ns, content, xattrs,
                                              st.st_nlink)
     return out
 
@@ -109,7 +110,7 @@ def main() -> int:
     if work.exists():
         stop_previous(work)
         shutil.rmtree(work)
-    for d in (source, mnt, snap):
+    for d in (source, mnt, snap, restored):
         d.mkdir(parents=True)
     (source / "existing.txt").write_text("this file was here before protection\n")
     os.environ.setdefault("ZFSREP_SERVER", "127.0.0.1:7450")
@@ -170,6 +171,9 @@ def demo(source: Path, mnt: Path, spool: Path, rebuilt: Path, snap: Path,
     seen = describe(snap)
     run("snapshot", "umount", str(snap))
     if seen != before:
+        for key in sorted(set(seen) | set(before)):
+            if seen.get(key) != before.get(key):
+                print(f"  DIFFERS: {key}: {before.get(key)} != {seen.get(key)}")
         print("\ndemo FAILED: the snapshot differs from the directory at the tag")
         return 1
     print(f"\nthe snapshot equals the directory at the tag: {len(seen)} entries")
