@@ -44,8 +44,12 @@ class _Scanner:
         now = time.monotonic()
         if now - self._last_report >= self._progress_every:
             self._last_report = now
-            log.info("initial scan: %d entries, %d MiB", self.progress.entries,
-                     self.progress.bytes >> 20)
+            p = self.progress
+            if p.total_bytes:
+                log.info("initial sync: %d entries, %d of %d MiB (%.0f%%)", p.entries,
+                         p.bytes >> 20, p.total_bytes >> 20, 100.0 * p.bytes / p.total_bytes)
+            else:
+                log.info("initial sync: %d entries, %d MiB", p.entries, p.bytes >> 20)
 
     async def file_data(self, fd: int, ident: int, size: int, mtime_ns: int) -> None:
         offset = 0
