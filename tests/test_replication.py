@@ -412,3 +412,44 @@ def test_malformed_peers_get_errors_and_others_are_still_served(journal_server, 
     evil = [v for v in st["volumes"] if v["name"] == "evil"][0]
     assert evil["durable_seq"] == 0
     assert json.loads(journal_server.cli("vpg", "list", "--json").stdout)[0]["name"] == VPG
+
+
+def test_mount_restart_continues_the_stream_and_delete_needs_force(
+        journal_server, vpg, mount_factory, tmp_path: Path) -> None:
+    m = replicated(mount_factory, journal_server)
+    m.start()
+    (m.mnt / "a").write_text("first session")
+    tag(journal_server, "s1")
+    m.restart()
+    (m.mnt / "b").write_text("second session")
+    tag(journal_server, "s2")
+    oracle = tree_snapshot(m.source)
+    dest = tmp_path / "r"
+    journal_server.cli("restore-file", VPG, "s2", VOL, "/", "--to", str(dest))
+    assert_tree(oracle, dest, "after a mount restart")
+    r = journal_server.cli("vpg", "delete", VPG, check=False)
+    assert r.returncode == 4 and "connected" in r.stderr
+    assert m.stop() == 0
+    time.sleep(0.3)
+    journal_server.cli("vpg", "delete", VPG)
+    assert not (journal_server.store / "vpgs" / VPG).exists()
+
+
+def test_spool_limit_stops_capture_not_the_application(journal_server, vpg, mount_factory
+                                                        ) -> None:
+    assert journal_server.stop() == 0
+    m = replicated(mount_factory, journal_server, extra=("--spool-limit", "8"))
+    m.expected_log.append("capture stopped")
+    m.start()
+    for i in range(16):  # 16 MiB of incompressible data through an 8 MiB spool
+        (m.mnt / f"f{i}").write_bytes(os.urandom(1 << 20))
+    assert (m.source / "f15").stat().st_size == 1 << 20  # the application was not stopped
+    journal_server.start()
+    deadline = time.monotonic() + 30
+    while True:
+        st = json.loads(journal_server.cli("status", VPG, "--json").stdout)[0]
+        if st["status"] == "Not Meeting SLA" and "Capture stopped" in st["substatus"]:
+            break
+        assert time.monotonic() < deadline, st
+        time.sleep(0.3)
+    assert m.stop() == 0
