@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +48,7 @@ HELLO_TIMEOUT = 10.0
 MARK_TIMEOUT = 10.0
 DURABLE_TIMEOUT = 60.0
 INDEX_BATCH_BYTES = 64 << 20
+INDEX_NICE = 10
 
 
 async def on_thread(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
@@ -62,6 +65,11 @@ async def on_thread(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: A
     fut.add_done_callback(wake)
     await done.wait()
     return fut.result()
+
+
+def _lower_priority() -> None:
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), INDEX_NICE)
 
 
 class VolumeConnection:
@@ -106,6 +114,7 @@ class VolumeRuntime:
     index: VolumeIndex
     journal_thread: ThreadPoolExecutor
     index_thread: ThreadPoolExecutor
+    sync_thread: ThreadPoolExecutor
     durable_seq: int = 0
     indexed_seq: int = 0
     conn: VolumeConnection | None = None
@@ -193,10 +202,13 @@ class JournalServer:
     async def _open_volume(self, vpg: VpgRuntime, meta: VolumeMeta) -> VolumeRuntime:
         voldir = self.store.volume_dir(vpg.name, meta.name)
         jthread = ThreadPoolExecutor(1, thread_name_prefix=f"journal-{meta.name}")
-        ithread = ThreadPoolExecutor(1, thread_name_prefix=f"index-{meta.name}")
+        # indexing is background work: it yields the CPU to mounts and acknowledgements
+        ithread = ThreadPoolExecutor(1, thread_name_prefix=f"index-{meta.name}",
+                                     initializer=_lower_priority)
+        sthread = ThreadPoolExecutor(1, thread_name_prefix=f"fsync-{meta.name}")
         journal = await on_thread(jthread, VolumeJournal, voldir / "journal")
         index = await on_thread(ithread, VolumeIndex, voldir, meta.root_ident)
-        vol = VolumeRuntime(vpg.name, meta, voldir, journal, index, jthread, ithread,
+        vol = VolumeRuntime(vpg.name, meta, voldir, journal, index, jthread, ithread, sthread,
                             durable_seq=journal.durable_seq, indexed_seq=index.indexed_seq)
         if vol.indexed_seq > vol.durable_seq:
             raise CorruptDataError(f"volume {vpg.name}/{meta.name}: the index holds record "
@@ -214,8 +226,8 @@ class JournalServer:
             vol.conn.scope.cancel()
         await on_thread(vol.journal_thread, vol.journal.close)
         await on_thread(vol.index_thread, vol.index.close)
-        vol.journal_thread.shutdown(wait=True)
-        vol.index_thread.shutdown(wait=True)
+        for executor in (vol.journal_thread, vol.index_thread, vol.sync_thread):
+            executor.shutdown(wait=True)
 
     async def _close_all(self) -> None:
         for vpg in list(self.vpgs.values()):
@@ -225,6 +237,7 @@ class JournalServer:
                     await self._close_volume(vol)
                 except Exception:
                     log.exception("closing volume %s/%s", vpg.name, vol.name)
+            vpg.log.close()
 
     # ---- per-volume workers ------------------------------------------------------------
     async def _volume_workers(self, vol: VolumeRuntime) -> None:
@@ -239,7 +252,8 @@ class JournalServer:
             await vol.dirty.wait()
             vol.dirty = trio.Event()
             try:
-                durable = await on_thread(vol.journal_thread, vol.journal.sync)
+                # on its own thread: appends go on during the fsync (group commit)
+                durable = await on_thread(vol.sync_thread, vol.journal.sync)
             except (OSError, ZfsrepError) as e:
                 vol.error = f"journal storage error: {e}"
                 log.error("volume %s/%s: %s; no further frames are accepted until the server "
@@ -509,6 +523,7 @@ class JournalServer:
             for vol in list(vpg.volumes.values()):
                 await self._close_volume(vol)
             del self.vpgs[name]
+            vpg.log.close()
             await trio.to_thread.run_sync(self.store.delete_vpg, name)
         log.info("VPG %s deleted", name)
 
