@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import resource
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import pyfuse3
 import trio
 from zfsrep.mountd.fusehook import SessionHook
 from zfsrep.mountd.passthrough import PassthroughOperations
+from zfsrep.mountd.signals import stop_on_signals
 
 from zfsrep.capture import CaptureStream, NullRecorder
 from zfsrep.errors import NotFoundError, StateError, UsageError
@@ -67,14 +67,6 @@ def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-async def _stop_on_signals() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("received %s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
-            return
 
 
 async def _report_killpriv(hook: SessionHook) -> None:
@@ -189,7 +181,7 @@ async def _serve(opts: ProtectOptions, source: str, recorder, hook: SessionHook,
     hook.install(eventfd, fast=opts.fast_path, capture=capture, limit=opts.memory_limit)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signals)
+            nursery.start_soon(stop_on_signals)
             if capture:
                 nursery.start_soon(_drain_fast_writes, eventfd, recorder)
             log.info("protecting %s at %s", source, opts.mountpoint)

@@ -23,7 +23,6 @@ import errno
 import logging
 import os
 import re
-import signal
 import stat
 import sys
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 from zfsrep.mountd.passthrough import translate_errors
+from zfsrep.mountd.signals import stop_on_signals
 
 from zfsrep.errors import ExitCode, NotFoundError, OSFailure, StateError, ZfsrepError
 from zfsrep.view import Node, SnapshotView, open_view
@@ -333,14 +333,6 @@ def mount_options(opts: SnapshotOptions) -> set[str]:
     return options
 
 
-async def _stop_on_signals() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("received %s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
-            return
-
-
 _OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")  # how mountinfo writes space, tab, newline, \\
 
 
@@ -389,7 +381,7 @@ async def run_snapshot_mount(opts: SnapshotOptions, ready: Callable[[], None]) -
             raise OSFailure(f"cannot mount {opts.mountpoint}: {e}") from None
         stack.callback(pyfuse3.close, unmount=True)
         nursery = await stack.enter_async_context(trio.open_nursery())
-        nursery.start_soon(_stop_on_signals)
+        nursery.start_soon(stop_on_signals)
         nursery.start_soon(_raise_readahead, ops, resolved)
         log.info("snapshot %s (%s at record %d) mounted at %s", opts.label, opts.volume_dir,
                  view.seq, opts.mountpoint)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -32,6 +33,17 @@ def zfsrep(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
         raise AssertionError(f"zfsrep {' '.join(args)} exited {proc.returncode}: "
                              f"{proc.stderr.strip()}")
     return proc
+
+
+def log_problems(path: Path, expected: list[str]) -> list[str]:
+    """Warnings, errors and tracebacks in a daemon's log, except the expected ones."""
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    bad = [ln for ln in lines
+           if (" WARNING " in ln or " ERROR " in ln or " CRITICAL " in ln
+               or "Traceback" in ln)]
+    return [ln for ln in bad if not any(e in ln for e in expected)]
 
 
 class ProtectedMount:
@@ -99,13 +111,7 @@ class ProtectedMount:
         self.start()
 
     def log_problems(self) -> list[str]:
-        if not self.log.exists():
-            return []
-        lines = self.log.read_text(errors="replace").splitlines()
-        bad = [ln for ln in lines
-               if (" WARNING " in ln or " ERROR " in ln or " CRITICAL " in ln
-                   or "Traceback" in ln)]
-        return [ln for ln in bad if not any(e in ln for e in self.expected_log)]
+        return log_problems(self.log, self.expected_log)
 
     def replay_equals_source(self, dest: Path) -> None:
         zfsrep("replay", str(self.spool), str(dest))
@@ -209,13 +215,7 @@ class JournalServerProcess:
         return zfsrep(*args, check=check, env=env, **kw)
 
     def log_problems(self) -> list[str]:
-        if not self.log.exists():
-            return []
-        lines = self.log.read_text(errors="replace").splitlines()
-        bad = [ln for ln in lines
-               if (" WARNING " in ln or " ERROR " in ln or " CRITICAL " in ln
-                   or "Traceback" in ln)]
-        return [ln for ln in bad if not any(e in ln for e in self.expected_log)]
+        return log_problems(self.log, self.expected_log)
 
 
 @pytest.fixture
@@ -231,3 +231,37 @@ def journal_server(tmp_path: Path):
     problems = srv.log_problems()
     assert not problems, "unexpected warnings or errors in the server log:\n" + "\n".join(
         problems)
+
+
+class LogCheck(logging.Handler):
+    """Collects the package's log records; a test takes the warnings it expects with
+    ``take()``, and any other warning or error fails the test (CONVENTIONS 16)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def take(self, level: int = logging.WARNING) -> list[str]:
+        taken = [r for r in self.records if r.levelno >= level]
+        self.records = [r for r in self.records if r.levelno < level]
+        return [r.getMessage() for r in taken]
+
+
+def checked_logs():
+    """Generator for an autouse ``logs`` fixture of in-process tests: yields a LogCheck on
+    the ``zfsrep`` logger and fails the test on warnings it did not take."""
+    handler = LogCheck()
+    logger = logging.getLogger("zfsrep")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    unexpected = handler.take()
+    assert not unexpected, f"unexpected warnings or errors logged: {unexpected}"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from conftest import checked_logs
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -35,37 +36,9 @@ S = 1_000_000_000
 T0 = 1_795_000_000 * S  # 2026-11-18T...
 
 
-class LogCheck(logging.Handler):
-    """Collects the package's log records; expected warnings are taken with ``take()``,
-    anything else at WARNING or above fails the test."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def take(self, level: int = logging.WARNING) -> list[str]:
-        taken = [r for r in self.records if r.levelno >= level]
-        self.records = [r for r in self.records if r.levelno < level]
-        return [r.getMessage() for r in taken]
-
-
 @pytest.fixture(autouse=True)
 def logs():
-    handler = LogCheck()
-    logger = logging.getLogger("zfsrep")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-    unexpected = handler.take()
-    assert not unexpected, f"unexpected warnings or errors logged: {unexpected}"
+    yield from checked_logs()
 
 
 @pytest.fixture

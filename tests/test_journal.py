@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import checked_logs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,23 +43,6 @@ def _seqs(j: VolumeJournal, start: int) -> list[int]:
     return [r[0] for _h, recs in j.read_from(start) for r in recs]
 
 
-class LogCheck(logging.Handler):
-    """Collects the package's log records; a test takes the warnings it expects with
-    ``take()``, and any other warning or error fails the test (CONVENTIONS 16)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def take(self, level: int = logging.WARNING) -> list[str]:
-        taken = [r for r in self.records if r.levelno >= level]
-        self.records = [r for r in self.records if r.levelno < level]
-        return [r.getMessage() for r in taken]
-
-
 def _files(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir())
 
@@ -70,18 +54,7 @@ def jpath(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def logs():
-    handler = LogCheck()
-    logger = logging.getLogger("zfsrep")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-    unexpected = handler.take()
-    assert not unexpected, f"unexpected warnings or errors logged: {unexpected}"
+    yield from checked_logs()
 
 
 # -- appending and group commit
