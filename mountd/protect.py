@@ -124,7 +124,7 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
             try:
                 if must_scan:
                     assert spool is not None
-                    await _initial_sync(source, spool, recorder, progress, shipper)
+                    await _initial_sync(source, spool, recorder, progress, shipper, ready)
                 await _serve(opts, source, recorder, hook, ready)
             finally:
                 if isinstance(recorder, CaptureStream):
@@ -140,14 +140,20 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
 
 
 async def _initial_sync(source: str, spool: SpoolWriter, recorder, progress: ScanProgress,
-                        shipper: VolumeShipper | None) -> None:
+                        shipper: VolumeShipper | None, ready: Callable[[], None]) -> None:
     """Record the directory's current content first (Initial Sync); no checkpoint is
     offered before it is complete."""
     log.info("first protection of %s: recording its current content", source)
     write_initial_sync(spool.path, {"state": "running"})
     progress.total_bytes = await trio.to_thread.run_sync(count_tree, source)
     log.info("initial sync: %d MiB to record", progress.total_bytes >> 20)
-    await scan_tree(source, recorder, progress=progress)
+    def report(p: ScanProgress) -> None:
+        say = getattr(ready, "progress", None)  # the protect command shows it while it waits
+        if say is not None and p.total_bytes:
+            say(f"initial sync: {100.0 * p.bytes / p.total_bytes:.0f}% ({p.bytes >> 20} of "
+                f"{p.total_bytes >> 20} MiB, {p.entries} entries)")
+
+    await scan_tree(source, recorder, progress=progress, report=report, progress_every=1.0)
     end_seq = recorder.last_seq
     write_initial_sync(spool.path, {"state": "done", "end_seq": end_seq})
     log.info("initial scan done: %d entries, %d bytes, through record %d", progress.entries,

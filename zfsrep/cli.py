@@ -4,6 +4,7 @@ as one line (``zfsrep: ...``) and exits with the code documented in the README."
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -162,23 +163,37 @@ def cmd_protect(args: argparse.Namespace) -> int:
     return 0
 
 
+class ReadyPipe:
+    """The daemon's end of the ready pipe: ``progress TEXT`` lines while it starts, then one
+    ``ready`` or ``error CODE MESSAGE`` line. Calling it reports ready."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def progress(self, text: str) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):  # the parent stopped listening: keep going
+                os.write(self.fd, f"progress {text}\n".encode())
+
+    def report(self, text: str) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self.fd, text.encode() + b"\n")
+            os.close(self.fd)
+            self.fd = -1
+
+    def __call__(self) -> None:
+        self.report("ready")
+
+
 def run_foreground(async_fn, *fn_args, mount_error: str | None = None) -> int:
     """Run a daemon's trio main in this process; ``async_fn(*fn_args, ready)`` calls
     ``ready()`` once it serves. A parent waiting on the ready pipe (``$ZFSREP_READY_FD``) gets
     ``ready`` or ``error CODE MESSAGE``."""
     import trio
 
-    ready_fd = int(os.environ.pop(READY_FD_ENV, "-1"))
-
-    def report(text: str) -> None:
-        nonlocal ready_fd
-        if ready_fd >= 0:
-            os.write(ready_fd, text.encode() + b"\n")
-            os.close(ready_fd)
-            ready_fd = -1
-
-    def ready() -> None:
-        report("ready")
+    ready = ReadyPipe(int(os.environ.pop(READY_FD_ENV, "-1")))
+    report = ready.report
 
     try:
         try:
@@ -233,7 +248,11 @@ def spawn_daemon(args: argparse.Namespace, argv: list[str], log_path: Path,
                                 pass_fds=(w,), env=env, start_new_session=True)
     os.close(w)
     with os.fdopen(r, "rb") as pipe:
-        line = pipe.readline().decode(errors="replace").strip()
+        while True:
+            line = pipe.readline().decode(errors="replace").strip()
+            if not line.startswith("progress "):
+                break
+            print(line[len("progress "):], file=sys.stderr, flush=True)
     if line == "ready":
         return proc.pid
     try:

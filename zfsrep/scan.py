@@ -12,6 +12,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from zfsrep.records import Op
@@ -31,11 +32,13 @@ class ScanProgress:
 
 class _Scanner:
     def __init__(self, recorder, progress_every: float,
-                 progress: ScanProgress | None = None) -> None:
+                 progress: ScanProgress | None = None,
+                 report: Callable[[ScanProgress], None] | None = None) -> None:
         self.rec = recorder
         self.seen: set[int] = set()
         self.progress = progress if progress is not None else ScanProgress()
         self._progress_every = progress_every
+        self._report = report
         self._last_report = time.monotonic()
 
     async def _room(self) -> None:
@@ -44,6 +47,8 @@ class _Scanner:
         now = time.monotonic()
         if now - self._last_report >= self._progress_every:
             self._last_report = now
+            if self._report is not None:
+                self._report(self.progress)
             p = self.progress
             if p.total_bytes:
                 log.info("initial sync: %d entries, %d of %d MiB (%.0f%%)", p.entries,
@@ -127,12 +132,13 @@ def count_tree(source: str) -> int:
 
 
 async def scan_tree(source: str, recorder, *, progress_every: float = 5.0,
-                    progress: ScanProgress | None = None) -> ScanProgress:
+                    progress: ScanProgress | None = None,
+                    report: Callable[[ScanProgress], None] | None = None) -> ScanProgress:
     """Record the whole tree under ``source`` (its root included) through ``recorder``."""
     fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        scanner = _Scanner(recorder, progress_every, progress)
+        scanner = _Scanner(recorder, progress_every, progress, report)
         scanner.xattrs(b"/proc/self/fd/%d" % fd, st.st_ino)
         await scanner.directory(fd, st.st_ino, st)
         recorder.emit(Op.SETATTR, st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
