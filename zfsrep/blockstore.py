@@ -41,6 +41,8 @@ PACK_ROTATE = 1 << 30
 PACK_SHIFT = 40
 ZSTD_LEVEL = 1
 ZERO_BLOCK = bytes(BLOCK_SIZE)
+#: Closed groups handed to a compression worker at once (one thread hop per batch).
+ENCODE_BATCH = 8
 
 
 def pack_path(voldir: Path, pack_no: int) -> Path:
@@ -57,11 +59,11 @@ def trim(block: bytes) -> bytes:
 _local = threading.local()
 
 
-def _compress(raw: bytes) -> bytes:
+def _compress_all(raws: list[bytes]) -> list[bytes]:
     c = getattr(_local, "cctx", None)
     if c is None:
         c = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-    return c.compress(raw)
+    return [c.compress(raw) for raw in raws]
 
 
 class PackWriter:
@@ -123,29 +125,43 @@ class PackWriter:
 
     def append(self, blob: bytes) -> int:
         """Append one group blob; returns its gloc."""
-        if self.pack_len >= PACK_ROTATE:
-            self._rotate()
-        off = self.pack_len
-        view = memoryview(blob)
-        while view:
-            n = os.pwrite(self._fd, view, off + (len(blob) - len(view)))
-            view = view[n:]
-        self.pack_len += len(blob)
-        self._dirty[self.pack_no] = self._fd
-        return self.pack_no << PACK_SHIFT | off
+        return self.append_many([blob])[0]
 
-    def encode_groups(self, raws: list[bytes]) -> list[bytes | None]:
-        """Compressed form of each raw group, or None where raw storage is better."""
-        if len(raws) >= 4:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=max(1, min(4, os.cpu_count() or 1)),
-                    thread_name_prefix="zstd")
-            packed = list(self._pool.map(_compress, raws))
-        else:
-            packed = [_compress(r) for r in raws]
-        return [c if len(c) <= len(r) * (1 - MIN_SAVING) else None
-                for c, r in zip(packed, raws, strict=True)]
+    def append_many(self, blobs: list[bytes]) -> list[int]:
+        """Append group blobs (few system calls); returns their glocs."""
+        glocs = []
+        i = 0
+        while i < len(blobs):
+            if self.pack_len >= PACK_ROTATE:
+                self._rotate()
+            start = off = self.pack_len
+            j = i
+            while j < len(blobs) and j - i < 512 and off - start < PACK_ROTATE:
+                glocs.append(self.pack_no << PACK_SHIFT | off)
+                off += len(blobs[j])
+                j += 1
+            bufs = [memoryview(b) for b in blobs[i:j]]
+            pos = start
+            while bufs:
+                n = os.pwritev(self._fd, bufs, pos)
+                pos += n
+                while bufs and n >= len(bufs[0]):
+                    n -= len(bufs[0])
+                    bufs.pop(0)
+                if bufs and n:
+                    bufs[0] = bufs[0][n:]
+            self.pack_len = off
+            self._dirty[self.pack_no] = self._fd
+            i = j
+        return glocs
+
+    def start_encode(self, raws: list[bytes]) -> concurrent.futures.Future:
+        """Compress groups on a worker thread; the future's result is the list of
+        compressed forms (the caller keeps the raw form where that is not smaller)."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="zstd")
+        return self._pool.submit(_compress_all, raws)
 
     def sync(self) -> None:
         """Make every appended byte durable (fsync of each pack written since the last sync)."""
@@ -181,59 +197,140 @@ class PackWriter:
 class GroupBuilder:
     """Collects trimmed block contents into groups and writes them to a :class:`PackWriter`.
 
-    :meth:`add` returns a row (a list) whose last four fields ``gloc, glen, boff, blen`` are
-    filled in when the group is sealed; the caller inserts rows only after :meth:`seal`.
+    Blocks are grouped per file (so a file read back decompresses each group once); a file's
+    group is closed, and its compression started on a worker thread, as soon as it is full.
+    At :meth:`seal` the partial groups left over (small files, the last blocks of a batch)
+    are packed together, in file order, into shared groups. :meth:`add` takes a row (a list)
+    whose last four fields ``gloc, glen, boff, blen`` are filled in by :meth:`seal`; the
+    caller inserts rows only after that.
     """
 
     def __init__(self, writer: PackWriter) -> None:
         self.writer = writer
-        self._parts: list[bytes] = []
-        self._rows: list[list] = []
-        self._raw_len = 0
-        self._sealed_raw: list[tuple[list[bytes], list[list]]] = []
+        self._open: dict[int, list] = {}  # ident -> [parts, rows, raw_len]
+        self._closed: list[tuple[list[list], bytes]] = []
+        self._unsent: list[bytes] = []  # closed groups not handed to a compression job yet
+        self._jobs: list[tuple[int, concurrent.futures.Future]] = []
 
-    def add(self, content: bytes, row: list) -> None:
-        """Stage non-empty ``content`` (<= one block) for ``row`` (``row[-4:]`` filled later)."""
-        if self._raw_len + len(content) > GROUP_RAW_MAX:
-            self._close_group()
-        row[-2] = self._raw_len
+    def add(self, ident: int, content: bytes, row: list) -> None:
+        """Stage non-empty ``content`` (at most one block) for ``row``."""
+        g = self._open.get(ident)
+        if g is None:
+            g = self._open[ident] = [[], [], 0]
+        elif g[2] + len(content) > GROUP_RAW_MAX:
+            self._close(g)
+        row[-2] = g[2]
         row[-1] = len(content)
-        self._parts.append(content)
-        self._rows.append(row)
-        self._raw_len += len(content)
-        if len(self._parts) >= GROUP_BLOCKS:
-            self._close_group()
+        g[0].append(content)
+        g[1].append(row)
+        g[2] += len(content)
+        if len(g[0]) >= GROUP_BLOCKS:
+            self._close(g)
 
-    def _close_group(self) -> None:
-        if self._parts:
-            self._sealed_raw.append((self._parts, self._rows))
-            self._parts, self._rows, self._raw_len = [], [], 0
+    def add_run(self, ident: int, contents: list[bytes], rows: list[list]) -> None:
+        """:meth:`add` for many blocks of one file; empty contents (holes) are skipped."""
+        g = self._open.get(ident)
+        if g is None:
+            g = self._open[ident] = [[], [], 0]
+        parts, grows, raw_len = g
+        for content, row in zip(contents, rows, strict=True):
+            n = len(content)
+            if not n:
+                continue
+            if raw_len + n > GROUP_RAW_MAX:
+                g[2] = raw_len
+                self._close(g)
+                parts, grows, raw_len = g
+            row[5] = raw_len
+            row[6] = n
+            parts.append(content)
+            grows.append(row)
+            raw_len += n
+            if len(parts) >= GROUP_BLOCKS:
+                g[2] = raw_len
+                self._close(g)
+                parts, grows, raw_len = g
+        g[2] = raw_len
 
-    def pending_bytes(self) -> int:
-        return self._raw_len + sum(sum(map(len, p)) for p, _ in self._sealed_raw)
+    def add_span(self, ident: int, span: memoryview, contents: list, rows: list[list]) -> None:
+        """:meth:`add_run` for consecutive blocks that are the slices of ``span``: when none
+        is trimmed, whole groups are cut from ``span`` without copying it."""
+        if len(contents) < GROUP_BLOCKS or any(len(c) != BLOCK_SIZE for c in contents):
+            self.add_run(ident, contents, rows)
+            return
+        g = self._open.get(ident)
+        head = 0
+        if g is not None and g[0]:  # fill the file's open group first
+            head = GROUP_BLOCKS - len(g[0])
+            self.add_run(ident, contents[:head], rows[:head])
+        n = len(contents) - (len(contents) - head) % GROUP_BLOCKS
+        for i in range(head, n, GROUP_BLOCKS):
+            grows = rows[i:i + GROUP_BLOCKS]
+            for k, row in enumerate(grows):
+                row[5] = k * BLOCK_SIZE
+                row[6] = BLOCK_SIZE
+            self._closed.append((grows, span[i * BLOCK_SIZE:(i + GROUP_BLOCKS) * BLOCK_SIZE]))
+            self._unsent.append(self._closed[-1][1])
+            if len(self._unsent) >= ENCODE_BATCH:
+                self._send()
+        if n < len(contents):
+            self.add_run(ident, contents[n:], rows[n:])
+
+    def _close(self, g: list) -> None:
+        raw = b"".join(g[0])
+        self._closed.append((g[1], raw))
+        self._unsent.append(raw)
+        if len(self._unsent) >= ENCODE_BATCH:
+            self._send()
+        g[0], g[1], g[2] = [], [], 0
+
+    def _send(self) -> None:
+        if self._unsent:
+            self._jobs.append((len(self._unsent), self.writer.start_encode(self._unsent)))
+            self._unsent = []
 
     def seal(self) -> int:
         """Compress and append every staged group; returns the bytes appended."""
-        self._close_group()
-        if not self._sealed_raw:
-            return 0
-        raws = [b"".join(parts) for parts, _ in self._sealed_raw]
-        packed = self.writer.encode_groups(raws)
-        total = 0
-        for (_, rows), raw, comp in zip(self._sealed_raw, raws, packed, strict=True):
-            blob = raw if comp is None else comp
-            gloc = self.writer.append(blob)
-            glen = len(blob) << 1 | (comp is not None)
-            total += len(blob)
+        shared: list = [[], [], 0]
+        for ident in sorted(self._open):
+            parts, rows, _ = self._open[ident]
+            for content, row in zip(parts, rows, strict=True):
+                if shared[2] + len(content) > GROUP_RAW_MAX or len(shared[0]) >= GROUP_BLOCKS:
+                    self._close(shared)
+                row[-2] = shared[2]
+                shared[0].append(content)
+                shared[1].append(row)
+                shared[2] += len(content)
+        self._open.clear()
+        if shared[0]:
+            self._close(shared)
+        self._send()
+        packed: list[bytes] = []
+        for _, fut in self._jobs:
+            packed += fut.result()
+        self._jobs.clear()
+        blobs, flags = [], []
+        for (_, raw), comp in zip(self._closed, packed, strict=True):
+            small = len(comp) <= len(raw) * (1 - MIN_SAVING)
+            blobs.append(comp if small else raw)
+            flags.append(small)
+        glocs = self.writer.append_many(blobs)
+        for (rows, _), blob, compressed, gloc in zip(self._closed, blobs, flags, glocs,
+                                                         strict=True):
+            glen = len(blob) << 1 | compressed
             for row in rows:
                 row[-4] = gloc
                 row[-3] = glen
-        self._sealed_raw.clear()
-        return total
+        self._closed.clear()
+        return sum(map(len, blobs))
 
     def discard(self) -> None:
-        self._parts, self._rows, self._raw_len = [], [], 0
-        self._sealed_raw.clear()
+        for _, fut in self._jobs:
+            fut.cancel()
+        self._jobs.clear()
+        self._unsent = []
+        self._open.clear()
+        self._closed.clear()
 
 
 class PackReader:

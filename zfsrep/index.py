@@ -522,35 +522,38 @@ class VolumeIndex:
         n = len(data)
         if not n:
             return
-        end = offset + n
-        size = st[SIZE]
-        born = st[BORN]
-        blk = offset // BS
-        pos = 0  # position in data
-        while pos < n:
-            bs = blk * BS
-            lo = offset + pos - bs  # start inside the block
-            take = min(BS - lo, n - pos)
-            if take == BS:
-                content = trim(data[pos:pos + BS])
-            else:
-                cur = self._current(ident, st, blk) if bs < size else b""
-                hi = lo + take
-                if len(cur) < lo:
-                    cur += bytes(lo - len(cur))
-                content = trim(cur[:lo] + data[pos:pos + take] + cur[hi:])
-            self._set_block(seq, ident, born, blk, content)
-            pos += take
+        size, born = st[SIZE], st[BORN]
+        blk, pos = offset // BS, 0
+        lo = offset % BS
+        if lo or n < BS:  # a partial first block: merge with what the block holds now
+            pos = min(BS - lo, n)
+            cur = self._current(ident, st, blk) if blk * BS < size else b""
+            if len(cur) < lo:
+                cur += bytes(lo - len(cur))
+            self._set_block(seq, ident, born, blk,
+                            trim(cur[:lo] + data[:pos] + cur[lo + pos:]))
             blk += 1
-        if end > size:
-            st[SIZE] = end
+        nfull = (n - pos) // BS
+        if nfull:
+            # views into the record's data: whole groups are cut from it without a copy
+            span = memoryview(data)[pos:pos + nfull * BS]
+            blocks = [span[p:p + BS] for p in range(0, nfull * BS, BS)]
+            self._set_blocks(seq, ident, born, blk,
+                             [c if c[-1] else bytes(c).rstrip(b"\0") for c in blocks], span)
+            pos += nfull * BS
+            blk += nfull
+        if pos < n:  # a partial last block
+            cur = self._current(ident, st, blk) if blk * BS < size else b""
+            self._set_block(seq, ident, born, blk, trim(data[pos:] + cur[n - pos:]))
+        if offset + n > size:
+            st[SIZE] = offset + n
 
     def _current(self, ident: int, st: list, blk: int) -> bytes:
         """The file's block ``blk`` now (trimmed)."""
         if blk * BS >= st[SIZE]:
             return b""
         try:
-            return self._blk[(ident, st[BORN], blk)]
+            return bytes(self._blk[(ident, st[BORN], blk)])
         except KeyError:
             pass
         row = self.db.execute("SELECT seq, gloc, glen, boff, blen FROM blocks WHERE ident = ? "
@@ -560,14 +563,20 @@ class VolumeIndex:
         return self.reader.block(*row[1:])
 
     def _set_block(self, seq: int, ident: int, born: int, blk: int, content: bytes) -> None:
-        key = (ident, born, blk)
-        old = self._blk.get(key)
-        self._blk[key] = content
-        self._blk_bytes += len(content) + 64 - (0 if old is None else len(old) + 64)
-        row = [ident, blk, seq, 0, 0, 0, 0]
-        if content:
-            self.builder.add(content, row)
-        self._blk_rows.append(row)
+        self._set_blocks(seq, ident, born, blk, [content])
+
+    def _set_blocks(self, seq: int, ident: int, born: int, blk: int,
+                    contents: list, span: memoryview | None = None) -> None:
+        """New versions of consecutive blocks from ``blk`` on (b"" = a hole)."""
+        blks = range(blk, blk + len(contents))
+        rows = [[ident, b, seq, 0, 0, 0, 0] for b in blks]
+        self._blk.update(zip([(ident, born, b) for b in blks], contents, strict=True))
+        self._blk_bytes += sum(map(len, contents)) + 64 * len(contents)
+        if span is None:
+            self.builder.add_run(ident, contents, rows)
+        else:
+            self.builder.add_span(ident, span, contents, rows)
+        self._blk_rows += rows
         if self._blk_bytes > self.OVERLAY_MAX:
             self._flush_blocks()
             self._blk.clear()
@@ -588,7 +597,7 @@ class VolumeIndex:
             if content is None:
                 continue
             if content:
-                out[b] = content
+                out[b] = bytes(content)
             else:
                 out.pop(b, None)
         return out
