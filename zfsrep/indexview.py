@@ -1,0 +1,209 @@
+"""Reading a volume's index at one stream position (docs/store-index.md).
+
+:class:`IndexView` implements ``zfsrep.view.SnapshotView`` over the index that
+``zfsrep.index.VolumeIndex`` writes. This module also holds what both sides share: the schema
+and the file names. Every row is a version valid from its ``seq`` until the next row with the
+same key, so the object at position S is the row with the greatest ``seq <= S``: one indexed
+seek per key, whatever the position. Rows are only ever inserted, so a view at S never sees a
+row change while the writer goes on (in another process, through SQLite's WAL).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+import stat
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from urllib.parse import quote
+
+from zfsrep.blockstore import PackReader
+from zfsrep.errors import NotFoundError, OSFailure, StateError
+from zfsrep.records import BLOCK_SIZE
+from zfsrep.view import Node
+
+BS = BLOCK_SIZE
+FORMAT = 1
+INDEX_NAME = "index.sqlite"
+NODE_COLS = "mode, uid, gid, size, mtime_ns, rdev, nlink, born, parent, target"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS nodes(
+    ident INTEGER NOT NULL, seq INTEGER NOT NULL,
+    mode INTEGER, uid INTEGER, gid INTEGER, size INTEGER, mtime_ns INTEGER, rdev INTEGER,
+    nlink INTEGER, born INTEGER, parent INTEGER, target BLOB,
+    PRIMARY KEY (ident, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entries(
+    parent INTEGER NOT NULL, name BLOB NOT NULL, seq INTEGER NOT NULL, ident INTEGER,
+    PRIMARY KEY (parent, name, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS xattrs(
+    ident INTEGER NOT NULL, name BLOB NOT NULL, seq INTEGER NOT NULL, value BLOB,
+    PRIMARY KEY (ident, name, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blocks(
+    ident INTEGER NOT NULL, blk INTEGER NOT NULL, seq INTEGER NOT NULL,
+    gloc INTEGER NOT NULL, glen INTEGER NOT NULL, boff INTEGER NOT NULL, blen INTEGER NOT NULL,
+    PRIMARY KEY (ident, blk, seq)) WITHOUT ROWID;
+"""
+
+# The latest version at or before a position of every block in [?1, ?2] of one object.
+BLOCK_RANGE_SQL = """
+WITH RECURSIVE r(b) AS (SELECT ?1 UNION ALL SELECT b + 1 FROM r WHERE b < ?2)
+SELECT x.blk, x.gloc, x.glen, x.boff, x.blen FROM r JOIN blocks x
+  ON x.ident = ?3 AND x.blk = r.b
+ AND x.seq = (SELECT max(y.seq) FROM blocks y WHERE y.ident = ?3 AND y.blk = r.b
+                                                AND y.seq <= ?4)
+WHERE x.seq >= ?5 AND x.blen > 0
+"""
+
+
+def index_path(voldir: Path) -> Path:
+    return voldir / INDEX_NAME
+
+
+class IndexView:
+    """The tree of a volume at position ``seq``, read from its index (read-only).
+
+    Safe to use from several threads (one lock); the writer may go on in another process.
+    ``queries`` counts SQL statements and ``packs.preads`` pack reads (cost accounting).
+    """
+
+    NODE_CACHE = 4096
+
+    def __init__(self, voldir: Path, seq: int) -> None:
+        self.voldir = Path(voldir)
+        path = index_path(self.voldir)
+        if not path.is_file():
+            raise NotFoundError(f"no volume index in {self.voldir}")
+        try:
+            self._db = sqlite3.connect(f"file:{quote(os.fsdecode(path))}?mode=ro", uri=True,
+                                       check_same_thread=False)
+            meta = dict(self._db.execute("SELECT key, value FROM meta"))
+        except sqlite3.Error as e:
+            raise OSFailure(f"cannot open index {path}: {e}") from None
+        if meta.get("format") != FORMAT:
+            self._db.close()
+            raise StateError(f"index {path} has an unknown format")
+        if type(seq) is not int or not 0 <= seq <= meta["indexed_seq"]:
+            self._db.close()
+            raise StateError(f"position {seq} of volume {self.voldir} is not indexed yet "
+                             f"(indexed up to {meta['indexed_seq']})")
+        self.root: int = meta["root_ident"]
+        self.seq = seq
+        self.packs = PackReader(self.voldir)
+        self.queries = 0
+        self._lock = threading.Lock()
+        self._nodes: OrderedDict[int, tuple[Node, int, bytes | None]] = OrderedDict()
+
+    def _q(self, sql: str, args: tuple) -> sqlite3.Cursor:
+        self.queries += 1
+        return self._db.execute(sql, args)
+
+    def _node(self, ident: int) -> tuple[Node, int, bytes | None]:
+        hit = self._nodes.get(ident)
+        if hit is not None:
+            self._nodes.move_to_end(ident)
+            return hit
+        row = self._q(f"SELECT {NODE_COLS} FROM nodes WHERE ident = ? AND seq <= ? "
+                      "ORDER BY seq DESC LIMIT 1", (ident, self.seq)).fetchone()
+        if row is None or row[0] is None:
+            raise NotFoundError(f"no object {ident} at position {self.seq}")
+        return self._remember(ident, row)
+
+    def _remember(self, ident: int, row: tuple) -> tuple[Node, int, bytes | None]:
+        mode, uid, gid, size, mtime, rdev, nlink, born, _parent, target = row
+        hit = (Node(ident, mode, uid, gid, size, mtime, nlink, rdev), born, target)
+        self._nodes[ident] = hit
+        if len(self._nodes) > self.NODE_CACHE:
+            self._nodes.popitem(last=False)
+        return hit
+
+    def getattr(self, ident: int) -> Node:
+        with self._lock:
+            return self._node(ident)[0]
+
+    def lookup(self, parent: int, name: bytes) -> Node | None:
+        with self._lock:
+            row = self._q("SELECT ident FROM entries WHERE parent = ? AND name = ? AND seq <= ? "
+                          "ORDER BY seq DESC LIMIT 1", (parent, name, self.seq)).fetchone()
+            if row is None or row[0] is None:
+                return None
+            return self._node(row[0])[0]
+
+    def readdir(self, parent: int, after: bytes = b"", limit: int = 1 << 30
+                ) -> list[tuple[bytes, Node]]:
+        with self._lock:
+            node = self._node(parent)[0]
+            if not stat.S_ISDIR(node.mode):
+                raise OSError(errno.ENOTDIR, f"object {parent} is not a directory")
+            rows = self._q(
+                f"""SELECT e.name, e.ident, {', '.join('n.' + c for c in NODE_COLS.split(', '))}
+                FROM (SELECT name, ident, max(seq) FROM entries
+                       WHERE parent = ?1 AND name > ?2 AND seq <= ?3 GROUP BY name) e
+                JOIN nodes n ON n.ident = e.ident AND n.seq = (
+                     SELECT max(seq) FROM nodes WHERE ident = e.ident AND seq <= ?3)
+                WHERE e.ident IS NOT NULL ORDER BY e.name LIMIT ?4""",
+                (parent, after, self.seq, limit)).fetchall()
+            return [(r[0], self._remember(r[1], r[2:])[0]) for r in rows]
+
+    def readlink(self, ident: int) -> bytes:
+        with self._lock:
+            node, _, target = self._node(ident)
+        if not stat.S_ISLNK(node.mode) or target is None:
+            raise OSError(errno.EINVAL, f"object {ident} is not a symlink")
+        return target
+
+    def read(self, ident: int, offset: int, size: int) -> bytes:
+        with self._lock:
+            node, born, _ = self._node(ident)
+            if stat.S_ISDIR(node.mode):
+                raise OSError(errno.EISDIR, f"object {ident} is a directory")
+            end = min(node.size, offset + size)
+            if offset < 0 or size < 0:
+                raise OSError(errno.EINVAL, "negative read range")
+            if end <= offset:
+                return b""
+            first, last = offset // BS, (end - 1) // BS
+            rows = self._q(BLOCK_RANGE_SQL, (first, last, ident, self.seq, born)).fetchall()
+            self.packs.prefetch([(r[1], r[2]) for r in rows])
+            out = bytearray(end - offset)
+            for blk, gloc, glen, boff, blen in rows:
+                content = self.packs.block(gloc, glen, boff, blen)
+                a = max(offset, blk * BS)
+                b = min(end, blk * BS + len(content))
+                if b > a:
+                    out[a - offset:b - offset] = content[a - blk * BS:b - blk * BS]
+            return bytes(out)
+
+    def listxattr(self, ident: int) -> list[bytes]:
+        with self._lock:
+            born = self._node(ident)[1]
+            rows = self._q("SELECT name FROM (SELECT name, value, max(seq) FROM xattrs "
+                           "WHERE ident = ? AND seq <= ? AND seq >= ? GROUP BY name) "
+                           "WHERE value IS NOT NULL ORDER BY name",
+                           (ident, self.seq, born)).fetchall()
+            return [r[0] for r in rows]
+
+    def getxattr(self, ident: int, name: bytes) -> bytes | None:
+        with self._lock:
+            born = self._node(ident)[1]
+            row = self._q("SELECT value, seq FROM xattrs WHERE ident = ? AND name = ? "
+                          "AND seq <= ? ORDER BY seq DESC LIMIT 1",
+                          (ident, name, self.seq)).fetchone()
+            if row is None or row[1] < born:
+                return None
+            return row[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+            self.packs.close()
+            self._nodes.clear()
+
+    def __enter__(self) -> IndexView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
