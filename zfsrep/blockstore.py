@@ -59,7 +59,7 @@ def trim(block: bytes) -> bytes:
 _local = threading.local()
 
 
-def _compress_all(raws: list[bytes]) -> list[bytes]:
+def _compress_all(raws: list[bytes | memoryview]) -> list[bytes]:
     c = getattr(_local, "cctx", None)
     if c is None:
         c = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
@@ -127,7 +127,7 @@ class PackWriter:
         """Append one group blob; returns its gloc."""
         return self.append_many([blob])[0]
 
-    def append_many(self, blobs: list[bytes]) -> list[int]:
+    def append_many(self, blobs: list[bytes | memoryview]) -> list[int]:
         """Append group blobs (few system calls); returns their glocs."""
         glocs = []
         i = 0
@@ -155,7 +155,7 @@ class PackWriter:
             i = j
         return glocs
 
-    def start_encode(self, raws: list[bytes]) -> concurrent.futures.Future:
+    def start_encode(self, raws: list[bytes | memoryview]) -> concurrent.futures.Future:
         """Compress groups on a worker thread; the future's result is the list of
         compressed forms (the caller keeps the raw form where that is not smaller)."""
         if self._pool is None:
@@ -208,8 +208,9 @@ class GroupBuilder:
     def __init__(self, writer: PackWriter) -> None:
         self.writer = writer
         self._open: dict[int, list] = {}  # ident -> [parts, rows, raw_len]
-        self._closed: list[tuple[list[list], bytes]] = []
-        self._unsent: list[bytes] = []  # closed groups not handed to a compression job yet
+        self._closed: list[tuple[list[list], bytes | memoryview]] = []
+        # closed groups not handed to a compression job yet
+        self._unsent: list[bytes | memoryview] = []
         self._jobs: list[tuple[int, concurrent.futures.Future]] = []
 
     def add(self, ident: int, content: bytes, row: list) -> None:
@@ -309,7 +310,8 @@ class GroupBuilder:
         for _, fut in self._jobs:
             packed += fut.result()
         self._jobs.clear()
-        blobs, flags = [], []
+        blobs: list[bytes | memoryview] = []
+        flags: list[bool] = []
         for (_, raw), comp in zip(self._closed, packed, strict=True):
             small = len(comp) <= len(raw) * (1 - MIN_SAVING)
             blobs.append(comp if small else raw)

@@ -25,7 +25,9 @@ from __future__ import annotations
 import logging
 import sqlite3
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from zfsrep.blockstore import GroupBuilder, PackReader, PackWriter, trim
 from zfsrep.errors import CorruptDataError, OSFailure, StateError, ZfsrepError
@@ -142,7 +144,7 @@ class VolumeIndex:
         self._reset_state()
 
     def _reset_state(self) -> None:
-        self._nodes: dict[int, list | None] = {}
+        self._nodes: dict[int, Any] = {}  # ident -> state list, None: never seen
         self._ents: dict[tuple[int, bytes], int | None] = {}
         self._blk: dict[tuple[int, int, int], bytes] = {}  # (ident, born, blk) -> content
         self._blk_bytes = 0
@@ -550,11 +552,11 @@ class VolumeIndex:
             self._blk.clear()
             self._blk_bytes = 0
 
-    def _extents(self, ident: int, st: list, first: int, last: int) -> dict[int, object]:
+    def _extents(self, ident: int, st: list, first: int, last: int) -> dict[int, Any]:
         """Blocks in [first, last] that hold data now: blk -> content bytes (staged) or a
         stored location tuple (gloc, glen, boff, blen)."""
         born = st[BORN]
-        out: dict[int, object] = {
+        out: dict[int, Any] = {
             r[0]: r[1:] for r in self.db.execute(BLOCK_EXTENTS_SQL, (ident, first, last, born))}
         if last - first < len(self._blk):
             staged = ((b, self._blk.get((ident, born, b))) for b in range(first, last + 1))
@@ -646,8 +648,8 @@ class VolumeIndex:
         size = st[SIZE]
         if offset % BS or delta % BS:
             # Not block-aligned (a filesystem with smaller blocks): move the bytes.
-            src = offset - delta if delta < 0 else offset
-            tail = self._get(ident, st, src, size - src)
+            start = offset - delta if delta < 0 else offset
+            tail = self._get(ident, st, start, size - start)
             self._zero(seq, ident, st, offset, size)
             st[SIZE] = offset
             self._put(seq, ident, st, offset + max(delta, 0), tail)
@@ -717,7 +719,7 @@ class VolumeIndex:
             self._blk_bytes = 0
 
 
-_HANDLERS = {
+_HANDLERS: dict[int, Callable[..., None]] = {
     Op.NEW: VolumeIndex._new,
     Op.LINK: VolumeIndex._link,
     Op.REMOVE: VolumeIndex._remove,

@@ -176,7 +176,7 @@ class _Restorer:
             raise
         return fd
 
-    def _owner(self, target: int | str, uid: int, gid: int, **kw) -> None:
+    def _owner(self, target: int | str | bytes, uid: int, gid: int, **kw) -> None:
         try:
             os.chown(target, uid, gid, **kw)
         except PermissionError:
