@@ -453,3 +453,47 @@ def test_spool_limit_stops_capture_not_the_application(journal_server, vpg, moun
         assert time.monotonic() < deadline, st
         time.sleep(0.3)
     assert m.stop() == 0
+
+
+def test_snapshot_foreground_and_checkpoint_selectors(journal_server, vpg, mount_factory,
+                                                      tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    m = replicated(mount_factory, journal_server)
+    m.start()
+    (m.mnt / "f").write_text("hello")
+    tag(journal_server, "fg")
+    everything = checkpoints(journal_server)
+    ids = [cp["id"] for cp in everything]  # automatic ones keep coming: compare prefixes
+    assert [cp["id"] for cp in checkpoints(journal_server, "--max-age", "1h")][:len(ids)] == ids
+    assert checkpoints(journal_server, "--min-age", "1h") == []
+    sel = json.loads(journal_server.cli("checkpoints", "--selector",
+                                        f"vpg={VPG};minAge=0s;maxAge=3d", "--json").stdout)
+    assert [cp["id"] for cp in sel][:len(ids)] == ids
+    assert [cp["tag"] for cp in everything if cp["kind"] == "tagged"] == ["fg"]
+    mnt = tmp_path / "fg"
+    mnt.mkdir()
+    env = dict(os.environ, ZFSREP_SERVER=journal_server.address)
+    proc = subprocess.Popen([sys.executable, "-m", "zfsrep.cli", "snapshot", "mount", VPG,
+                             "fg", str(mnt), "--foreground"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not is_mounted(mnt):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert (mnt / "f").read_text() == "hello"
+        zfsrep("snapshot", "umount", str(mnt))
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if is_mounted(mnt):
+            os.system(f"fusermount3 -u -z {mnt}")
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    r = zfsrep("snapshot", "umount", str(m.mnt), check=False)
+    assert r.returncode == 4  # not a snapshot mount: refused
+    assert m.stop() == 0
