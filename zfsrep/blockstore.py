@@ -36,6 +36,8 @@ GROUP_BLOCKS = 16
 GROUP_RAW_MAX = GROUP_BLOCKS * BLOCK_SIZE
 #: Store a group compressed only when that saves at least this fraction of its raw size.
 MIN_SAVING = 1 / 32
+SKIP_STREAK = 8
+PROBE_EVERY = 16
 #: A new pack file is started once the current one is at least this long.
 PACK_ROTATE = 1 << 30
 PACK_SHIFT = 40
@@ -59,11 +61,26 @@ def trim(block: bytes) -> bytes:
 _local = threading.local()
 
 
-def _compress_all(raws: list[bytes | memoryview]) -> list[bytes]:
+def _compress_all(raws: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """Compressed forms of ``raws``. After SKIP_STREAK groups in a row that did not compress
+    (random or already compressed data), groups are returned as they are (the caller then
+    stores them raw) except one probe in PROBE_EVERY, so incompressible data costs no
+    compression time and compressible data is noticed again."""
     c = getattr(_local, "cctx", None)
     if c is None:
         c = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-    return [c.compress(raw) for raw in raws]
+        _local.streak = _local.skipped = 0
+    out: list[bytes | memoryview] = []
+    for raw in raws:
+        if _local.streak >= SKIP_STREAK and _local.skipped < PROBE_EVERY:
+            _local.skipped += 1
+            out.append(raw)
+            continue
+        _local.skipped = 0
+        comp = c.compress(raw)
+        _local.streak = _local.streak + 1 if len(comp) > len(raw) * (1 - MIN_SAVING) else 0
+        out.append(comp)
+    return out
 
 
 class PackWriter:
@@ -306,7 +323,7 @@ class GroupBuilder:
         if shared[0]:
             self._close(shared)
         self._send()
-        packed: list[bytes] = []
+        packed: list[bytes | memoryview] = []
         for _, fut in self._jobs:
             packed += fut.result()
         self._jobs.clear()

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".zfr"
 SEGMENT_BYTES = 64 << 20
+ROTATE_TRIMMED_BYTES = 1 << 20
 _NAME_DIGITS = 20
 
 Buffer = bytes | bytearray | memoryview
@@ -312,6 +313,7 @@ class VolumeJournal:
         self._written_seq = 0
         self._durable_seq = 0
         self._broken: str | None = None  # why appends are refused until reopened
+        self._rotate_next = False  # the indexer has reached the open segment: close it
         self._open(first_seq)
 
     # -- opening
@@ -408,7 +410,9 @@ class VolumeJournal:
                     what = f"leaves a gap: records {expected}..{header.first_seq - 1} missing"
                 raise CorruptDataError(
                     f"journal {self.path}: frame {header.first_seq}..{header.last_seq} {what}")
-            if self._size and self._size + len(frame) > self._segment_bytes:
+            if self._size and (self._size + len(frame) > self._segment_bytes
+                               or self._rotate_next):
+                self._rotate_next = False
                 self._rotate(header.first_seq)
             self._write(frame)
             self._written_seq = header.last_seq
@@ -543,6 +547,11 @@ class VolumeJournal:
                     self._fs.fsync_dir(self.path)
             except OSError as e:
                 raise OSFailure(f"journal {self.path}: trim failed: {describe(e)}") from None
+            if self._firsts[-1] - 1 <= upto_seq and self._size >= ROTATE_TRIMMED_BYTES:
+                # the reader has reached the open segment: start a new one at the next frame,
+                # so this one can go at the next trim instead of holding up to a whole
+                # segment of data that is already indexed
+                self._rotate_next = True
             return removed
 
     # -- reading

@@ -204,7 +204,7 @@ class VolumeShipper:
                 continue
             batch = await trio.to_thread.run_sync(reader.read, seq, written, READ_BYTES)
             for first, last, data in batch:
-                await conn.send({"t": "data", "frame": data})
+                await conn.send_data(data)
                 self._inflight.append((last, len(data)))
                 self._inflight_bytes += len(data)
                 self.state.sent_frames += 1

@@ -29,6 +29,9 @@ _LEN = struct.Struct(">I")
 #: A data message carries one capture frame plus a few fields.
 MAX_MESSAGE = frames.HEADER_SIZE + frames.MAX_COMP_LEN + 4096
 _READ_CHUNK = 1 << 20
+# msgpack of {"t": "data", "frame": <bin32 of length N>} up to the length: fixmap(2), "t",
+# "data", "frame", bin32 marker
+_DATA_PREFIX = b"\x82\xa1t\xa4data\xa5frame\xc6"
 
 
 class ProtocolError(CorruptDataError):
@@ -82,6 +85,18 @@ class MessageStream:
         data = pack(msg)
         async with self._send_lock:
             await self.stream.send_all(data)
+
+    async def send_data(self, frame: bytes) -> None:
+        """Send ``{"t": "data", "frame": frame}`` without copying the frame into a message
+        buffer: the msgpack prefix (a 2-entry map whose last value is a bin32) goes first,
+        the frame bytes right after it."""
+        if len(frame) + len(_DATA_PREFIX) + 4 > MAX_MESSAGE:
+            raise ValueError(f"frame of {len(frame)} bytes exceeds the message limit")
+        head = (_LEN.pack(len(_DATA_PREFIX) + 4 + len(frame)) + _DATA_PREFIX
+                + struct.pack(">I", len(frame)))
+        async with self._send_lock:
+            await self.stream.send_all(head)
+            await self.stream.send_all(frame)
 
     async def _fill(self, n: int) -> bool:
         while len(self._buf) < n:

@@ -1,0 +1,75 @@
+"""Unit tests of the message codec (no server): framing, bounds, the zero-copy data message,
+server addresses."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import trio
+import trio.testing
+
+from zfsrep import frames, protocol
+from zfsrep.errors import ZfsrepError
+
+
+def _pair() -> tuple[protocol.MessageStream, protocol.MessageStream]:
+    a, b = trio.testing.memory_stream_pair()
+    return protocol.MessageStream(a), protocol.MessageStream(b)
+
+
+async def test_messages_round_trip_including_the_data_message() -> None:
+    frame = frames.encode_frame([[1, 0, 9, 1, b"name", b"value"]])
+    left, right = _pair()
+    await left.send({"t": "hello", "n": 1, "b": b"\x00\xff"})
+    await left.send_data(frame)
+    assert await right.receive() == {"t": "hello", "n": 1, "b": b"\x00\xff"}
+    assert await right.receive() == {"t": "data", "frame": frame}
+    await left.aclose()
+    assert await right.receive() is None
+
+
+@pytest.mark.parametrize("raw, match", [
+    (struct.pack(">I", protocol.MAX_MESSAGE + 1), "exceeds limit"),
+    (struct.pack(">I", 3) + b"\x92\x01\x02", "not a map"),
+    (struct.pack(">I", 2) + b"\xc1\xc1", "malformed"),
+    (struct.pack(">I", 10) + b"\x81", "closed inside a message"),
+    (b"\x00\x00", "closed inside a message"),
+])
+async def test_malformed_input_is_a_protocol_error(raw: bytes, match: str) -> None:
+    a, b = trio.testing.memory_stream_pair()
+    await a.send_all(raw)
+    await a.aclose()
+    with pytest.raises(protocol.ProtocolError, match=match):
+        await protocol.MessageStream(b).receive()
+
+
+def test_error_replies_carry_the_exit_code() -> None:
+    with pytest.raises(ZfsrepError, match="no VPG") as e:
+        protocol.raise_for_error({"t": "error", "code": 3, "error": "no VPG named x"})
+    assert e.value.exit_code == 3
+    assert protocol.raise_for_error({"t": "result", "result": 1}) == {"t": "result",
+                                                                      "result": 1}
+
+
+def test_server_address_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(protocol.SERVER_ENV, raising=False)
+    assert protocol.server_address(None) == ("127.0.0.1", 7450)
+    monkeypatch.setenv(protocol.SERVER_ENV, "10.0.0.2:9000")
+    assert protocol.server_address(None) == ("10.0.0.2", 9000)
+    assert protocol.server_address("[::1]:7") == ("::1", 7)
+    for bad in ("nohost", ":80", "h:0", "h:99999", "h:x"):
+        with pytest.raises(ZfsrepError) as e:
+            protocol.parse_address(bad)
+        assert e.value.exit_code == 2
+
+
+def test_unreachable_server_is_exit_code_8() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(protocol.ServerUnreachable) as e:
+        protocol.call(("127.0.0.1", port), "ping")
+    assert e.value.exit_code == 8
