@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zfsrep import frames
+from zfsrep import journal as journal_module
 from zfsrep.errors import CorruptDataError, FrameError, NotFoundError, OSFailure
 from zfsrep.journal import (
     FaultInjectingFS,
@@ -494,3 +495,22 @@ def test_any_history_of_operations_keeps_a_contiguous_stream(tmp_path_factory, l
             assert seqs == list(range(trimmed, j.durable_seq + 1))
     finally:
         j.close()
+
+
+def test_trimming_everything_empties_a_large_open_segment_and_keeps_the_position(
+        jpath: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(journal_module, "ROTATE_TRIMMED_BYTES", 1)
+    j = VolumeJournal(jpath)
+    _fill(j, 9)
+    j.sync()
+    j.trim(5)  # not everything: the open segment stays as it is
+    assert _files(jpath) == [segment_name(1)]
+    j.trim(9)
+    assert _files(jpath) == [segment_name(10)]
+    assert (jpath / segment_name(10)).stat().st_size == 0
+    j.close()
+    with VolumeJournal(jpath) as j:
+        assert (j.first_seq, j.durable_seq) == (10, 9)
+        assert j.append(_frame(10))
+        assert j.sync() == 12
+        assert _seqs(j, 10) == [10, 11, 12]

@@ -538,6 +538,11 @@ class VolumeJournal:
         """
         with self._lock:
             removed = 0
+            if (upto_seq >= self._written_seq == self._durable_seq and self._broken is None
+                    and self._size >= ROTATE_TRIMMED_BYTES):
+                # everything is trimmable: start an empty open segment now so the full
+                # one can go too (its name keeps the position across a restart)
+                self._rotate(self._written_seq + 1)
             try:
                 while len(self._firsts) > 1 and self._firsts[1] - 1 <= upto_seq:
                     self._fs.unlink(self._seg_path(self._firsts[0]))
