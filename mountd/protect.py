@@ -27,6 +27,9 @@ from zfsrep.volume import BackingVolume
 
 log = logging.getLogger(__name__)
 
+#: Recently spooled frames kept in memory so the replication link need not read them back.
+RECENT_FRAMES_BYTES = 32 << 20
+
 
 @dataclass
 class ProtectOptions:
@@ -113,6 +116,7 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
         recorder = CaptureStream(spool, next_seq=spool.next_seq,
                                  memory_limit=opts.memory_limit, external=hook)
         if opts.link is not None:
+            spool.keep_recent = RECENT_FRAMES_BYTES
             shipper = VolumeShipper(opts.link, spool, recorder, progress, synced_seq)
             await shipper.first_contact()
     async with trio.open_nursery() as link_nursery:

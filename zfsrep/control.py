@@ -173,7 +173,12 @@ async def _resolve(server: JournalServer, args: dict) -> dict:
         raise NotFoundError(f"VPG {vpg.name} has no volume {volume}")
     seq = cp.positions[volume]
     wait = _duration(args, "wait", RESOLVE_WAIT)
-    if not await vol.wait_until(lambda: vol.indexed_seq >= seq, wait):
+    vol.index_wanted += 1
+    try:
+        reached = await vol.wait_until(lambda: vol.indexed_seq >= seq, wait)
+    finally:
+        vol.index_wanted -= 1
+    if not reached:
         raise StateError(f"volume {volume}: checkpoint {cp.id} is not indexed yet (indexed "
                          f"through record {vol.indexed_seq} of {seq}); try again shortly")
     return {"vpg": vpg.name, "volume": volume, "volume_dir": str(vol.dir), "seq": seq,

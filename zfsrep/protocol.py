@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgpack
@@ -86,17 +86,19 @@ class MessageStream:
         async with self._send_lock:
             await self.stream.send_all(data)
 
-    async def send_data(self, frame: bytes) -> None:
+    async def send_data(self, frame: bytes | Sequence[bytes | memoryview]) -> None:
         """Send ``{"t": "data", "frame": frame}`` without copying the frame into a message
         buffer: the msgpack prefix (a 2-entry map whose last value is a bin32) goes first,
-        the frame bytes right after it."""
-        if len(frame) + len(_DATA_PREFIX) + 4 > MAX_MESSAGE:
-            raise ValueError(f"frame of {len(frame)} bytes exceeds the message limit")
-        head = (_LEN.pack(len(_DATA_PREFIX) + 4 + len(frame)) + _DATA_PREFIX
-                + struct.pack(">I", len(frame)))
+        the frame's bytes (one buffer or several back to back) right after it."""
+        parts = [frame] if isinstance(frame, bytes | bytearray | memoryview) else list(frame)
+        size = sum(memoryview(p).nbytes for p in parts)
+        if size + len(_DATA_PREFIX) + 4 > MAX_MESSAGE:
+            raise ValueError(f"frame of {size} bytes exceeds the message limit")
+        head = _LEN.pack(len(_DATA_PREFIX) + 4 + size) + _DATA_PREFIX + struct.pack(">I", size)
         async with self._send_lock:
             await self.stream.send_all(head)
-            await self.stream.send_all(frame)
+            for part in parts:
+                await self.stream.send_all(part)
 
     async def _fill(self, n: int) -> bool:
         while len(self._buf) < n:

@@ -49,6 +49,8 @@ MARK_TIMEOUT = 10.0
 DURABLE_TIMEOUT = 60.0
 INDEX_BATCH_BYTES = 64 << 20
 INDEX_NICE = 10
+INDEX_QUIET_S = 0.5
+INDEX_DEFER_BYTES = 1 << 30
 
 
 async def on_thread(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
@@ -121,6 +123,10 @@ class VolumeRuntime:
     disconnected_since: float = field(default_factory=time.time)
     report: dict = field(default_factory=dict)
     error: str | None = None
+    received_bytes: int = 0  # frames appended since the server started
+    indexed_bytes: int = 0  # of those, frames the indexer has applied
+    last_data: float = 0.0  # monotonic time of the last frame
+    index_wanted: int = 0  # readers waiting for the index to reach a position
     changed: trio.Event = field(default_factory=trio.Event)
     dirty: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -274,6 +280,7 @@ class JournalServer:
         index = vol.index
         done = 0
         start = index.indexed_seq + 1
+        frame_bytes = 0
         for header, records in vol.journal.read_from(start):
             if header.first_seq > upto:
                 break
@@ -281,15 +288,25 @@ class JournalServer:
                 records = [r for r in records if r[0] >= start]
             index.apply(records)
             done += header.raw_len
+            frame_bytes += header.frame_len
             if header.last_seq >= upto or done >= INDEX_BATCH_BYTES:
                 break
         index.commit()
+        vol.indexed_bytes += frame_bytes
         return index.indexed_seq
 
     async def _indexer(self, vol: VolumeRuntime) -> None:
         while True:
             if vol.indexed_seq >= vol.durable_seq:
                 await vol.changed.wait()
+                continue
+            backlog = vol.received_bytes - vol.indexed_bytes
+            if (not vol.index_wanted and backlog < INDEX_DEFER_BYTES
+                    and time.monotonic() - vol.last_data < INDEX_QUIET_S):
+                # frames are streaming in: index in the quiet after the burst (or once the
+                # backlog is large, or when a reader waits), so a busy link does not compete
+                # with its own indexing for the CPU; checkpoints only need the journal
+                await trio.sleep(INDEX_QUIET_S / 2)
                 continue
             try:
                 indexed = await on_thread(vol.index_thread, self._index_some, vol,
@@ -489,6 +506,8 @@ class JournalServer:
                 if vol.error is not None:
                     raise StateError(f"volume {vol.name}: {vol.error}")
                 await on_thread(vol.journal_thread, vol.journal.append, frame)
+                vol.received_bytes += len(frame)
+                vol.last_data = time.monotonic()
                 vol.dirty.set()
             elif kind == "marked":
                 vc.marked(msg)

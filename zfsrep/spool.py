@@ -149,6 +149,10 @@ class SpoolWriter:
         self.bytes = 0
         self._bytes_lock = threading.Lock()
         self._rotate_soon = False  # everything written was acknowledged: start a new segment
+        #: Bytes of recently written frames kept in memory for the replication link (0: none).
+        self.keep_recent = 0
+        self._recent: deque[tuple[int, int, list[memoryview], int]] = deque()
+        self._recent_bytes = 0
         # Full segments are fsynced and closed (and the directory entry of the next one made
         # durable) by this worker while frames go on into the next segment: the writer does
         # not stall for a 64 MiB fsync unless CLOSING_MAX segments are still waiting for the
@@ -221,7 +225,31 @@ class SpoolWriter:
         self._size += size
         with self._bytes_lock:
             self.bytes += size
+            if self.keep_recent:
+                # the replication link sends recent frames from here, not from the disk
+                self._recent.append((first_seq, last_seq, parts, size))
+                self._recent_bytes += size
+                while self._recent_bytes > self.keep_recent and len(self._recent) > 1:
+                    self._recent_bytes -= self._recent.popleft()[3]
         self.next_seq = last_seq + 1
+
+    def recent(self, start_seq: int, upto_seq: int, max_bytes: int
+               ) -> list[tuple[int, int, list[memoryview]]] | None:
+        """Frames from ``start_seq`` through at most ``upto_seq`` still held in memory (as
+        written: lists of buffers), about ``max_bytes``; None if ``start_seq`` is no longer
+        (or not yet) there."""
+        with self._bytes_lock:
+            if not self._recent or not self._recent[0][0] <= start_seq <= self._recent[-1][0]:
+                return None
+            out, total = [], 0
+            for first, last, parts, size in self._recent:
+                if first < start_seq:
+                    continue
+                if first > upto_seq or (out and total >= max_bytes):
+                    break
+                out.append((first, last, parts))
+                total += size
+            return out if out and out[0][0] == start_seq else None
 
     def trim(self, upto_seq: int) -> int:
         """Delete segments whose records are all <= ``upto_seq`` (acknowledged by the
