@@ -24,7 +24,8 @@ async def test_messages_round_trip_including_the_data_message() -> None:
     await left.send({"t": "hello", "n": 1, "b": b"\x00\xff"})
     await left.send_data(frame)
     assert await right.receive() == {"t": "hello", "n": 1, "b": b"\x00\xff"}
-    assert await right.receive() == {"t": "data", "frame": frame}
+    got = await right.receive()
+    assert got is not None and got["t"] == "data" and bytes(got["frame"]) == frame
     await left.aclose()
     assert await right.receive() is None
 
@@ -73,3 +74,16 @@ def test_unreachable_server_is_exit_code_8() -> None:
     with pytest.raises(protocol.ServerUnreachable) as e:
         protocol.call(("127.0.0.1", port), "ping")
     assert e.value.exit_code == 8
+
+
+async def test_large_data_message_is_read_into_its_own_buffer() -> None:
+    import os
+
+    frame = frames.encode_frame([[1, 0, 5, 7, 0, os.urandom(300_000), None, 0]])
+    left, right = _pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(left.send_data, [frame[:100], memoryview(frame)[100:]])
+        got = await right.receive()
+    assert got is not None and bytes(got["frame"]) == frame
+    header, records = frames.decode_frame(got["frame"])
+    assert header.first_seq == 1 and records[0][5] == frames.decode_frame(frame)[1][0][5]

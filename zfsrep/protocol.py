@@ -29,6 +29,7 @@ _LEN = struct.Struct(">I")
 #: A data message carries one capture frame plus a few fields.
 MAX_MESSAGE = frames.HEADER_SIZE + frames.MAX_COMP_LEN + 4096
 _READ_CHUNK = 1 << 20
+_DIRECT_MIN = 64 << 10  # messages at least this large are read straight into their buffer
 # msgpack of {"t": "data", "frame": <bin32 of length N>} up to the length: fixmap(2), "t",
 # "data", "frame", bin32 marker
 _DATA_PREFIX = b"\x82\xa1t\xa4data\xa5frame\xc6"
@@ -60,6 +61,18 @@ def pack(msg: Mapping[str, Any]) -> bytes:
     if len(body) > MAX_MESSAGE:
         raise ValueError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE}")
     return _LEN.pack(len(body)) + body
+
+
+def _unpack_data(body: bytes | bytearray) -> dict[str, Any] | None:
+    """A data message in the exact form :meth:`MessageStream.send_data` writes, without
+    copying its frame out (None for anything else: the general decoder handles it)."""
+    n = len(_DATA_PREFIX)
+    if len(body) < n + 4 or body[:n] != _DATA_PREFIX:
+        return None
+    (size,) = struct.unpack_from(">I", body, n)
+    if size != len(body) - n - 4:
+        raise ProtocolError("malformed data message: frame length does not match")
+    return {"t": "data", "frame": memoryview(body)[n + 4:]}
 
 
 def unpack(body: bytes | bytearray | memoryview) -> dict[str, Any]:
@@ -118,11 +131,36 @@ class MessageStream:
         (length,) = _LEN.unpack_from(self._buf)
         if length > MAX_MESSAGE:
             raise ProtocolError(f"message length {length} exceeds limit {MAX_MESSAGE}")
-        if not await self._fill(_LEN.size + length):
-            raise ProtocolError("connection closed inside a message")
-        body = bytes(memoryview(self._buf)[_LEN.size:_LEN.size + length])
-        del self._buf[:_LEN.size + length]
-        return unpack(body)
+        del self._buf[:_LEN.size]
+        if length >= _DIRECT_MIN and len(self._buf) < length:
+            body = await self._receive_direct(length)
+        else:
+            if not await self._fill(length):
+                raise ProtocolError("connection closed inside a message")
+            body = bytes(memoryview(self._buf)[:length])
+            del self._buf[:length]
+        return _unpack_data(body) or unpack(body)
+
+    async def _receive_direct(self, length: int) -> bytearray:
+        """A large message read straight into its own buffer (one copy from the kernel)."""
+        body = bytearray(length)
+        have = len(self._buf)
+        body[:have] = self._buf
+        self._buf.clear()
+        view = memoryview(body)
+        sock = getattr(self.stream, "socket", None)
+        while have < length:
+            if sock is not None:
+                n = await sock.recv_into(view[have:])
+            else:
+                chunk = await self.stream.receive_some(length - have)
+                n = len(chunk)
+                view[have:have + n] = chunk
+            if not n:
+                raise ProtocolError(f"connection closed inside a message ({have} of "
+                                    f"{length} bytes)")
+            have += n
+        return body
 
     async def aclose(self) -> None:
         await self.stream.aclose()

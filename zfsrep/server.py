@@ -501,7 +501,7 @@ class JournalServer:
             kind = msg["t"]
             if kind == "data":
                 frame = msg.get("frame")
-                if not isinstance(frame, bytes):
+                if not isinstance(frame, bytes | memoryview):
                     raise protocol.ProtocolError("data message without a frame")
                 if vol.error is not None:
                     raise StateError(f"volume {vol.name}: {vol.error}")
