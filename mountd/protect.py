@@ -28,7 +28,7 @@ from zfsrep.volume import BackingVolume
 log = logging.getLogger(__name__)
 
 #: Recently spooled frames kept in memory so the replication link need not read them back.
-RECENT_FRAMES_BYTES = 32 << 20
+RECENT_FRAMES_BYTES = 64 << 20
 
 
 @dataclass

@@ -10,6 +10,7 @@ connection and nothing else.
 from __future__ import annotations
 
 import os
+import socket
 import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,7 +30,8 @@ _LEN = struct.Struct(">I")
 #: A data message carries one capture frame plus a few fields.
 MAX_MESSAGE = frames.HEADER_SIZE + frames.MAX_COMP_LEN + 4096
 _READ_CHUNK = 1 << 20
-_DIRECT_MIN = 64 << 10  # messages at least this large are read straight into their buffer
+_DIRECT_MIN = 64 << 10
+SEND_TIMEOUT = 60.0  # messages at least this large are read straight into their buffer
 # msgpack of {"t": "data", "frame": <bin32 of length N>} up to the length: fixmap(2), "t",
 # "data", "frame", bin32 marker
 _DATA_PREFIX = b"\x82\xa1t\xa4data\xa5frame\xc6"
@@ -63,6 +65,11 @@ def pack(msg: Mapping[str, Any]) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
+def _sendall(sock: socket.socket, parts: list) -> None:
+    for part in parts:
+        sock.sendall(part)
+
+
 def _unpack_data(body: bytes | bytearray) -> dict[str, Any] | None:
     """A data message in the exact form :meth:`MessageStream.send_data` writes, without
     copying its frame out (None for anything else: the general decoder handles it)."""
@@ -93,6 +100,7 @@ class MessageStream:
         self.stream = stream
         self._buf = bytearray()
         self._send_lock = trio.Lock()
+        self._sock: socket.socket | None = None
 
     async def send(self, msg: Mapping[str, Any]) -> None:
         data = pack(msg)
@@ -109,9 +117,26 @@ class MessageStream:
             raise ValueError(f"frame of {size} bytes exceeds the message limit")
         head = _LEN.pack(len(_DATA_PREFIX) + 4 + size) + _DATA_PREFIX + struct.pack(">I", size)
         async with self._send_lock:
+            sock = self._blocking_socket()
+            if sock is not None and size >= _DIRECT_MIN:
+                # a worker thread does the copying into the kernel (on loopback also the
+                # peer's receive processing), so the event loop goes on serving meanwhile
+                await trio.to_thread.run_sync(_sendall, sock, [head, *parts])
+                return
             await self.stream.send_all(head)
             for part in parts:
                 await self.stream.send_all(part)
+
+    def _blocking_socket(self) -> socket.socket | None:
+        """A second socket object on a duplicate of the connection's descriptor, used from
+        worker threads with a timeout (so it polls: the descriptor stays non-blocking)."""
+        if self._sock is None:
+            trio_sock = getattr(self.stream, "socket", None)
+            if trio_sock is None:
+                return None
+            self._sock = socket.socket(fileno=os.dup(trio_sock.fileno()))
+            self._sock.settimeout(SEND_TIMEOUT)
+        return self._sock
 
     async def _fill(self, n: int) -> bool:
         while len(self._buf) < n:
@@ -163,6 +188,9 @@ class MessageStream:
         return body
 
     async def aclose(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         await self.stream.aclose()
 
     async def __aenter__(self) -> MessageStream:
