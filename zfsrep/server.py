@@ -12,12 +12,14 @@ never stops the server (DESIGN invariant 6). Protocol: docs/protocol.md.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import math
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,13 +51,13 @@ MARK_TIMEOUT = 10.0
 DURABLE_TIMEOUT = 60.0
 INDEX_BATCH_BYTES = 64 << 20
 INDEX_NICE = 10
+APPENDS_IN_FLIGHT = 4
 INDEX_QUIET_S = 0.5
 INDEX_DEFER_BYTES = 1 << 30
 
 
-async def on_thread(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn`` on ``executor`` (a one-thread executor owns its object) and wait for it
-    without holding a trio worker thread. Cancellation stops the wait, not the work."""
+async def on_future(fut: concurrent.futures.Future[T]) -> T:
+    """Wait for a future of a worker thread without holding a trio worker thread."""
     token = trio.lowlevel.current_trio_token()
     done = trio.Event()
 
@@ -63,10 +65,15 @@ async def on_thread(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: A
         with contextlib.suppress(trio.RunFinishedError):
             token.run_sync_soon(done.set)
 
-    fut = executor.submit(fn, *args)
     fut.add_done_callback(wake)
     await done.wait()
     return fut.result()
+
+
+async def on_thread(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` on ``executor`` (a one-thread executor owns its object) and wait for it.
+    Cancellation stops the wait, not the work."""
+    return await on_future(executor.submit(fn, *args))
 
 
 def _lower_priority() -> None:
@@ -493,8 +500,39 @@ class JournalServer:
 
     async def _volume_messages(self, vpg: VpgRuntime, vol: VolumeRuntime,
                                vc: VolumeConnection) -> None:
+        # Appends run on the volume's journal thread, in order, while the next message is
+        # received; each finished append wakes the committer. A failed append (a gap, a bad
+        # checksum) is raised at the next message or at the end, and ends the connection.
+        appending: deque[concurrent.futures.Future] = deque()
+        token = trio.lowlevel.current_trio_token()
+        failed = trio.CancelScope()  # cancelled when an append fails: its error ends this
+
+        def appended(fut: concurrent.futures.Future) -> None:
+            def on_loop() -> None:
+                vol.dirty.set()
+                if fut.exception() is not None:
+                    failed.cancel()
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(on_loop)
+
+        try:
+            with failed:
+                await self._receive_volume(vpg, vol, vc, appending, appended)
+                return
+            while appending:  # an append failed: raise its error
+                appending.popleft().result()
+        finally:
+            with trio.CancelScope(shield=True):
+                while appending:
+                    with contextlib.suppress(Exception):
+                        await on_future(appending.popleft())
+
+    async def _receive_volume(self, vpg: VpgRuntime, vol: VolumeRuntime, vc: VolumeConnection,
+                              appending: deque, appended: Callable) -> None:
         conn = vc.conn
         while True:
+            while appending and appending[0].done():
+                appending.popleft().result()
             msg = await conn.receive()
             if msg is None:
                 return
@@ -505,10 +543,13 @@ class JournalServer:
                     raise protocol.ProtocolError("data message without a frame")
                 if vol.error is not None:
                     raise StateError(f"volume {vol.name}: {vol.error}")
-                await on_thread(vol.journal_thread, vol.journal.append, frame)
+                if len(appending) >= APPENDS_IN_FLIGHT:
+                    await on_future(appending.popleft())
+                fut = vol.journal_thread.submit(vol.journal.append, frame)
+                fut.add_done_callback(appended)
+                appending.append(fut)
                 vol.received_bytes += len(frame)
                 vol.last_data = time.monotonic()
-                vol.dirty.set()
             elif kind == "marked":
                 vc.marked(msg)
             elif kind == "stat":
