@@ -97,7 +97,10 @@ class VolumeConnection:
         event, slot = trio.Event(), []
         self._marks[mark_id] = (event, slot)
         try:
-            await self.conn.send({"t": "mark", "id": mark_id})
+            try:
+                await self.conn.send({"t": "mark", "id": mark_id})
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return None, "the mount disconnected"
             with trio.move_on_after(MARK_TIMEOUT):
                 await event.wait()
                 msg = slot[0]
@@ -256,8 +259,18 @@ class JournalServer:
     async def _volume_workers(self, vol: VolumeRuntime) -> None:
         with vol.scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._committer, vol)
-                nursery.start_soon(self._indexer, vol)
+                nursery.start_soon(self._guarded, vol, self._committer)
+                nursery.start_soon(self._guarded, vol, self._indexer)
+
+    async def _guarded(self, vol: VolumeRuntime, worker: Callable) -> None:
+        """A volume worker's unexpected failure (a bug) puts that volume in error; the
+        server goes on serving everything else."""
+        try:
+            await worker(vol)
+        except Exception as e:
+            log.exception("volume %s/%s: %s failed", vol.vpg, vol.name, worker.__name__)
+            vol.error = f"internal error in {worker.__name__.strip('_')}: {e}"
+            vol.notify()
 
     async def _committer(self, vol: VolumeRuntime) -> None:
         """Make appended frames durable, then acknowledge them (group commit)."""
@@ -344,6 +357,9 @@ class JournalServer:
                     if str(e) != vpg.last_problem:
                         log.info("VPG %s: no automatic checkpoint: %s", vpg.name, e)
                     vpg.last_problem = str(e)
+                except Exception as e:  # a bug must not stop checkpoints or the server
+                    log.exception("VPG %s: automatic checkpoint failed", vpg.name)
+                    vpg.last_problem = f"internal error: {e}"
 
     async def take_checkpoint(self, vpg: VpgRuntime, kind: str, tag: str | None = None,
                               **extra: Any) -> Checkpoint:
