@@ -18,6 +18,7 @@ test: deps
 bench: deps
 	$(PY) bench/bench_hash.py
 	$(PY) bench/bench_mount.py
+	$(PY) bench/bench_replication.py
 
 lint: deps
 	$(VENV)/bin/ruff check zfsrep mountd tools tests bench native
