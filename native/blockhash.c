@@ -194,3 +194,13 @@ void zb_digest(const uint8_t *buf, size_t len, uint8_t out[16])
 {
     put_digest(buf, len, out);
 }
+
+void zb_digest_parts(const uint8_t *const *ptrs, const size_t *lens, size_t n, uint8_t out[16])
+{
+    XXH3_state_t state;
+    XXH3_INITSTATE(&state);
+    XXH3_128bits_reset(&state);
+    for (size_t i = 0; i < n; i++)
+        XXH3_128bits_update(&state, ptrs[i], lens[i]);
+    XXH128_canonicalFromHash((XXH128_canonical_t *)(void *)out, XXH3_128bits_digest(&state));
+}

@@ -34,6 +34,10 @@ size_t zb_zero_blocks(const uint8_t *buf, size_t len, size_t block_size, uint8_t
 /* Canonical XXH3-128 of the whole buffer. */
 void zb_digest(const uint8_t *buf, size_t len, uint8_t out[16]);
 
+/* Canonical XXH3-128 of the concatenation of n buffers (ptrs[i], lens[i]),
+ * equal to zb_digest of the joined bytes, without joining them. */
+void zb_digest_parts(const uint8_t *const *ptrs, const size_t *lens, size_t n, uint8_t out[16]);
+
 /* Name of the XXH3 kernel chosen at load time: "avx512", "avx2" or "default"
  * (the header's compile-time choice: SSE2 on x86_64, NEON on aarch64, ...),
  * or "shared"/"shared-dispatch" when built against libxxhash.so. The

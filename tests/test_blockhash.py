@@ -247,3 +247,12 @@ def test_native_equals_reference_for_any_input(data: bytes, block_size: int) -> 
     assert blockhash.diff_blocks(data, digests, block_size) == reference.diff_blocks(
         data, digests, block_size
     )
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [1, 0, 2], [240, 241, 4096], [1 << 20, 3, 65536]])
+def test_digest_parts_equals_the_digest_of_the_joined_bytes(sizes: list[int]) -> None:
+    parts = [os.urandom(n) for n in sizes]
+    joined = b"".join(parts)
+    assert blockhash.digest_parts(parts) == blockhash.digest(joined)
+    assert blockhash.reference.digest_parts(parts) == blockhash.digest(joined)
+    assert blockhash.digest_parts([memoryview(p) for p in parts]) == blockhash.digest(joined)

@@ -648,3 +648,27 @@ def test_after_a_streak_of_stored_frames_sampling_resumes_within_the_streak() ->
              for _ in range(frames.STORE_STREAK + 1)]
     assert any(not f & FLAG_STORED for f in flags)  # sampled again, and compressed
     assert not flags[-1] & FLAG_STORED
+
+
+def _write_records(first: int, datas: list[bytes]) -> list[list]:
+    return [[first + i, 7, 5, 42, i << 20, d, b"\x01" * 16, 9] for i, d in enumerate(datas)]
+
+
+@pytest.mark.parametrize("datas", [
+    [os.urandom(1 << 20) for _ in range(3)],                       # stored, referenced
+    [os.urandom(70_000), b"small", os.urandom(300_000), b""],      # mixed sizes
+    [b"compressible " * 40_000, b"x" * 100_000],                   # compressed: one buffer
+    [os.urandom(1000) for _ in range(10)],                         # below IOV_MIN
+])
+def test_encode_frame_iov_gives_the_bytes_of_encode_frame(datas: list[bytes]) -> None:
+    from zfsrep.frames import encode_frame_iov
+
+    records = _write_records(5, datas)
+    parts = encode_frame_iov(records)
+    joined = b"".join(bytes(memoryview(p)) for p in parts)
+    assert joined == encode_frame(records)
+    header, decoded = decode_frame(joined)
+    assert decoded == [[r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]] for r in records]
+    if datas[0][:5] != b"compr" and len(datas[0]) >= 1 << 20:
+        assert header.flags & FLAG_STORED
+        assert any(isinstance(p, memoryview) and p.obj is d for p in parts for d in datas)

@@ -17,6 +17,7 @@ The native calls release the GIL. They are meant for worker threads: hashing
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from itertools import compress
 from typing import Any, TypeAlias, cast
 
@@ -114,6 +115,10 @@ class reference:
         return _xxh3(_byte_view(buf))
 
     @staticmethod
+    def digest_parts(parts: Sequence[Buffer]) -> bytes:
+        return _xxh3(b"".join(_byte_view(p) for p in parts))
+
+    @staticmethod
     def kernel() -> str:
         return "reference"
 
@@ -170,6 +175,18 @@ def digest(buf: Buffer) -> bytes:
     src = _cbuf(buf)
     out = _ffi.new("uint8_t[]", DIGEST_SIZE)
     _lib.zb_digest(src, len(src), out)
+    return cast(bytes, _ffi.buffer(out, DIGEST_SIZE)[:])
+
+
+def digest_parts(parts: Sequence[Buffer]) -> bytes:
+    """Digest of the concatenation of ``parts`` (16 bytes), without joining them."""
+    if _lib is None:
+        return reference.digest_parts(parts)
+    srcs = [_cbuf(p) for p in parts]
+    ptrs = _ffi.new("uint8_t *[]", srcs)
+    lens = _ffi.new("size_t[]", [len(b) for b in srcs])
+    out = _ffi.new("uint8_t[]", DIGEST_SIZE)
+    _lib.zb_digest_parts(ptrs, lens, len(srcs), out)
     return cast(bytes, _ffi.buffer(out, DIGEST_SIZE)[:])
 
 

@@ -256,13 +256,14 @@ class CaptureStream:
             log.error("could not mark the spool incomplete: %s", e.strerror or e)
 
 
-def encode_batch(batch: list[list], level: int) -> tuple[bytes, bytes | memoryview]:
-    """Fill in the block digests of WRITE records and encode the batch as one frame
-    (header, payload), with the calling thread's compressor."""
+def encode_batch(batch: list[list], level: int) -> list[bytes | memoryview]:
+    """Fill in the block digests of WRITE records and encode the batch as one frame (a list
+    of buffers, header first: large write data is referred to, not copied, when the frame
+    is stored), with the calling thread's compressor."""
     for rec in batch:
         if rec[2] == Op.WRITE and rec[6] is None:
             rec[6] = blockhash.hash_blocks(rec[5], BLOCK_SIZE)
-    return frames.encode_frame_parts(batch, level=level)
+    return frames.encode_frame_iov(batch, level=level)
 
 
 class NullRecorder:

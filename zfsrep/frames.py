@@ -135,10 +135,12 @@ def encode_frame_parts(
     *,
     level: int = 1,
     compressor: zstandard.ZstdCompressor | None = None,
+    sampled: bool = False,
 ) -> tuple[bytes, bytes | memoryview]:
     """Encode ``records`` as ``(header, payload)``, for ``writev``/``sendmsg`` without a join.
 
     ``compressor`` (optional, reused for speed; not thread-safe) must write the content size.
+    ``sampled``: the caller already found the payload worth compressing.
     Raises ``ValueError`` for no records, too many, bad sequence numbers or oversize payloads.
     """
     count = len(records)
@@ -157,7 +159,7 @@ def encode_frame_parts(
         raise ValueError(f"payload of {raw_len} bytes exceeds limit {MAX_RAW_LEN}")
     cctx = _compressor(level) if compressor is None else compressor
     payload: bytes | memoryview
-    if raw_len >= SAMPLE_MIN and not _sampled_worth_compressing(cctx, raw):
+    if raw_len >= SAMPLE_MIN and not sampled and not _sampled_worth_compressing(cctx, raw):
         flags, payload = FLAG_STORED, raw
     else:
         flags, payload = FLAGS, cctx.compress(raw)
@@ -172,6 +174,83 @@ def encode_frame_parts(
     fields = (MAGIC, VERSION, flags, first_seq, last_seq, count, raw_len, comp_len)
     head = _BODY.pack(*fields, payload_checksum(payload))
     return head + _CRC.pack(zlib.crc32(head)), payload
+
+
+#: Record values (WRITE data) at least this large are not copied into the payload buffer by
+#: :func:`encode_frame_iov`: the payload is then a list of buffers that refer to them.
+IOV_MIN = 64 * 1024
+_BIN32 = struct.Struct(">BI")
+
+
+def _payload_iov(records: Sequence[Sequence]) -> tuple[list[bytes | memoryview], int]:
+    """The msgpack payload of ``records`` as buffers whose concatenation is exactly what
+    ``msgpack.packb(records, use_bin_type=True)`` gives, with every bytes-like value of at
+    least IOV_MIN bytes referenced instead of copied."""
+    packer = msgpack.Packer(use_bin_type=True)
+    parts: list[bytes | memoryview] = []
+    buf = bytearray(packer.pack_array_header(len(records)))
+    for rec in records:
+        big = [isinstance(v, bytes | bytearray | memoryview) and memoryview(v).nbytes >= IOV_MIN
+               for v in rec]
+        if not any(big):
+            buf += packer.pack(rec)
+            continue
+        buf += packer.pack_array_header(len(rec))
+        for value, is_big in zip(rec, big, strict=True):
+            if is_big:
+                view = memoryview(value).cast("B")
+                buf += _BIN32.pack(0xC6, view.nbytes)
+                parts.append(bytes(buf))
+                parts.append(view)
+                buf = bytearray()
+            else:
+                buf += packer.pack(value)
+    if buf:
+        parts.append(bytes(buf))
+    return parts, sum(memoryview(p).nbytes for p in parts)
+
+
+def _iov_slice(parts: Sequence[bytes | memoryview], start: int, n: int) -> bytes:
+    out = bytearray()
+    for p in parts:
+        view = memoryview(p)
+        if start >= view.nbytes:
+            start -= view.nbytes
+            continue
+        take = view[start:start + n - len(out)]
+        out += take
+        start = 0
+        if len(out) >= n:
+            break
+    return bytes(out)
+
+
+def encode_frame_iov(records: Sequence[Sequence], *, level: int = 1
+                     ) -> list[bytes | memoryview]:
+    """Encode ``records`` as one frame given as buffers to write back to back (header
+    first): the same bytes as :func:`encode_frame`, but when the payload is stored (it does
+    not compress) its large values are not copied, only referred to. For ``writev``."""
+    count = len(records)
+    if count == 0 or count > MAX_RECORDS:
+        return list(encode_frame_parts(records, level=level))  # raises the ValueError
+    first_seq = _check_seqs(records)
+    parts, raw_len = _payload_iov(records)
+    if len(parts) <= 1 or raw_len < SAMPLE_MIN:
+        return list(encode_frame_parts(records, level=level))
+    if raw_len > MAX_RAW_LEN:
+        raise ValueError(f"payload of {raw_len} bytes exceeds limit {MAX_RAW_LEN}")
+    cctx = _compressor(level)
+    sample = memoryview(b"".join(
+        _iov_slice(parts, start, SAMPLE_SLICE)
+        for start in (0, (raw_len - SAMPLE_SLICE) // 2, raw_len - SAMPLE_SLICE)))
+    if _sampled_worth_compressing(cctx, sample):
+        return list(encode_frame_parts(records, level=level, sampled=True))
+    from zfsrep import blockhash
+
+    last_seq = first_seq + count - 1
+    fields = (MAGIC, VERSION, FLAG_STORED, first_seq, last_seq, count, raw_len, raw_len)
+    head = _BODY.pack(*fields, blockhash.digest_parts(parts)[:8])
+    return [head + _CRC.pack(zlib.crc32(head)), *parts]
 
 
 def _sampled_worth_compressing(cctx: zstandard.ZstdCompressor, raw: memoryview) -> bool:

@@ -40,6 +40,7 @@ INITIAL_SYNC = "initial-sync.json"
 #: {"first_seq": N}: records before N were acknowledged by the journal server and trimmed.
 TRIMMED = "trimmed.json"
 CLOSING_MAX = 4
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 #: An open segment whose frames were all acknowledged is closed at the next frame once it
 #: holds this much, so a replicated spool does not keep a large acknowledged segment.
 ROTATE_ACKED_BYTES = 1 << 20
@@ -299,7 +300,7 @@ class SpoolWriter:
 def _writev_all(fd: int, parts: list[memoryview]) -> None:
     """writev until every byte of ``parts`` is written (a short write continues)."""
     while parts:
-        written = os.writev(fd, parts)
+        written = os.writev(fd, parts[:IOV_MAX])
         while parts and written >= parts[0].nbytes:
             written -= parts[0].nbytes
             parts = parts[1:]
