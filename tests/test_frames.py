@@ -672,3 +672,15 @@ def test_encode_frame_iov_gives_the_bytes_of_encode_frame(datas: list[bytes]) ->
     if datas[0][:5] != b"compr" and len(datas[0]) >= 1 << 20:
         assert header.flags & FLAG_STORED
         assert any(isinstance(p, memoryview) and p.obj is d for p in parts for d in datas)
+
+
+def test_encode_frame_iov_with_known_large_records_and_runs_between() -> None:
+    from zfsrep.frames import encode_frame_iov
+
+    big = [os.urandom(1 << 20), os.urandom(100_000)]
+    datas = [b"a", big[0], b"b", b"c" * 10, big[1], b"d"]
+    records = _write_records(1, datas)
+    for large in (None, [1, 4]):
+        parts = encode_frame_iov(records, large=large)
+        assert b"".join(bytes(memoryview(p)) for p in parts) == encode_frame(records)
+    assert len(encode_frame_iov(records[:1], large=[])) == 2  # header and one payload

@@ -260,10 +260,14 @@ def encode_batch(batch: list[list], level: int) -> list[bytes | memoryview]:
     """Fill in the block digests of WRITE records and encode the batch as one frame (a list
     of buffers, header first: large write data is referred to, not copied, when the frame
     is stored), with the calling thread's compressor."""
-    for rec in batch:
-        if rec[2] == Op.WRITE and rec[6] is None:
-            rec[6] = blockhash.hash_blocks(rec[5], BLOCK_SIZE)
-    return frames.encode_frame_iov(batch, level=level)
+    large = []
+    for i, rec in enumerate(batch):
+        if rec[2] == Op.WRITE:
+            if rec[6] is None:
+                rec[6] = blockhash.hash_blocks(rec[5], BLOCK_SIZE)
+            if len(rec[5]) >= frames.IOV_MIN:
+                large.append(i)
+    return frames.encode_frame_iov(batch, level=level, large=large)
 
 
 class NullRecorder:

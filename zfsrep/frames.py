@@ -182,22 +182,34 @@ IOV_MIN = 64 * 1024
 _BIN32 = struct.Struct(">BI")
 
 
-def _payload_iov(records: Sequence[Sequence]) -> tuple[list[bytes | memoryview], int]:
+def _is_large(value: object) -> bool:
+    return isinstance(value, bytes | bytearray | memoryview) and \
+        memoryview(value).nbytes >= IOV_MIN
+
+
+def _payload_iov(records: Sequence[Sequence], large: Sequence[int] | None = None
+                 ) -> tuple[list[bytes | memoryview], int]:
     """The msgpack payload of ``records`` as buffers whose concatenation is exactly what
     ``msgpack.packb(records, use_bin_type=True)`` gives, with every bytes-like value of at
-    least IOV_MIN bytes referenced instead of copied."""
+    least IOV_MIN bytes referenced instead of copied. ``large``: the indices of the records
+    that hold such values, if the caller knows them (else every value is looked at)."""
     packer = msgpack.Packer(use_bin_type=True)
+    if large is None:
+        large = [i for i, rec in enumerate(records) if any(map(_is_large, rec))]
     parts: list[bytes | memoryview] = []
     buf = bytearray(packer.pack_array_header(len(records)))
-    for rec in records:
-        big = [isinstance(v, bytes | bytearray | memoryview) and memoryview(v).nbytes >= IOV_MIN
-               for v in rec]
-        if not any(big):
-            buf += packer.pack(rec)
-            continue
+    done = 0
+    for i in (*large, len(records)):
+        if i > done:  # a run of records without large values: one call to the C packer
+            run = records[done:i]
+            packed = packer.pack(run if isinstance(run, list | tuple) else list(run))
+            buf += memoryview(packed)[len(packer.pack_array_header(i - done)):]
+        if i == len(records):
+            break
+        rec = records[i]
         buf += packer.pack_array_header(len(rec))
-        for value, is_big in zip(rec, big, strict=True):
-            if is_big:
+        for value in rec:
+            if _is_large(value):
                 view = memoryview(value).cast("B")
                 buf += _BIN32.pack(0xC6, view.nbytes)
                 parts.append(bytes(buf))
@@ -205,6 +217,7 @@ def _payload_iov(records: Sequence[Sequence]) -> tuple[list[bytes | memoryview],
                 buf = bytearray()
             else:
                 buf += packer.pack(value)
+        done = i + 1
     if buf:
         parts.append(bytes(buf))
     return parts, sum(memoryview(p).nbytes for p in parts)
@@ -225,16 +238,19 @@ def _iov_slice(parts: Sequence[bytes | memoryview], start: int, n: int) -> bytes
     return bytes(out)
 
 
-def encode_frame_iov(records: Sequence[Sequence], *, level: int = 1
-                     ) -> list[bytes | memoryview]:
+def encode_frame_iov(records: Sequence[Sequence], *, level: int = 1,
+                     large: Sequence[int] | None = None) -> list[bytes | memoryview]:
     """Encode ``records`` as one frame given as buffers to write back to back (header
     first): the same bytes as :func:`encode_frame`, but when the payload is stored (it does
-    not compress) its large values are not copied, only referred to. For ``writev``."""
+    not compress) its large values are not copied, only referred to. For ``writev``.
+    ``large`` lists the records holding values of at least IOV_MIN bytes, if known."""
     count = len(records)
     if count == 0 or count > MAX_RECORDS:
         return list(encode_frame_parts(records, level=level))  # raises the ValueError
     first_seq = _check_seqs(records)
-    parts, raw_len = _payload_iov(records)
+    if large is not None and not large:
+        return list(encode_frame_parts(records, level=level))
+    parts, raw_len = _payload_iov(records, large)
     if len(parts) <= 1 or raw_len < SAMPLE_MIN:
         return list(encode_frame_parts(records, level=level))
     if raw_len > MAX_RAW_LEN:
