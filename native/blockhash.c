@@ -47,13 +47,20 @@
 #include <xxhash.h>
 
 typedef XXH128_hash_t (*zb_hash_fn)(const void *, size_t);
+typedef void (*zb_update_fn)(XXH3_state_t *, const void *, size_t);
 
 static XXH128_hash_t hash_default(const void *p, size_t n)
 {
     return XXH3_128bits(p, n);
 }
 
+static void update_default(XXH3_state_t *state, const void *p, size_t n)
+{
+    XXH3_128bits_update(state, p, n);
+}
+
 static zb_hash_fn zb_hash = hash_default;
+static zb_update_fn zb_update = update_default;
 static const char *zb_kernel_name = "default";
 
 #if ZB_X86 && XXH_VERSION_NUMBER == 801
@@ -84,6 +91,21 @@ static XXH128_hash_t hash_avx512(const void *p, size_t n)
     return XXH3_128bits_internal(p, n, 0, XXH3_kSecret, sizeof(XXH3_kSecret), hashlong_avx512);
 }
 
+/* The streaming update with the vector kernels named explicitly (the kernels compute the
+ * same accumulators, so a stream gives the digest of the one-shot call). */
+__attribute__((noinline, target("avx2"))) static void update_avx2(XXH3_state_t *state,
+                                                                  const void *p, size_t n)
+{
+    XXH3_update(state, (const xxh_u8 *)p, n, XXH3_accumulate_512_avx2, XXH3_scrambleAcc_avx2);
+}
+
+__attribute__((noinline, target("avx512f"))) static void update_avx512(XXH3_state_t *state,
+                                                                       const void *p, size_t n)
+{
+    XXH3_update(state, (const xxh_u8 *)p, n, XXH3_accumulate_512_avx512,
+                XXH3_scrambleAcc_avx512);
+}
+
 /* Runs when the shared object is loaded, before any call, so zb_hash is never
  * written while another thread reads it. __builtin_cpu_supports also checks
  * that the OS saves the AVX/AVX-512 register state. ZFSREP_XXH3_KERNEL=avx2 or
@@ -97,9 +119,11 @@ __attribute__((constructor)) static void zb_select_kernel(void)
     __builtin_cpu_init();
     if (allow_avx512 && __builtin_cpu_supports("avx512f")) {
         zb_hash = hash_avx512;
+        zb_update = update_avx512;
         zb_kernel_name = "avx512";
     } else if (allow_avx2 && __builtin_cpu_supports("avx2")) {
         zb_hash = hash_avx2;
+        zb_update = update_avx2;
         zb_kernel_name = "avx2";
     }
 }
@@ -201,6 +225,6 @@ void zb_digest_parts(const uint8_t *const *ptrs, const size_t *lens, size_t n, u
     XXH3_INITSTATE(&state);
     XXH3_128bits_reset(&state);
     for (size_t i = 0; i < n; i++)
-        XXH3_128bits_update(&state, ptrs[i], lens[i]);
+        zb_update(&state, ptrs[i], lens[i]);
     XXH128_canonicalFromHash((XXH128_canonical_t *)(void *)out, XXH3_128bits_digest(&state));
 }
