@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from zfsrep.blockstore import PackReader
-from zfsrep.errors import NotFoundError, OSFailure, StateError
+from zfsrep.errors import CorruptDataError, NotFoundError, OSFailure, StateError
 from zfsrep.records import BLOCK_SIZE
 from zfsrep.view import Node
 
@@ -48,14 +48,13 @@ CREATE TABLE IF NOT EXISTS blocks(
     PRIMARY KEY (ident, blk, seq)) WITHOUT ROWID;
 """
 
-# The latest version at or before a position of every block in [?1, ?2] of one object.
+# The latest version at or before a position (?4) of every block in [?1, ?2] of one object
+# (?3), among the versions since its birth (?5): one range scan of the primary key.
 BLOCK_RANGE_SQL = """
-WITH RECURSIVE r(b) AS (SELECT ?1 UNION ALL SELECT b + 1 FROM r WHERE b < ?2)
-SELECT x.blk, x.gloc, x.glen, x.boff, x.blen FROM r JOIN blocks x
-  ON x.ident = ?3 AND x.blk = r.b
- AND x.seq = (SELECT max(y.seq) FROM blocks y WHERE y.ident = ?3 AND y.blk = r.b
-                                                AND y.seq <= ?4)
-WHERE x.seq >= ?5 AND x.blen > 0
+SELECT blk, gloc, glen, boff, blen FROM (
+  SELECT blk, gloc, glen, boff, blen, max(seq) FROM blocks
+   WHERE ident = ?3 AND blk BETWEEN ?1 AND ?2 AND seq <= ?4 AND seq >= ?5 GROUP BY blk)
+WHERE blen > 0 ORDER BY blk
 """
 
 
@@ -169,12 +168,25 @@ class IndexView:
             rows = self._q(BLOCK_RANGE_SQL, (first, last, ident, self.seq, born)).fetchall()
             self.packs.prefetch([(r[1], r[2]) for r in rows])
             out = bytearray(end - offset)
-            for blk, gloc, glen, boff, blen in rows:
-                content = self.packs.block(gloc, glen, boff, blen)
+            dst = memoryview(out)
+            i, n = 0, len(rows)
+            while i < n:
+                # a run: consecutive whole blocks stored back to back in one group
+                blk, gloc, glen, boff, blen = rows[i]
+                j = i
+                while (j + 1 < n and rows[j][4] == BS and rows[j + 1][0] == rows[j][0] + 1
+                       and rows[j + 1][1] == gloc and rows[j + 1][3] == rows[j][3] + BS):
+                    j += 1
+                raw = memoryview(self.packs.group(gloc, glen))
+                run_len = (rows[j][0] - blk) * BS + rows[j][4]
+                if boff + run_len > len(raw):
+                    raise CorruptDataError(f"block outside its group at {gloc:#x}")
                 a = max(offset, blk * BS)
-                b = min(end, blk * BS + len(content))
+                b = min(end, blk * BS + run_len)
                 if b > a:
-                    out[a - offset:b - offset] = content[a - blk * BS:b - blk * BS]
+                    lo = boff + a - blk * BS
+                    dst[a - offset:b - offset] = raw[lo:lo + b - a]
+                i = j + 1
             return bytes(out)
 
     def listxattr(self, ident: int) -> list[bytes]:
