@@ -151,6 +151,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
     if args.vpg is not None:
+        assert args.volume is not None
         argv += ["--vpg", args.vpg, "--volume", args.volume]
         if args.server:
             argv += ["--server", args.server]

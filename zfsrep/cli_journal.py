@@ -130,7 +130,7 @@ def _iso(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _size(n: int | None) -> str:
+def _size(n: float | None) -> str:
     if n is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -373,7 +373,9 @@ def cmd_restore_file(args: argparse.Namespace) -> int:
 def _stats_dict(stats) -> dict:
     from dataclasses import asdict, is_dataclass
 
-    return asdict(stats) if is_dataclass(stats) else dict(vars(stats))
+    if is_dataclass(stats) and not isinstance(stats, type):
+        return asdict(stats)
+    return dict(vars(stats))
 
 
 COMMANDS = {"serve": cmd_serve, "vpg": cmd_vpg, "tag": cmd_tag, "checkpoints": cmd_checkpoints,

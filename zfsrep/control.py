@@ -141,10 +141,10 @@ async def _checkpoints(server: JournalServer, args: dict) -> list[dict]:
     return out
 
 
-def _opt_age(args: dict, key: str) -> float | None:
+def _opt_age(args: dict, key: str) -> int | None:
     if args.get(key) is None:
         return None
-    return _duration(args, key, 0.0)
+    return int(_duration(args, key, 0.0))
 
 
 def _resolve_checkpoint(vpg: VpgRuntime, text: object) -> Checkpoint:

@@ -157,6 +157,7 @@ class MessageStream:
         if length > MAX_MESSAGE:
             raise ProtocolError(f"message length {length} exceeds limit {MAX_MESSAGE}")
         del self._buf[:_LEN.size]
+        body: bytes | bytearray
         if length >= _DIRECT_MIN and len(self._buf) < length:
             body = await self._receive_direct(length)
         else:

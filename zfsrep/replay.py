@@ -18,7 +18,7 @@ import logging
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from zfsrep import syscalls
@@ -301,7 +301,7 @@ class Replayer:
                 raise
 
 
-_HANDLERS = {
+_HANDLERS: dict[int, Callable[..., None]] = {
     Op.NEW: Replayer._new,
     Op.LINK: Replayer._link,
     Op.REMOVE: Replayer._remove,

@@ -94,7 +94,7 @@ class VolumeConnection:
     async def mark(self) -> tuple[int | None, str | None]:
         self._next_mark += 1
         mark_id = self._next_mark
-        event, slot = trio.Event(), []
+        event, slot = trio.Event(), list[dict]()
         self._marks[mark_id] = (event, slot)
         try:
             try:
@@ -402,8 +402,10 @@ class JournalServer:
                 seq = positions[vol.name]
                 if seq < vol.meta.synced_seq:
                     raise StateError(f"volume {vol.name}: initial sync is not complete")
-                if not await vol.wait_until(lambda v=vol, s=seq: v.durable_seq >= s,
-                                            DURABLE_TIMEOUT):
+                def durable(v: VolumeRuntime = vol, s: int = seq) -> bool:
+                    return v.durable_seq >= s
+
+                if not await vol.wait_until(durable, DURABLE_TIMEOUT):
                     raise StateError(f"volume {vol.name}: records through {seq} were not "
                                      f"acknowledged within {DURABLE_TIMEOUT:g} s")
             cp = Checkpoint(id=0, time_ns=time_ns, kind=kind, tag=tag, positions=positions,

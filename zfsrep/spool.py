@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from zfsrep import frames
 from zfsrep.errors import CorruptDataError, FrameError, NotFoundError, StateError
@@ -222,6 +223,7 @@ class SpoolWriter:
         if self.limit is not None and self.bytes + size > self.limit:
             raise OSError(errno.ENOSPC, f"spool limit of {self.limit >> 20} MiB reached "
                           "(the journal server has not acknowledged enough)")
+        assert self._fd is not None
         _writev_all(self._fd, parts)
         self._size += size
         with self._bytes_lock:
@@ -242,7 +244,8 @@ class SpoolWriter:
         with self._bytes_lock:
             if not self._recent or not self._recent[0][0] <= start_seq <= self._recent[-1][0]:
                 return None
-            out, total = [], 0
+            out: list[tuple[int, int, list[memoryview]]] = []
+            total = 0
             for first, last, parts, size in self._recent:
                 if first < start_seq:
                     continue
@@ -415,8 +418,8 @@ class SpoolReader:
 
     def __init__(self, spool: Path) -> None:
         self.path = spool
-        self._f = None
-        self._next: int | None = None
+        self._f: BinaryIO | None = None
+        self._next = 0
 
     def close(self) -> None:
         if self._f is not None:
@@ -472,10 +475,12 @@ class SpoolReader:
             self._open_at(start_seq)
         total = 0
         while self._next <= upto_seq and (not out or total < max_bytes):
-            head = self._f.read(frames.HEADER_SIZE)
+            f = self._f
+            assert f is not None
+            head = f.read(frames.HEADER_SIZE)
             if not head:  # end of this segment: the next one starts at the next seq
                 nxt = self.path / SEGMENTS / _segment_name(self._next)
-                self._f.close()
+                f.close()
                 try:
                     self._f = open(nxt, "rb")  # noqa: SIM115
                 except FileNotFoundError:
@@ -487,7 +492,7 @@ class SpoolReader:
             if header.first_seq != self._next:
                 raise CorruptDataError(f"spool {self.path}: expected record {self._next}, "
                                        f"found a frame starting at {header.first_seq}")
-            payload = self._f.read(header.comp_len)
+            payload = f.read(header.comp_len)
             if len(payload) != header.comp_len:
                 raise CorruptDataError(f"spool {self.path}: frame {header.first_seq} is "
                                        "truncated")
