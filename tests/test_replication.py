@@ -497,3 +497,20 @@ def test_snapshot_foreground_and_checkpoint_selectors(journal_server, vpg, mount
     r = zfsrep("snapshot", "umount", str(m.mnt), check=False)
     assert r.returncode == 4  # not a snapshot mount: refused
     assert m.stop() == 0
+
+
+def test_vpg_delete_force_while_connected_leaves_the_mount_serving(
+        journal_server, vpg, mount_factory) -> None:
+    m = replicated(mount_factory, journal_server)
+    m.expected_log.append("no VPG named")
+    journal_server.expected_log.append("no VPG named")  # the mount keeps asking: refused
+    m.start()
+    (m.mnt / "a").write_text("before")
+    tag(journal_server, "t")
+    journal_server.cli("vpg", "delete", VPG, "--force")
+    assert not (journal_server.store / "vpgs" / VPG).exists()
+    (m.mnt / "b").write_text("after")  # protection never blocks the application
+    assert (m.source / "b").read_text() == "after"
+    assert json.loads(journal_server.cli("vpg", "list", "--json").stdout) == []
+    assert journal_server.cli("status", VPG, check=False).returncode == 3
+    assert m.stop() == 0
