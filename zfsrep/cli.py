@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "--spool directory. Returns once the mount is ready (unless --foreground). "
                     "Stop with 'fusermount3 -u MOUNTPOINT' or SIGTERM: everything captured is "
                     "written and fsynced before the daemon exits. MOUNTPOINT may be the source "
-                    "directory itself (mount over it).")
+                    "directory itself (mount over it). With --vpg the frames are also "
+                    "replicated to that VPG on the journal server (see 'zfsrep serve'); the "
+                    "spool holds them until the server has made them durable.")
     pr.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     pr.add_argument("--source", type=Path, required=True, metavar="DIR",
                     help="the backing directory to protect")
