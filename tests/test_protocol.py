@@ -87,3 +87,15 @@ async def test_large_data_message_is_read_into_its_own_buffer() -> None:
     assert got is not None and bytes(got["frame"]) == frame
     header, records = frames.decode_frame(got["frame"])
     assert header.first_seq == 1 and records[0][5] == frames.decode_frame(frame)[1][0][5]
+
+
+async def test_released_buffers_are_reused_for_later_large_messages() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    receiver = protocol.MessageStream(b)
+    buf = bytearray(300_000)
+    receiver.release({"t": "data", "frame": memoryview(buf)[40:]})
+    receiver.release({"t": "data", "frame": b"not pooled"})
+    payload = bytes(range(256)) * 800  # 204,800 bytes
+    await a.send_all(payload)
+    view = await receiver._receive_direct(len(payload))
+    assert view.obj is buf and bytes(view) == payload

@@ -31,7 +31,9 @@ _LEN = struct.Struct(">I")
 MAX_MESSAGE = frames.HEADER_SIZE + frames.MAX_COMP_LEN + 4096
 _READ_CHUNK = 1 << 20
 _DIRECT_MIN = 64 << 10
-SEND_TIMEOUT = 60.0  # messages at least this large are read straight into their buffer
+SEND_TIMEOUT = 60.0
+_POOL_BUFFER = (4 << 20) + (64 << 10)  # a capture frame of the default size and its message
+_POOL_MAX = 8  # messages at least this large are read straight into their buffer
 # msgpack of {"t": "data", "frame": <bin32 of length N>} up to the length: fixmap(2), "t",
 # "data", "frame", bin32 marker
 _DATA_PREFIX = b"\x82\xa1t\xa4data\xa5frame\xc6"
@@ -70,7 +72,7 @@ def _sendall(sock: socket.socket, parts: list) -> None:
         sock.sendall(part)
 
 
-def _unpack_data(body: bytes | bytearray) -> dict[str, Any] | None:
+def _unpack_data(body: bytes | memoryview) -> dict[str, Any] | None:
     """A data message in the exact form :meth:`MessageStream.send_data` writes, without
     copying its frame out (None for anything else: the general decoder handles it)."""
     n = len(_DATA_PREFIX)
@@ -79,7 +81,7 @@ def _unpack_data(body: bytes | bytearray) -> dict[str, Any] | None:
     (size,) = struct.unpack_from(">I", body, n)
     if size != len(body) - n - 4:
         raise ProtocolError("malformed data message: frame length does not match")
-    return {"t": "data", "frame": memoryview(body)[n + 4:]}
+    return {"t": "data", "frame": memoryview(body)[n + 4:]}  # a view: no copy of the frame
 
 
 def unpack(body: bytes | bytearray | memoryview) -> dict[str, Any]:
@@ -101,6 +103,7 @@ class MessageStream:
         self._buf = bytearray()
         self._send_lock = trio.Lock()
         self._sock: socket.socket | None = None
+        self._pool: list[bytearray] = []
 
     async def send(self, msg: Mapping[str, Any]) -> None:
         data = pack(msg)
@@ -157,7 +160,7 @@ class MessageStream:
         if length > MAX_MESSAGE:
             raise ProtocolError(f"message length {length} exceeds limit {MAX_MESSAGE}")
         del self._buf[:_LEN.size]
-        body: bytes | bytearray
+        body: bytes | memoryview
         if length >= _DIRECT_MIN and len(self._buf) < length:
             body = await self._receive_direct(length)
         else:
@@ -167,13 +170,22 @@ class MessageStream:
             del self._buf[:length]
         return _unpack_data(body) or unpack(body)
 
-    async def _receive_direct(self, length: int) -> bytearray:
-        """A large message read straight into its own buffer (one copy from the kernel)."""
-        body = bytearray(length)
+    async def _receive_direct(self, length: int) -> memoryview:
+        """A large message read straight into a buffer (one copy from the kernel). Buffers
+        come from a small pool that :meth:`release` refills, so a stream of frames does not
+        allocate, zero and fault in fresh memory for every message."""
+        buf = None
+        while self._pool:
+            candidate = self._pool.pop()
+            if len(candidate) >= length:
+                buf = candidate
+                break
+        if buf is None:
+            buf = bytearray(max(length, _POOL_BUFFER))
+        view = memoryview(buf)[:length]
         have = len(self._buf)
-        body[:have] = self._buf
+        view[:have] = self._buf
         self._buf.clear()
-        view = memoryview(body)
         sock = getattr(self.stream, "socket", None)
         while have < length:
             if sock is not None:
@@ -186,7 +198,15 @@ class MessageStream:
                 raise ProtocolError(f"connection closed inside a message ({have} of "
                                     f"{length} bytes)")
             have += n
-        return body
+        return view
+
+    def release(self, msg: dict[str, Any]) -> None:
+        """Give a received message's buffer back for reuse; its contents (``frame``) must
+        not be used afterwards. Messages without a pooled buffer are ignored."""
+        frame = msg.get("frame")
+        if isinstance(frame, memoryview) and isinstance(frame.obj, bytearray) \
+                and len(self._pool) < _POOL_MAX:
+            self._pool.append(frame.obj)
 
     async def aclose(self) -> None:
         if self._sock is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -525,8 +526,9 @@ class JournalServer:
         token = trio.lowlevel.current_trio_token()
         failed = trio.CancelScope()  # cancelled when an append fails: its error ends this
 
-        def appended(fut: concurrent.futures.Future) -> None:
+        def appended(fut: concurrent.futures.Future, *, msg: dict) -> None:
             def on_loop() -> None:
+                vc.conn.release(msg)  # the journal has written the frame: reuse its buffer
                 vol.dirty.set()
                 if fut.exception() is not None:
                     failed.cancel()
@@ -564,7 +566,7 @@ class JournalServer:
                 if len(appending) >= APPENDS_IN_FLIGHT:
                     await on_future(appending.popleft())
                 fut = vol.journal_thread.submit(vol.journal.append, frame)
-                fut.add_done_callback(appended)
+                fut.add_done_callback(functools.partial(appended, msg=msg))
                 appending.append(fut)
                 vol.received_bytes += len(frame)
                 vol.last_data = time.monotonic()
