@@ -514,3 +514,35 @@ def test_vpg_delete_force_while_connected_leaves_the_mount_serving(
     assert json.loads(journal_server.cli("vpg", "list", "--json").stdout) == []
     assert journal_server.cli("status", VPG, check=False).returncode == 3
     assert m.stop() == 0
+
+
+def test_a_trimmed_spool_is_refused_by_a_server_that_lacks_its_start(
+        journal_server, vpg, mount_factory, tmp_path: Path) -> None:
+    m = replicated(mount_factory, journal_server)
+    m.start()
+    deadline = time.monotonic() + 30
+    i = 0
+    def first_segment() -> str:
+        return min((p.name for p in (m.spool / "segments").iterdir()), default="")
+
+    while first_segment() in ("", f"{1:020d}.zfr"):
+        (m.mnt / f"f{i}").write_bytes(os.urandom(2 << 20))  # acknowledged, then trimmed
+        i += 1
+        assert time.monotonic() < deadline, "the spool was never trimmed"
+        time.sleep(0.3)
+    assert m.stop() == 0
+    # the recovery site loses its store: a new server does not have records 1..N
+    assert journal_server.stop() == 0
+    import shutil
+    shutil.rmtree(journal_server.store)
+    journal_server.start()
+    journal_server.cli("vpg", "create", VPG)
+    journal_server.expected_log.append("the spool starts at record")
+    r = zfsrep("protect", str(m.mnt), "--source", str(m.source), "--spool", str(m.spool),
+               "--vpg", VPG, "--volume", VOL, "--server", journal_server.address, check=False)
+    try:
+        assert r.returncode == 4, r.stderr
+        assert "new spool" in r.stderr
+    finally:
+        if is_mounted(m.mnt):
+            os.system(f"fusermount3 -u {m.mnt}")

@@ -127,7 +127,8 @@ class VolumeShipper:
         return {"role": "volume", "vpg": self.opts.vpg, "volume": self.opts.volume,
                 "root_ident": ident.root_ident, "source": ident.source,
                 "host": self.opts.host, "spool_id": ident.stream_id,
-                "last_seq": self.spool.next_seq - 1, "synced_seq": self.synced_seq}
+                "first_seq": self.spool.first_seq(), "last_seq": self.spool.next_seq - 1,
+                "synced_seq": self.synced_seq}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:

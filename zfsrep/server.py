@@ -466,6 +466,15 @@ class JournalServer:
                 isinstance(fields[k], str) for k in ("source", "host", "spool_id")):
             raise protocol.ProtocolError("volume hello lacks root_ident/source/host/spool_id")
         vol = vpg.volumes.get(name)
+        first_seq = hello.get("first_seq", 1)
+        durable = 0 if vol is None else vol.durable_seq
+        if isinstance(first_seq, int) and first_seq > durable + 1 and (
+                vol is None or vol.meta.spool_id == fields["spool_id"]):
+            raise StateError(
+                f"volume {name} of VPG {vpg.name}: the journal holds records through "
+                f"{durable} but the spool starts at record {first_seq} (the records between "
+                "were trimmed after another server acknowledged them); protect the directory "
+                "again with a new spool (a full initial sync)")
         if vol is None:
             meta = VolumeMeta(name=name, **fields)  # type: ignore[arg-type]
             await trio.to_thread.run_sync(self.store.save_volume, vpg.name, meta)

@@ -255,6 +255,12 @@ class SpoolWriter:
                 total += size
             return out if out and out[0][0] == start_seq else None
 
+    def first_seq(self) -> int:
+        """The first record the spool still holds (1 unless acknowledged segments were
+        trimmed; the next record to write when it holds none)."""
+        segs = segment_paths(self.path)
+        return _segment_first_seq(segs[0]) if segs else self.next_seq
+
     def trim(self, upto_seq: int) -> int:
         """Delete segments whose records are all <= ``upto_seq`` (acknowledged by the
         journal server); the newest segment always stays. Returns the bytes freed."""
