@@ -23,6 +23,7 @@ from zfsrep.link import LinkOptions, VolumeShipper
 from zfsrep.records import BLOCK_SIZE
 from zfsrep.scan import ScanProgress, count_tree, scan_tree
 from zfsrep.spool import SpoolWriter, VolumeIdentity, read_initial_sync, write_initial_sync
+from zfsrep.syscalls import keep_large_buffers
 from zfsrep.volume import BackingVolume
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
     """Serve the protected mount until it is unmounted or the process is told to stop."""
     check_options(opts)
     _raise_fd_limit()
+    keep_large_buffers()
     os.umask(0)  # modes are computed per request from the caller's umask
     source = str(opts.source.resolve())
     root_ident = os.stat(source).st_ino

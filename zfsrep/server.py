@@ -621,6 +621,9 @@ async def serve(store_dir: Path, listen: tuple[str, int], ready: Callable[[], No
     """The wiring of ``zfsrep serve``: the store, the server, signals for an orderly stop."""
     import signal
 
+    from zfsrep.syscalls import keep_large_buffers
+
+    keep_large_buffers()
     store = Store(store_dir)
     server = JournalServer(store)
     async with trio.open_nursery() as nursery:
