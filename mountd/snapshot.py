@@ -392,34 +392,6 @@ async def run_snapshot_mount(opts: SnapshotOptions, ready: Callable[[], None]) -
 
 
 # ---- foreground entry point ----------------------------------------------------------------
-class ReadyPipe:
-    """The descriptor named in the environment by the parent that waits for the mount (the
-    protocol of ``zfsrep protect``'s daemon): one line, ``ready`` or ``error CODE MESSAGE``."""
-
-    def __init__(self, env_name: str) -> None:
-        self.fd = int(os.environ.pop(env_name, "-1"))
-
-    def _send(self, line: str) -> None:
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.write(self.fd, line.encode() + b"\n")
-            os.close(self.fd)
-            self.fd = -1
-
-    def ready(self) -> None:
-        self._send("ready")
-
-    def error(self, exc: ZfsrepError) -> None:
-        self._send(f"error {exc.exit_code} {exc}")
-
-
-def _single_error(exc: BaseException) -> BaseException:
-    """The one error inside (nested) exception groups, else ``exc`` itself."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m zfsrep.mountd.snapshot",
@@ -439,44 +411,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(opts: SnapshotOptions, ready: Callable[[], None]) -> None:
-    """run_snapshot_mount in a new event loop; failures surface as one ZfsrepError."""
-    try:
-        try:
-            trio.run(run_snapshot_mount, opts, ready)
-        except BaseExceptionGroup as group:
-            raise _single_error(group) from None
-    except OSError as e:
-        raise OSFailure(f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")) from None
-
-
 def main(argv: list[str] | None = None) -> int:
-    from zfsrep.cli import READY_FD_ENV
+    """``python -m zfsrep.mountd.snapshot``: serve in the foreground, reporting readiness on
+    the ready pipe of ``zfsrep.cli`` (the protocol of ``zfsrep protect``'s daemon)."""
+    from zfsrep.cli import run_foreground
 
     args = build_parser().parse_args(argv)
     handler: logging.Handler = (logging.FileHandler(args.log) if args.log
                                 else logging.StreamHandler(sys.stderr))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    pipe = ReadyPipe(READY_FD_ENV)
     opts = SnapshotOptions(volume_dir=args.volume_dir, seq=args.seq,
                            mountpoint=args.mountpoint, label=args.label,
                            allow_other=args.allow_other)
     try:
-        _run(opts, pipe.ready)
+        return run_foreground(run_snapshot_mount, opts,
+                              mount_error=f"cannot mount {args.mountpoint}")
     except ZfsrepError as e:
-        pipe.error(e)
-        if args.log:
-            log.error("%s", e)
-        print(f"zfsrep: {e}", file=sys.stderr)
-        return e.exit_code
+        return _failed(args, str(e), e.exit_code)
+    except OSError as e:
+        return _failed(args, f"{e.strerror or e}: {e.filename or ''}".rstrip(": "),
+                       ExitCode.IO)
     except KeyboardInterrupt:  # before the signal handlers were installed
         return 130
-    except Exception as e:
+    except Exception:
         log.exception("snapshot mount failed")
-        pipe.error(ZfsrepError(f"snapshot mount failed: {e}"))
         return ExitCode.FAILURE
-    return ExitCode.OK
+
+
+def _failed(args: argparse.Namespace, message: str, code: int) -> int:
+    if args.log:
+        log.error("%s", message)
+    print(f"zfsrep: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
