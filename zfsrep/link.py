@@ -242,10 +242,11 @@ class VolumeShipper:
                 sent_synced = self.synced_seq
                 await conn.send({"t": "synced", "seq": sent_synced})
             scan = self.scan
+            unacked = await trio.to_thread.run_sync(self._unacked_bytes)  # lists the spool
             await conn.send({
                 "t": "stat", "time": time.time(), "captured_seq": self.recorder.last_seq,
                 "written_seq": self.spool.next_seq - 1, "spool_bytes": self.spool.bytes,
-                "spool_limit": self.spool.limit, "unacked_bytes": self._unacked_bytes(),
+                "spool_limit": self.spool.limit, "unacked_bytes": unacked,
                 "capture_failed": self.recorder.failed,
                 "scan": {"entries": scan.entries, "bytes": scan.bytes,
                          "total_bytes": scan.total_bytes, "done": scan.done}})
