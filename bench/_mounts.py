@@ -53,6 +53,25 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
+def _exit_on_signal(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
+def start_run(workdir: str, log) -> bool:
+    """What every benchmark does first: SIGTERM/SIGHUP unwind through the scripts' cleanups
+    (``finally`` blocks unmount), fio must exist, and a RAM-backed work dir is called out.
+    False if the run cannot start."""
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGHUP, _exit_on_signal)
+    if shutil.which("fio") is None:
+        log("fio not found (apt-get install fio)")
+        return False
+    kind = fs_type(workdir)
+    if kind in ("tmpfs", "ramfs"):
+        log(f"!! WARNING: {workdir} is {kind}, not a disk: use --workdir on a disk filesystem")
+    return True
+
+
 def mounted_paths() -> list[str]:
     with open("/proc/mounts", encoding="utf-8", errors="replace") as f:
         return [_unescape(line.split()[1]) for line in f if len(line.split()) > 2]

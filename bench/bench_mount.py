@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -816,23 +815,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _sigterm(signum, _frame):
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _sigterm)
-    signal.signal(signal.SIGHUP, _sigterm)
-    if shutil.which("fio") is None:
-        log("fio not found (apt-get install fio)")
+    if not _mounts.start_run(args.workdir, log):
         return 2
-    fstype = _mounts.fs_type(args.workdir)
-    if fstype in ("tmpfs", "ramfs"):
-        log(
-            f"!! WARNING: {args.workdir} is {fstype}: 'native' will measure RAM, not a disk. "
-            "Use --workdir on a disk filesystem."
-        )
     sz = SIZES["quick" if args.quick else "full"]
     st = os.statvfs(args.workdir)
     need = 2 * sz["seq1m"] + 2 * sz["rand"] + 256 * MiB
@@ -844,7 +830,8 @@ def main(argv: list[str] | None = None) -> int:
     result = None
     try:
         log(
-            f"work dir {env.root} ({fstype}); configs {args.config_list}; runs {args.runs}; "
+            f"work dir {env.root} ({_mounts.fs_type(args.workdir)}); configs {args.config_list}; "
+            f"runs {args.runs}; "
             f"sizes {'quick' if args.quick else 'full'}"
         )
         configs = env.prepare(args.config_list)

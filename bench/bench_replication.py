@@ -51,7 +51,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -1019,22 +1018,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _sigterm(signum, _frame):
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _sigterm)
-    signal.signal(signal.SIGHUP, _sigterm)
-    if shutil.which("fio") is None:
-        log("fio not found (apt-get install fio)")
+    if not _mounts.start_run(args.workdir, log):
         return 2
     if os.geteuid() != 0:
         log("!! not root: FUSE mounts and drop_caches may fail")
-    fstype = _mounts.fs_type(args.workdir)
-    if fstype in ("tmpfs", "ramfs"):
-        log(f"!! WARNING: {args.workdir} is {fstype}, not a disk; use --workdir")
     sz = SIZES["quick" if args.quick else "full"]
     res = Results(args.runs)
     env = Env(args)
@@ -1042,7 +1031,8 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     t_start = time.monotonic()
     try:
-        log(f"work dir {env.root} ({fstype}); benchmarks {args.bench_list}; runs {args.runs}; "
+        log(f"work dir {env.root} ({_mounts.fs_type(args.workdir)}); benchmarks "
+            f"{args.bench_list}; runs {args.runs}; "
             f"sizes {'quick' if args.quick else 'full'}")
         for run in range(args.runs):
             for b in args.bench_list:

@@ -137,6 +137,9 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
                     await recorder.aclose()
         if shipper is not None:
             await shipper.drain(opts.drain_timeout)
+            ls = shipper.state
+            log.info("replication: %d frames (%d bytes) sent this session, records through %d "
+                     "acknowledged", ls.sent_frames, ls.sent_bytes, ls.acked_seq)
         link_nursery.cancel_scope.cancel()
     if isinstance(recorder, CaptureStream):
         st = recorder.stats

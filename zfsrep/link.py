@@ -58,7 +58,6 @@ class LinkOptions:
 class LinkState:
     connected: bool = False
     acked_seq: int = 0
-    last_error: str | None = None
     sent_frames: int = 0
     sent_bytes: int = 0
 
@@ -89,7 +88,6 @@ class VolumeShipper:
         try:
             self._pending = await protocol.connect(self.opts.address, self._hello())
         except protocol.ServerUnreachable as e:
-            self.state.last_error = str(e)
             log.warning("%s; frames wait in the spool until it is reachable", e)
 
     def initial_sync_done(self, end_seq: int) -> None:
@@ -150,7 +148,6 @@ class VolumeShipper:
                                   trio.ClosedResourceError | OSError):
                     log.exception("replication link failed")
                 text = str(e) or type(e).__name__
-                self.state.last_error = text
                 if text != reported:
                     level = logging.ERROR if isinstance(e, ZfsrepError) and not isinstance(
                         e, protocol.ServerUnreachable) else logging.WARNING
@@ -165,7 +162,6 @@ class VolumeShipper:
         durable = int(welcome.get("durable_seq", 0))
         async with conn:
             self.state.connected = True
-            self.state.last_error = None
             log.info("replication link up: %s:%d holds records through %d",
                      *self.opts.address, durable)
             self._inflight.clear()

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from zfsrep.server import VolumeRuntime, VpgRuntime
 
 
-def _volume_status(vol: VolumeRuntime, now: float) -> dict[str, Any]:
+def _volume_status(vol: VolumeRuntime) -> dict[str, Any]:
     rep = vol.report
     connected = vol.conn is not None
     captured = rep.get("captured_seq") if connected else None
@@ -57,7 +57,7 @@ def vpg_status(vpg: VpgRuntime, now: float, *, journal_bytes: int) -> dict[str, 
     oldest = cps[0].time_ns / 1e9 if cps else None
     rpo = (now - newest) if newest is not None else None
     history = (now - oldest) if oldest is not None else 0.0
-    volumes = [_volume_status(v, now) for _n, v in sorted(vpg.volumes.items())]
+    volumes = [_volume_status(v) for _n, v in sorted(vpg.volumes.items())]
 
     status, substatus = _classify(vpg, volumes, rpo, history, bool(cps))
     return {
