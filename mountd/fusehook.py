@@ -88,9 +88,11 @@ class SessionHook:
             for i in range(n):
                 r = recs[i]
                 if r.kind == lib.ZF_WRITE:
-                    # No copy: a view of the C buffer, freed when the last reference goes.
-                    owner = ffi.gc(r.data, lib.zf_free)
-                    data = memoryview(ffi.buffer(owner, r.len))
+                    # No copy: a view of the C buffer (the data may start after the request
+                    # header it arrived with), freed when the last reference goes.
+                    head = r.data - r.owner
+                    owner = ffi.gc(r.owner, lib.zf_free)
+                    data = memoryview(ffi.buffer(owner, head + r.len))[head:]
                     out.append((Op.WRITE, (r.ident, r.offset, data, r.mtime_ns)))
                 elif r.kind == lib.ZF_SETATTR:
                     out.append((Op.SETATTR, (r.ident, r.mode, r.uid, r.gid, r.mtime_ns)))
@@ -99,9 +101,11 @@ class SessionHook:
             if n < _TAKE:
                 return out
 
-    def set_held(self, nbytes: int) -> None:
+    def add_held(self, delta: int) -> None:
+        """Captured bytes held by the capture stream grew (or shrank) by ``delta``; called
+        from any thread."""
         if self.active:
-            _fusehook.lib.zf_set_held(nbytes)
+            _fusehook.lib.zf_add_held(delta)
 
     def shutdown(self) -> None:
         """Answer queued FSYNCs and stop the fast path; call before the session closes."""

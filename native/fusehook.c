@@ -76,11 +76,18 @@ static size_t zf_files_cap;
 static zf_rec *zf_queue;
 static size_t zf_qlen, zf_qcap, zf_qbytes;
 static size_t zf_limit = 32u << 20; /* queue + capture memory the fast path may fill */
-static size_t zf_held_elsewhere;    /* captured bytes the Python side holds (zf_set_held) */
+static int64_t zf_held_elsewhere;   /* captured bytes the Python side holds (zf_add_held; atomic:
+                                      * the capture stream's sink thread releases them) */
 static size_t zf_signal_at = 4u << 20;
 static int zf_signalled;
 static uint8_t *zf_rbuf;
 static size_t zf_rbuf_cap;
+/* Requests are read into zf_inbuf (not libfuse's buffer) while the fast path is on, so that a
+ * large captured WRITE can keep the buffer its data arrived in; what the fast path does not
+ * answer is copied to libfuse's buffer. */
+static uint8_t *zf_inbuf;
+static size_t zf_inbuf_cap;
+#define ZF_KEEP_MIN (64u << 10)
 static zf_counters zf_count;
 
 struct fuse_session *fuse_session_new(struct fuse_args *args,
@@ -121,6 +128,12 @@ static struct zf_file *file_of(uint64_t fh)
     return &zf_files[fh];
 }
 
+static size_t held_elsewhere(void)
+{
+    int64_t held = __atomic_load_n(&zf_held_elsewhere, __ATOMIC_RELAXED);
+    return held > 0 ? (size_t)held : 0;
+}
+
 static int push(zf_rec rec)
 {
     if (zf_qlen == zf_qcap) {
@@ -150,36 +163,43 @@ static int fast_write(int fd, const struct fuse_in_header *in, size_t n)
     struct zf_file *f = file_of(w->fh);
     if (f == NULL)
         return 0;
-    if (f->capture && zf_qbytes + zf_held_elsewhere + w->size > zf_limit)
+    if (f->capture && zf_qbytes + held_elsewhere() + w->size > zf_limit)
         return 0; /* the Python path waits for the spool */
     struct stat st;
     if (fstat((int)w->fh, &st) != 0)
         return 0;
     if ((st.st_mode & (S_ISUID | S_ISGID)) && f->uid != 0)
         return 0; /* set-id bits to clear: the Python path records that */
-    uint8_t *copy = NULL;
-    if (f->capture && (copy = malloc(w->size ? w->size : 1)) == NULL)
-        return 0;
     const uint8_t *data = (const uint8_t *)(w + 1);
     ssize_t done = pwrite((int)w->fh, data, w->size, (off_t)w->offset);
     if (done < 0) {
-        int err = errno;
-        free(copy);
-        reply(fd, in->unique, err, NULL, 0);
+        reply(fd, in->unique, errno, NULL, 0);
         return 1;
     }
     /* The kernel's writeback cache owns the file times (see BackingVolume.write). */
     struct timespec times[2] = {st.st_atim, st.st_mtim};
     (void)futimens((int)w->fh, times);
-    if (copy != NULL) {
-        memcpy(copy, data, (size_t)done);
+    if (f->capture) {
         zf_rec rec = {.kind = ZF_WRITE, .ident = f->ident, .offset = w->offset,
-                      .mtime_ns = ns_of(st.st_mtim), .data = copy, .len = (size_t)done};
-        if (push(rec) != 0) {
+                      .mtime_ns = ns_of(st.st_mtim), .len = (size_t)done};
+        size_t head = (size_t)(data - (const uint8_t *)in);
+        if ((const uint8_t *)in == zf_inbuf && (size_t)done >= ZF_KEEP_MIN) {
+            /* A large write keeps the request buffer itself (shrunk to the request, which
+             * glibc does in place): no copy. The next request is read into a new buffer. */
+            uint8_t *kept = realloc(zf_inbuf, head + (size_t)done);
+            rec.owner = kept != NULL ? kept : zf_inbuf;
+            zf_inbuf = NULL;
+            zf_inbuf_cap = 0;
+        } else if ((rec.owner = malloc(done ? (size_t)done : 1)) != NULL) {
+            memcpy(rec.owner, data, (size_t)done);
+            head = 0;
+        }
+        rec.data = rec.owner != NULL ? rec.owner + head : NULL;
+        if (rec.owner == NULL || push(rec) != 0) {
             /* Cannot record it: the data is in the backing file but not in the stream.
              * Fail the request so nothing is silently lost (the kernel retries or reports
              * EIO to the application). */
-            free(copy);
+            free(rec.owner);
             reply(fd, in->unique, EIO, NULL, 0);
             return 1;
         }
@@ -222,7 +242,7 @@ static int fast_setattr(int fd, const struct fuse_in_header *in, size_t n)
         !(a->valid & (FATTR_ATIME | FATTR_MTIME)))
         return 0;
     struct zf_file *f = file_of(a->fh);
-    if (f == NULL || (f->capture && zf_qbytes + zf_held_elsewhere > zf_limit))
+    if (f == NULL || (f->capture && zf_qbytes + held_elsewhere() > zf_limit))
         return 0;
     struct timespec ts[2] = {{0, UTIME_OMIT}, {0, UTIME_OMIT}};
     if (a->valid & FATTR_ATIME)
@@ -485,13 +505,30 @@ static int fast_lseek(int fd, const struct fuse_in_header *in, size_t n)
     return 1;
 }
 
+/* The buffer to read the next request into: zf_inbuf, (re)allocated, or libfuse's. */
+static uint8_t *request_buffer(uint8_t *buf, size_t len)
+{
+    if (!zf_fast)
+        return buf;
+    if (zf_inbuf != NULL && zf_inbuf_cap >= len)
+        return zf_inbuf;
+    free(zf_inbuf);
+    zf_inbuf = malloc(len);
+    zf_inbuf_cap = zf_inbuf != NULL ? len : 0;
+    return zf_inbuf != NULL ? zf_inbuf : buf;
+}
+
 static ssize_t read_and_serve(int fd, void *buf, size_t len)
 {
     for (;;) {
-        ssize_t n = read(fd, buf, len);
-        if (n < (ssize_t)sizeof(struct fuse_in_header))
+        uint8_t *mem = request_buffer(buf, len);
+        ssize_t n = read(fd, mem, len);
+        if (n < (ssize_t)sizeof(struct fuse_in_header)) {
+            if (mem != buf && n > 0)
+                memcpy(buf, mem, (size_t)n);
             return n;
-        const struct fuse_in_header *in = buf;
+        }
+        const struct fuse_in_header *in = (const void *)mem;
         if (!zf_init_seen && in->opcode == FUSE_INIT &&
             (size_t)n >= sizeof *in + 4 * sizeof(uint32_t)) {
             const struct fuse_init_in *arg = (const void *)(in + 1);
@@ -512,8 +549,11 @@ static ssize_t read_and_serve(int fd, void *buf, size_t len)
             default: break;
             }
         }
-        if (!handled)
+        if (!handled) {
+            if (mem != buf)
+                memcpy(buf, mem, (size_t)n); /* for libfuse and pyfuse3 */
             return n;
+        }
         /* Answer whatever else is already waiting, unless a frame's worth of writes waits
          * for the capture stream; otherwise let the event loop run (it drains the queue;
          * libfuse turns EINTR into "nothing read, try again"). */
@@ -618,7 +658,7 @@ size_t zf_take(zf_rec *out, size_t max)
     return n;
 }
 
-void zf_set_held(size_t bytes) { zf_held_elsewhere = bytes; }
+void zf_add_held(int64_t delta) { __atomic_add_fetch(&zf_held_elsewhere, delta, __ATOMIC_RELAXED); }
 
 void zf_free(void *p) { free(p); }
 

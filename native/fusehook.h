@@ -3,8 +3,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* A record made by the fast path, waiting for the capture stream: a write (data is
- * malloc'd and owned by the taker) or the attributes after a times-only SETATTR. */
+/* A record made by the fast path, waiting for the capture stream: a write (its data lies in
+ * owner, a malloc'd block the taker frees with zf_free) or the attributes after a times-only
+ * SETATTR, or a fallocate. */
 enum { ZF_WRITE = 0, ZF_SETATTR = 1, ZF_FALLOCATE = 2 };
 typedef struct {
     uint32_t kind;
@@ -15,6 +16,7 @@ typedef struct {
     uint64_t offset;
     uint64_t mtime_ns;
     uint8_t *data;
+    uint8_t *owner;
     size_t len;
 } zf_rec;
 
@@ -29,7 +31,7 @@ typedef struct {
 
 /* Hook the session pyfuse3.init() created: 0 on success. eventfd (or -1) is signalled when
  * queued writes should be drained; fast enables the READ/WRITE fast path; limit bounds the
- * captured bytes (queue + zf_set_held) the fast path may reach. */
+ * captured bytes (queue + zf_add_held) the fast path may reach. */
 int zf_install(int eventfd, int fast, size_t limit);
 /* 1 once the kernel accepted FUSE_HANDLE_KILLPRIV_V2 (after the INIT exchange). */
 int zf_killpriv_v2(void);
@@ -40,7 +42,9 @@ int zf_register_node(uint64_t node, int fd);
 void zf_unregister_node(uint64_t node);
 size_t zf_pending(void);
 size_t zf_take(zf_rec *out, size_t max);
-void zf_set_held(size_t bytes);
+/* Captured bytes held outside the queue (batched, encoding, being written) grow or shrink by
+ * delta; callable from any thread. */
+void zf_add_held(int64_t delta);
 void zf_free(void *p);
 zf_counters zf_counts(void);
 /* Answer the queued FSYNCs, stop the fsync worker and the fast path (before unmounting). */

@@ -3,19 +3,23 @@ path, and hands the frames to a sink, with bounded memory.
 
 The request path (``emit``/``emit_write``, called on the event loop right after each backing
 system call) only appends a record to the current batch. A batch is handed on when it holds
-``frame_bytes`` of data or ``flush_interval`` has passed; an encoder worker thread adds the
-per-block digests, packs and compresses the batch into a frame; a sink worker thread writes the
-frame. Memory held for captured data (batched, encoding or being written) is bounded by
-``memory_limit``: when the sink is slower than the application, :meth:`wait_for_room` makes the
-writer wait until the sink catches up, so the application runs at the sink's speed and nothing
-captured is dropped (see README, "When capture falls behind").
+``frame_bytes`` of data or ``flush_interval`` has passed; an encoder thread adds the per-block
+digests, packs and compresses the batch into a frame; the sink thread writes the frames in
+order. Neither waits for the event loop. Memory held for captured data (batched, encoding or
+being written) is bounded by ``memory_limit``: when the sink is slower than the application,
+:meth:`wait_for_room` makes the writer wait until the sink catches up, so the application runs
+at the sink's speed and nothing captured is dropped (see README, "When capture falls behind").
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,7 +50,7 @@ class ExternalWrites(Protocol):
 
     def take(self) -> list[tuple[int, tuple]]: ...  # (op, args): WRITE or SETATTR records
 
-    def set_held(self, nbytes: int) -> None: ...
+    def add_held(self, delta: int) -> None: ...  # captured bytes held outside the queue
 
 
 class FrameSink(Protocol):
@@ -87,7 +91,7 @@ class CaptureStream:
         self._held = 0  # bytes of batched + in-flight records
         self._room = trio.Event()
         self._room.set()
-        self._send_batch: trio.MemorySendChannel | None = None
+        self._pipeline: _Pipeline | None = None
         self._closed = False
         self._tick_scope = trio.CancelScope()
         self.failed: str | None = None  # why capture stopped (the sink failed), if it did
@@ -125,7 +129,6 @@ class CaptureStream:
                 self._append_write(*args)
             else:
                 self._append(op, args)
-        self._external.set_held(self._held if self.failed is None else 0)
 
     def _append_write(self, ident: int, offset: int, data: bytes, mtime_ns: int) -> None:
         if self.failed is not None:
@@ -162,40 +165,48 @@ class CaptureStream:
             await self._room.wait()
 
     def _hand_off(self) -> None:
-        if not self._batch or self._send_batch is None:
+        if not self._batch or self._pipeline is None:
             return
         batch, size = self._batch, self._batch_bytes
         self._batch, self._batch_bytes = [], 0
-        self._send_batch.send_nowait((batch, size))
+        if self._external is not None:
+            self._external.add_held(size)
+        self._pipeline.submit(batch, size)
 
     # ---- background workers ------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """Run the encoder and sink workers until :meth:`aclose` and the queue is drained."""
-        send_batch, receive_batch = trio.open_memory_channel[tuple[list[list], int]](
-            float("inf"))
-        # Frames being encoded, in stream order: each entry is the receiving end of a
-        # one-frame channel, so up to ENCODERS frames encode in parallel threads while the
-        # sink still writes them in order.
-        send_order, receive_order = trio.open_memory_channel[trio.MemoryReceiveChannel](
-            ENCODERS - 1)
-        self._send_batch = send_batch
+        """Run the encoder and sink threads until :meth:`aclose` and the queue is drained."""
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+
+        def on_loop(fn: Callable[..., object], *args: object) -> None:  # from the sink thread
+            # (if the loop is gone, the daemon is failing for another reason)
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(fn, *args)
+
+        pipeline = _Pipeline(self._sink, self._level,
+                             sunk=lambda *a: on_loop(self._sunk, *a),
+                             release=self._release,
+                             stopped=lambda: on_loop(done.set))
+        self._pipeline = pipeline
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._encode_loop, receive_batch, send_order)
-            nursery.start_soon(self._sink_loop, receive_order)
             nursery.start_soon(self._tick_loop)
             task_status.started()
+            await done.wait()
+            nursery.cancel_scope.cancel()
+        pipeline.join()
         await trio.to_thread.run_sync(self._sink.close)
 
     async def aclose(self) -> None:
         """Hand on everything captured and stop; :meth:`run` returns once all of it is sunk."""
-        if self._closed or self._send_batch is None:
+        if self._closed or self._pipeline is None:
             return
         self._closed = True
         self._tick_scope.cancel()
         self.take_external()
         self._hand_off()
-        await self._send_batch.aclose()
+        self._pipeline.close()
 
     async def _tick_loop(self) -> None:
         with self._tick_scope:
@@ -204,54 +215,99 @@ class CaptureStream:
                 self.take_external()
                 self._hand_off()
 
-    async def _encode_loop(self, receive: trio.MemoryReceiveChannel,
-                           send_order: trio.MemorySendChannel) -> None:
-        limiter = trio.CapacityLimiter(ENCODERS)
-        async with send_order, trio.open_nursery() as nursery:
-            async for batch, size in receive:
-                send_one, receive_one = trio.open_memory_channel[tuple](1)
-                await send_order.send(receive_one)  # waits while ENCODERS are busy
-                nursery.start_soon(self._encode_one, batch, size, send_one, limiter)
+    def _release(self, size: int) -> None:
+        """Sink thread: a frame of ``size`` bytes is written; the fast path may use the room
+        at once (the event loop learns of it in :meth:`_sunk`)."""
+        if self._external is not None:
+            self._external.add_held(-size)
 
-    async def _encode_one(self, batch: list[list], size: int, send_one: trio.MemorySendChannel,
-                          limiter: trio.CapacityLimiter) -> None:
-        async with send_one:
-            frame = await trio.to_thread.run_sync(encode_batch, batch, self._level,
-                                                  limiter=limiter)
-            await send_one.send((frame, batch[0][0], batch[-1][0], size))
+    def _sunk(self, first: int, last: int, size: int, nbytes: int, error: str | None) -> None:
+        """Event loop: the sink thread wrote (or failed to write) records first..last."""
+        self._held -= size
+        if error is not None and self.failed is None:
+            self.failed = error
+            self._batch, self._batch_bytes = [], 0
+            log.error("capture stopped after record %d: %s; the mount keeps serving, and the "
+                      "spool is marked incomplete (protect again with a new spool)",
+                      first - 1, error)
+        if self._held <= self._memory_limit or self.failed is not None:
+            self._room.set()
+        if error is not None or nbytes < 0:
+            return
+        st = self.stats
+        st.frames += 1
+        st.records += last - first + 1
+        st.frame_bytes += nbytes
+        st.last_seq_sunk = last
 
-    async def _sink_loop(self, receive_order: trio.MemoryReceiveChannel) -> None:
-        async for receive_one in receive_order:
-            async with receive_one:
-                frame, first, last, size = await receive_one.receive()
-            if self.failed is None:
-                try:
-                    await trio.to_thread.run_sync(self._sink.write_frame, frame, first, last)
-                except OSError as e:
-                    await self._fail(first - 1, f"cannot write the spool: {e.strerror or e}")
-            self._held -= size
-            if self._external is not None:
-                self._external.set_held(self._held if self.failed is None else 0)
-            if self._held <= self._memory_limit or self.failed is not None:
-                self._room.set()
-            if self.failed is not None:
-                continue
-            st = self.stats
-            st.frames += 1
-            st.records += last - first + 1
-            st.frame_bytes += sum(len(memoryview(p)) for p in frame)
-            st.last_seq_sunk = last
 
-    async def _fail(self, last_good_seq: int, reason: str) -> None:
-        """Stop capturing but never the application: later records are dropped, the spool is
-        marked incomplete so nothing replays it as if it were whole (DESIGN invariant 5)."""
-        self.failed = reason
-        self._batch, self._batch_bytes = [], 0
-        log.error("capture stopped after record %d: %s; the mount keeps serving, and the "
-                  "spool is marked incomplete (protect again with a new spool)",
-                  last_good_seq, reason)
+class _Pipeline:
+    """Encoder threads and one sink thread, outside the event loop: a frame never waits for
+    the loop between being encoded and being written (the loop is busy serving requests).
+
+    Batches are encoded by ENCODERS threads in parallel and written by the sink thread in
+    the order they were submitted. After each frame the sink thread calls ``release(size)``
+    (from its own thread) and ``sunk(first, last, size, frame_bytes, error)``, which must
+    hand the call to the event loop. After a sink error, later frames are not written (they
+    are reported with ``frame_bytes`` -1) and the sink is marked incomplete."""
+
+    def __init__(self, sink: FrameSink, level: int, *,
+                 sunk: Callable[[int, int, int, int, str | None], None],
+                 release: Callable[[int], None], stopped: Callable[[], None]) -> None:
+        self._sink = sink
+        self._level = level
+        self._sunk = sunk
+        self._release = release
+        self._stopped = stopped
+        self._encoders = ThreadPoolExecutor(ENCODERS, thread_name_prefix="capture-encode")
+        self._order: queue.SimpleQueue[tuple[Future, int, int, int] | None] = \
+            queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._sink_loop, name="capture-sink",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: list[list], size: int) -> None:
+        future = self._encoders.submit(encode_batch, batch, self._level)
+        self._order.put((future, batch[0][0], batch[-1][0], size))
+
+    def close(self) -> None:
+        """No more batches: the sink thread stops after writing the submitted ones."""
+        self._order.put(None)
+
+    def join(self) -> None:
+        self._thread.join()
+        self._encoders.shutdown(wait=True)
+
+    def _sink_loop(self) -> None:
+        failed: str | None = None
         try:
-            await trio.to_thread.run_sync(self._sink.mark_incomplete, last_good_seq, reason)
+            while (item := self._order.get()) is not None:
+                future, first, last, size = item
+                nbytes, error = -1, None
+                if failed is None:
+                    try:
+                        frame = future.result()
+                        self._sink.write_frame(frame, first, last)
+                        nbytes = sum(memoryview(p).nbytes for p in frame)
+                        del frame  # its buffers go as soon as written
+                    except OSError as e:
+                        error = f"cannot write the spool: {e.strerror or e}"
+                    except Exception as e:  # a bug: say so, stop capturing, keep serving
+                        log.exception("capture: frame %d..%d could not be made", first, last)
+                        error = f"internal error: {e}"
+                    if error is not None:
+                        failed = error
+                        self._mark_incomplete(first - 1, error)
+                else:
+                    future.cancel()
+                self._release(size)
+                self._sunk(first, last, size, nbytes, error)
+        finally:
+            self._stopped()
+
+    def _mark_incomplete(self, last_good_seq: int, reason: str) -> None:
+        try:
+            self._sink.mark_incomplete(last_good_seq, reason)
         except OSError as e:
             log.error("could not mark the spool incomplete: %s", e.strerror or e)
 
