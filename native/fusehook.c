@@ -38,6 +38,7 @@
 #include <stdio.h>
 #include <sys/uio.h>
 #include <sys/xattr.h>
+#include <time.h>
 #include <unistd.h>
 #include <linux/fuse.h>
 
@@ -88,6 +89,10 @@ static size_t zf_rbuf_cap;
 static uint8_t *zf_inbuf;
 static size_t zf_inbuf_cap;
 #define ZF_KEEP_MIN (64u << 10)
+/* How long the fast path waits for a next request before returning to the event loop, and
+ * how long it may serve requests in all before it returns. */
+#define ZF_LINGER_NS 200000
+#define ZF_BUDGET_NS 5000000
 static zf_counters zf_count;
 
 struct fuse_session *fuse_session_new(struct fuse_args *args,
@@ -518,8 +523,16 @@ static uint8_t *request_buffer(uint8_t *buf, size_t len)
     return zf_inbuf != NULL ? zf_inbuf : buf;
 }
 
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return ns_of(t);
+}
+
 static ssize_t read_and_serve(int fd, void *buf, size_t len)
 {
+    const uint64_t start = now_ns();
     for (;;) {
         uint8_t *mem = request_buffer(buf, len);
         ssize_t n = read(fd, mem, len);
@@ -554,11 +567,15 @@ static ssize_t read_and_serve(int fd, void *buf, size_t len)
                 memcpy(buf, mem, (size_t)n); /* for libfuse and pyfuse3 */
             return n;
         }
-        /* Answer whatever else is already waiting, unless a frame's worth of writes waits
-         * for the capture stream; otherwise let the event loop run (it drains the queue;
-         * libfuse turns EINTR into "nothing read, try again"). */
+        /* Answer whatever else arrives within ZF_LINGER_NS (an application waiting for each
+         * answer sends its next request a few microseconds later; returning to the event loop
+         * and back costs it tens of microseconds), for at most ZF_BUDGET_NS in all, unless a
+         * frame's worth of writes waits for the capture stream. Otherwise let the event loop
+         * run (libfuse turns EINTR into "nothing read, try again"). */
         struct pollfd p = {.fd = fd, .events = POLLIN};
-        if (zf_signalled || poll(&p, 1, 0) != 1 || !(p.revents & POLLIN)) {
+        const struct timespec linger = {0, ZF_LINGER_NS};
+        if (zf_signalled || now_ns() - start > ZF_BUDGET_NS ||
+            ppoll(&p, 1, &linger, NULL) != 1 || !(p.revents & POLLIN)) {
             errno = EINTR;
             return -1;
         }
