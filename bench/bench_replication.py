@@ -90,6 +90,15 @@ SIZES = {
 ALL_BENCHMARKS = ["rpo", "throughput", "snapshot", "checkpoints", "store"]
 
 
+def add_env_args(p: argparse.ArgumentParser, *, stop_timeout: float) -> None:
+    """The options every script built on :class:`Env` takes."""
+    p.add_argument("--workdir", default="/var/tmp", help="parent of the work dir (a disk)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir afterwards")
+    p.add_argument("--mount-timeout", type=float, default=20.0)
+    p.add_argument("--stop-timeout", type=float, default=stop_timeout)
+    p.add_argument("--json", action="store_true", help="print one JSON document instead")
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 

@@ -101,6 +101,12 @@ class SessionHook:
             if n < _TAKE:
                 return out
 
+    def set_frozen(self, frozen: bool) -> None:
+        """Checkpoint barrier: while frozen, mutating requests go to Python (which holds
+        their answers, zfsrep.barrier)."""
+        if self.active:
+            _fusehook.lib.zf_set_frozen(int(frozen))
+
     def add_held(self, delta: int) -> None:
         """Captured bytes held by the capture stream grew (or shrank) by ``delta``; called
         from any thread."""

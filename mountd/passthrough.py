@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from zfsrep.barrier import CompletionGate
 from zfsrep.errors import errno_of
 from zfsrep.volume import BackingVolume, Inode
 
@@ -27,12 +28,17 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 def translate_errors(fn: F) -> F:
-    """Turn OSError (and any domain error) into FUSEError with the errno of the backing fs."""
+    """Turn OSError (and any domain error) into FUSEError with the errno of the backing fs,
+    and hold a successful answer while the volume is frozen for a checkpoint."""
 
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return await fn(*args, **kwargs)
+            result = await fn(*args, **kwargs)
+            gate = getattr(args[0], "gate", None)  # (the snapshot mount has none)
+            if gate is not None and gate.frozen:
+                await gate.wait_open()  # a checkpoint barrier holds the answer (zfsrep.barrier)
+            return result
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
@@ -74,12 +80,14 @@ class PassthroughOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, volume: BackingVolume, recorder: Any, hook: Any,
-                 fsync_limiter: trio.CapacityLimiter) -> None:
+                 fsync_limiter: trio.CapacityLimiter,
+                 gate: CompletionGate | None = None) -> None:
         super().__init__()
         self.vol = volume
         self.recorder = recorder
         self.hook = hook  # mountd.fusehook.SessionHook: serves READ/WRITE of open files
         self._fsync_limiter = fsync_limiter
+        self.gate = gate  # the checkpoint barrier's hold on answers, when replicating
 
     def _attrs(self, node: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
         return entry_attributes(self.vol.inode(node), st)

@@ -17,6 +17,7 @@ from zfsrep.mountd.fusehook import SessionHook
 from zfsrep.mountd.passthrough import PassthroughOperations
 from zfsrep.mountd.signals import stop_on_signals
 
+from zfsrep.barrier import CompletionGate
 from zfsrep.capture import CaptureStream, NullRecorder
 from zfsrep.errors import NotFoundError, StateError, UsageError
 from zfsrep.link import LinkOptions, VolumeShipper
@@ -119,7 +120,8 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
                                  memory_limit=opts.memory_limit, external=hook)
         if opts.link is not None:
             spool.keep_recent = RECENT_FRAMES_BYTES
-            shipper = VolumeShipper(opts.link, spool, recorder, progress, synced_seq)
+            shipper = VolumeShipper(opts.link, spool, recorder, progress, synced_seq,
+                                    CompletionGate(hook.set_frozen))
             await shipper.first_contact()
     async with trio.open_nursery() as link_nursery:
         if shipper is not None:
@@ -131,7 +133,8 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
                 if must_scan:
                     assert spool is not None
                     await _initial_sync(source, spool, recorder, progress, shipper, ready)
-                await _serve(opts, source, recorder, hook, ready)
+                await _serve(opts, source, recorder, hook, ready,
+                             shipper.gate if shipper is not None else None)
             finally:
                 if isinstance(recorder, CaptureStream):
                     await recorder.aclose()
@@ -140,6 +143,11 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
             ls = shipper.state
             log.info("replication: %d frames (%d bytes) sent this session, records through %d "
                      "acknowledged", ls.sent_frames, ls.sent_bytes, ls.acked_seq)
+            gs = shipper.gate.stats
+            if gs.freezes:
+                log.info("checkpoint barriers: %d, answers held %.1f ms at most, %.2f ms on "
+                         "average; %d ended without a thaw", gs.freezes, 1e3 * gs.max_held_s,
+                         1e3 * gs.held_s / gs.freezes, gs.expired)
         link_nursery.cancel_scope.cancel()
     if isinstance(recorder, CaptureStream):
         st = recorder.stats
@@ -183,9 +191,9 @@ async def _drain_fast_writes(eventfd: int, recorder: CaptureStream) -> None:
 
 
 async def _serve(opts: ProtectOptions, source: str, recorder, hook: SessionHook,
-                 ready: Callable[[], None]) -> None:
+                 ready: Callable[[], None], gate: CompletionGate | None) -> None:
     volume = BackingVolume(source, recorder)
-    ops = PassthroughOperations(volume, recorder, hook, trio.CapacityLimiter(4))
+    ops = PassthroughOperations(volume, recorder, hook, trio.CapacityLimiter(4), gate)
     options = set(pyfuse3.default_options)
     options |= {f"fsname=zfsrep:{source}", "subtype=zfsrep"}
     if opts.allow_other:

@@ -71,6 +71,7 @@ static int zf_init_seen, zf_reply_seen;
 static uint32_t zf_offered, zf_added;
 
 static int zf_fast;                 /* fast path enabled */
+static int zf_frozen;               /* checkpoint barrier: mutating requests go to Python */
 static int zf_eventfd = -1;         /* signalled when the queue should be drained */
 static struct zf_file *zf_files;    /* indexed by file handle (= backing fd) */
 static size_t zf_files_cap;
@@ -166,7 +167,7 @@ static int fast_write(int fd, const struct fuse_in_header *in, size_t n)
     if (n < sizeof *in + sizeof *w || n != sizeof *in + sizeof *w + w->size)
         return 0;
     struct zf_file *f = file_of(w->fh);
-    if (f == NULL)
+    if (f == NULL || zf_frozen)
         return 0;
     if (f->capture && zf_qbytes + held_elsewhere() + w->size > zf_limit)
         return 0; /* the Python path waits for the spool */
@@ -247,7 +248,7 @@ static int fast_setattr(int fd, const struct fuse_in_header *in, size_t n)
         !(a->valid & (FATTR_ATIME | FATTR_MTIME)))
         return 0;
     struct zf_file *f = file_of(a->fh);
-    if (f == NULL || (f->capture && zf_qbytes + held_elsewhere() > zf_limit))
+    if (f == NULL || zf_frozen || (f->capture && zf_qbytes + held_elsewhere() > zf_limit))
         return 0;
     struct timespec ts[2] = {{0, UTIME_OMIT}, {0, UTIME_OMIT}};
     if (a->valid & FATTR_ATIME)
@@ -473,7 +474,7 @@ static int fast_fallocate(int fd, const struct fuse_in_header *in, size_t n)
     if (n < sizeof *in + sizeof *a)
         return 0;
     struct zf_file *f = file_of(a->fh);
-    if (f == NULL)
+    if (f == NULL || zf_frozen)
         return 0;
     struct stat st;
     if (fallocate((int)a->fh, (int)a->mode, (off_t)a->offset, (off_t)a->length) != 0 ||
@@ -674,6 +675,8 @@ size_t zf_take(zf_rec *out, size_t max)
         zf_signalled = 0;
     return n;
 }
+
+void zf_set_frozen(int frozen) { zf_frozen = frozen; }
 
 void zf_add_held(int64_t delta) { __atomic_add_fetch(&zf_held_elsewhere, delta, __ATOMIC_RELAXED); }
 

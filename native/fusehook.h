@@ -46,6 +46,9 @@ size_t zf_take(zf_rec *out, size_t max);
  * delta; callable from any thread. */
 void zf_add_held(int64_t delta);
 void zf_free(void *p);
+/* While frozen (a checkpoint barrier), WRITE, SETATTR and FALLOCATE go to Python, which holds
+ * their answers; call on the event-loop thread. */
+void zf_set_frozen(int frozen);
 zf_counters zf_counts(void);
 /* Answer the queued FSYNCs, stop the fsync worker and the fast path (before unmounting). */
 void zf_shutdown(void);

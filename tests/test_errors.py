@@ -15,6 +15,7 @@ from zfsrep.errors import (
     FrameError,
     NotFoundError,
     OSFailure,
+    ScriptError,
     StateError,
     UnsafePathError,
     UsageError,
@@ -53,7 +54,7 @@ def test_exit_codes_are_distinct():
 
 def test_each_error_class_carries_its_own_nonzero_exit_code():
     classes = [UsageError, NotFoundError, StateError, CorruptDataError, UnsafePathError,
-               OSFailure]
+               OSFailure, ScriptError]
     codes = [c("m").exit_code for c in classes]
     assert len(set(codes)) == len(codes) and 0 not in codes
     assert ZfsrepError("m").exit_code == ExitCode.FAILURE

@@ -1,5 +1,6 @@
 """Unit tests of server pieces that need no process: a mark on a connection that just closed
-is an answer ("disconnected"), never an exception that could stop the server."""
+is an answer ("disconnected"), never an exception that could stop the server; the barrier's
+rules for accepting the positions of several volumes."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ async def test_mark_on_a_closed_connection_is_an_answer() -> None:
     conn = protocol.MessageStream(a)
     await conn.aclose()
     vc = VolumeConnection(conn, trio.CancelScope())
-    assert await vc.mark() == (None, "the mount disconnected")
+    assert await vc.position() == (None, "the mount disconnected")
 
 
 async def test_mark_returns_the_position_the_mount_answers() -> None:
@@ -26,8 +27,99 @@ async def test_mark_returns_the_position_the_mount_answers() -> None:
     async def mount() -> None:
         msg = await mount_side.receive()
         assert msg is not None and msg["t"] == "mark"
-        vc.marked({"t": "marked", "id": msg["id"], "seq": 42, "reason": None})
+        vc.answered({"t": "marked", "id": msg["id"], "seq": 42, "reason": None})
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(mount)
-        assert await vc.mark() == (42, None)
+        assert await vc.position() == (42, None)
+
+
+class _FakeMount:
+    """The mount's side of a volume connection: answers freeze and thaw as told."""
+
+    def __init__(self, seq: int | None, held: bool = True) -> None:
+        a, b = trio.testing.memory_stream_pair()
+        self.server_side, self.side = protocol.MessageStream(a), protocol.MessageStream(b)
+        self.vc = VolumeConnection(self.server_side, trio.CancelScope())
+        self.seq, self.held = seq, held
+        self.seen: list[str] = []
+
+    async def serve(self) -> None:
+        while (msg := await self.side.receive()) is not None:
+            self.seen.append(msg["t"])
+            if msg["t"] == "freeze":
+                answer = {"t": "frozen", "seq": self.seq,
+                          "reason": None if self.seq is not None else "initial sync is running"}
+            else:
+                answer = {"t": "thawed", "held": self.held}
+            self.vc.answered(dict(answer, id=msg["id"]))
+
+
+async def _positions(tmp_path, mounts: list[_FakeMount]):
+    from types import SimpleNamespace
+
+    from zfsrep.server import JournalServer
+    from zfsrep.store import Store
+
+    server = JournalServer(Store(tmp_path / "store"))
+    vols = [SimpleNamespace(name=f"v{i}", conn=m.vc) for i, m in enumerate(mounts)]
+    outcome: list = []
+    async with trio.open_nursery() as nursery:
+        for m in mounts:
+            nursery.start_soon(m.serve)
+        try:
+            outcome.append(await server._positions(vols))  # type: ignore[arg-type]
+        except Exception as e:  # raised after the nursery, not inside an exception group
+            outcome.append(e)
+        nursery.cancel_scope.cancel()
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
+
+
+async def test_a_barrier_freezes_then_thaws_every_volume(tmp_path) -> None:
+    mounts = [_FakeMount(10), _FakeMount(20)]
+    assert await _positions(tmp_path, mounts) == {"v0": 10, "v1": 20}
+    assert [m.seen for m in mounts] == [["freeze", "thaw"], ["freeze", "thaw"]]
+
+
+async def test_a_barrier_is_refused_when_a_volume_thawed_by_itself(tmp_path) -> None:
+    import pytest
+
+    from zfsrep.errors import StateError
+
+    mounts = [_FakeMount(10), _FakeMount(20, held=False)]
+    with pytest.raises(StateError, match="v1 thawed by itself"):
+        await _positions(tmp_path, mounts)
+
+
+async def test_a_volume_that_cannot_freeze_fails_the_barrier_and_the_others_thaw(tmp_path
+                                                                                 ) -> None:
+    import pytest
+
+    from zfsrep.errors import StateError
+
+    mounts = [_FakeMount(10), _FakeMount(None)]
+    with pytest.raises(StateError, match="v1: initial sync is running"):
+        await _positions(tmp_path, mounts)
+    assert mounts[0].seen == ["freeze", "thaw"]  # never left frozen
+
+
+async def test_one_volume_is_marked_without_a_barrier(tmp_path) -> None:
+    m = _FakeMount(5)
+
+    async def serve_mark() -> None:
+        msg = await m.side.receive()
+        m.seen.append(msg["t"])
+        m.vc.answered({"t": "marked", "id": msg["id"], "seq": 5, "reason": None})
+
+    from types import SimpleNamespace
+
+    from zfsrep.server import JournalServer
+    from zfsrep.store import Store
+
+    server = JournalServer(Store(tmp_path / "store"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_mark)
+        got = await server._positions([SimpleNamespace(name="v0", conn=m.vc)])  # type: ignore
+    assert got == {"v0": 5} and m.seen == ["mark"]

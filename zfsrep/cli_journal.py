@@ -10,10 +10,11 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from zfsrep.errors import NotFoundError, StateError, UsageError
+from zfsrep.errors import NotFoundError, ScriptError, StateError, UsageError
 
 SNAPSHOT_FSNAME = "zfsrep-snapshot:"
 
@@ -51,7 +52,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--rpo", default="10s", help="RPO target (default 10s)")
     create.add_argument("--checkpoint-interval", default="5s",
                         help="automatic checkpoint interval (default 5s)")
-    for p in (create, vps.add_parser("list", help="list VPGs")):
+    create.add_argument("--recovery-dir", metavar="DIR",
+                        help="where recovered volumes appear: DIR/test/VOLUME for failover "
+                             "tests, DIR/live/VOLUME after a failover or move (absolute; "
+                             "default STORE/recovery/NAME)")
+    vset = vps.add_parser("set", help="change a VPG's settings",
+                          description="Change settings of VPG NAME; the others stay.")
+    vset.add_argument("name", metavar="NAME")
+    vset.add_argument("--history")
+    vset.add_argument("--rpo")
+    vset.add_argument("--checkpoint-interval")
+    vset.add_argument("--recovery-dir", metavar="DIR",
+                      help="(not while a recovery operation is under way)")
+    for p in (create, vset, vps.add_parser("list", help="list VPGs")):
         _server_arg(p)
         _json_arg(p)
     delete = vps.add_parser("delete", help="delete a VPG and its journal")
@@ -60,13 +73,47 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         help="delete even while protected mounts are connected")
     _server_arg(delete)
 
-    tg = sub.add_parser("tag", help="record a tagged checkpoint now",
-                        description="Record a checkpoint named NAME across the VPG's volumes; "
-                                    "returns once it is durable.")
+    tg = sub.add_parser(
+        "tag", help="record a tagged checkpoint now",
+        description="Record a checkpoint named NAME across the VPG's volumes; returns once it "
+                    "is durable. With several volumes the checkpoint is one consistent cut of "
+                    "all of them (a barrier holds their writes for about a network round "
+                    "trip). --pre and --post run shell commands on this host before and after "
+                    "it, to quiesce an application for an application-consistent checkpoint: "
+                    "if --pre fails no checkpoint is taken; --post runs in every case (a "
+                    "failed --pre may have frozen the application half-way).")
     tg.add_argument("vpg", metavar="VPG")
     tg.add_argument("name", metavar="NAME")
+    tg.add_argument("--pre", metavar="CMD", help="shell command to run first (e.g. freeze "
+                    "the application); a non-zero exit cancels the checkpoint")
+    tg.add_argument("--post", metavar="CMD", help="shell command to run after the "
+                    "checkpoint is taken or has failed (e.g. thaw the application)")
+    tg.add_argument("--script-timeout", metavar="SECONDS", type=float, default=300.0,
+                    help="how long --pre or --post may run (default 300)")
     _server_arg(tg)
     _json_arg(tg)
+
+    ft = sub.add_parser(
+        "failover-test", help="start a failover test: every volume read-write at a checkpoint",
+        description="Bring every volume of VPG up at CHECKPOINT (an id, a tag or latest) as "
+                    "a throw-away copy in RECOVERY_DIR/test/VOLUME: copy-on-write over the "
+                    "journal, so starting takes about as long for 1 MiB as for 10 GiB. "
+                    "Production and its replication go on untouched. Run on the journal "
+                    "server's host; stop with stop-test.")
+    ft.add_argument("vpg", metavar="VPG")
+    ft.add_argument("checkpoint", metavar="CHECKPOINT")
+    _server_arg(ft)
+    _json_arg(ft)
+    st = sub.add_parser(
+        "stop-test", help="stop a failover test, discard its writes, record the result",
+        description="Unmount every test copy of VPG, discard what the test wrote, and record "
+                    "a test checkpoint (kind test, never diluted) with the result and note.")
+    st.add_argument("vpg", metavar="VPG")
+    st.add_argument("--result", choices=("pass", "fail"), default="pass",
+                    help="the outcome of the test (default pass)")
+    st.add_argument("--note", metavar="TEXT", help="what was tested, recorded with it")
+    _server_arg(st)
+    _json_arg(st)
 
     cp = sub.add_parser("checkpoints", help="list checkpoints",
                         description="List checkpoints, oldest first. Ages take s, m, h or d.")
@@ -172,13 +219,20 @@ def cmd_vpg(args: argparse.Namespace) -> int:
     if args.vpg_command == "create":
         res = _call(args, "vpg.create", {"name": args.name, "history": args.history,
                                          "rpo": args.rpo,
-                                         "checkpoint_interval": args.checkpoint_interval})
-        if args.json:
-            print(json.dumps(res))
-        else:
-            print(f"VPG {res['name']} created (history {args.history}, RPO {args.rpo}, "
-                  f"checkpoints every {args.checkpoint_interval})")
-        return 0
+                                         "checkpoint_interval": args.checkpoint_interval,
+                                         "recovery_dir": _abs(args.recovery_dir)})
+        return _output(args, res, lambda: (
+            f"VPG {res['name']} created (history {args.history}, RPO {args.rpo}, checkpoints "
+            f"every {args.checkpoint_interval})"))
+    if args.vpg_command == "set":
+        req = {"name": args.name, "history": args.history, "rpo": args.rpo,
+               "checkpoint_interval": args.checkpoint_interval,
+               "recovery_dir": _abs(args.recovery_dir)}
+        res = _call(args, "vpg.set", {k: v for k, v in req.items() if v is not None})
+        return _output(args, res, lambda: (
+            f"VPG {res['name']}: history {_human(res['history_s'])}, RPO {res['rpo_s']:g} s, "
+            f"checkpoints every {res['checkpoint_interval_s']:g} s, recovery directory "
+            f"{res['recovery_dir']}"))
     if args.vpg_command == "list":
         res = _call(args, "vpg.list")
         if args.json:
@@ -194,17 +248,70 @@ def cmd_vpg(args: argparse.Namespace) -> int:
         _call(args, "vpg.delete", {"name": args.name, "force": args.force}, timeout=600)
         print(f"VPG {args.name} deleted")
         return 0
-    raise UsageError("usage: zfsrep vpg {create,list,delete} ...")
+    raise UsageError("usage: zfsrep vpg {create,set,list,delete} ...")
+
+
+def _abs(path: str | None) -> str | None:
+    """A directory named on this host, made absolute (the server may run elsewhere)."""
+    return None if path is None else os.path.abspath(path)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
+def _run_script(which: str, cmd: str, timeout: float) -> None:
+    """Run an administrator's command through the shell; its output goes to ours."""
+    try:
+        proc = subprocess.run(cmd, shell=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise ScriptError(f"{which} command did not finish within {timeout:g} s: {cmd}") \
+            from None
+    except OSError as e:
+        raise ScriptError(f"{which} command could not run: {e.strerror or e}") from None
+    if proc.returncode != 0:
+        raise ScriptError(f"{which} command exited with {proc.returncode}: {cmd}")
+
+
 def cmd_tag(args: argparse.Namespace) -> int:
-    res = _call(args, "tag", {"vpg": args.vpg, "name": args.name}, timeout=120)
-    if args.json:
-        print(json.dumps(res))
-    else:
-        print(f"checkpoint {res['id']} tagged {res['tag']} at {res['time']}")
+    try:
+        if args.pre:
+            _run_script("--pre", args.pre, args.script_timeout)
+        res = _call(args, "tag", {"vpg": args.vpg, "name": args.name}, timeout=120)
+    except BaseException:
+        if args.post:  # thaw the application anyway; the tag's error is the one to report
+            try:
+                _run_script("--post", args.post, args.script_timeout)
+            except ScriptError as e:
+                print(f"zfsrep: {e}", file=sys.stderr)
+        raise
+    if args.post:
+        _run_script("--post", args.post, args.script_timeout)
+    return _output(args, res, lambda: f"checkpoint {res['id']} tagged {res['tag']} at "
+                                      f"{res['time']}")
+
+
+def _output(args: argparse.Namespace, res: object, text: Callable[[], str]) -> int:
+    """Print ``res`` as JSON with --json, else the line ``text()`` makes of it."""
+    print(json.dumps(res) if args.json else text())
     return 0
+
+
+def cmd_failover_test(args: argparse.Namespace) -> int:
+    from zfsrep.recovery import failover_test
+
+    op = failover_test(args)
+    cp = op["checkpoint"]
+    return _output(args, op, lambda: (
+        f"failover test of VPG {args.vpg} at checkpoint {cp['id']} ({cp['time']}) running: "
+        f"{len(op['volumes'])} volume(s) under {op['recovery_dir']}/test (started in "
+        f"{op['start_seconds']:.1f} s)"))
+
+
+def cmd_stop_test(args: argparse.Namespace) -> int:
+    from zfsrep.recovery import stop_test
+
+    res = stop_test(args)
+    return _output(args, res, lambda: (
+        f"failover test of checkpoint {res['tested']} stopped ({res['result']}); recorded as "
+        f"checkpoint {res['checkpoint']['id']}"))
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
@@ -245,6 +352,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  RPO {rpo} (target {v['rpo_target_s']:g} s), history held "
               f"{_human(v['history_s'])} of {_human(v['history_target_s'])}, "
               f"{v['checkpoints']} checkpoints, journal {_size(v['journal_bytes'])}")
+        op = v.get("operation")
+        if op:
+            print(f"  {op['op']} of checkpoint {op['checkpoint']}: {op['phase']} since "
+                  f"{op['since']}; recovery directory {v['recovery_dir']}")
         for vol in v["volumes"]:
             lag = ("-" if vol["lag_records"] is None
                    else f"{vol['lag_records']} records / {_size(vol['lag_bytes'])}")
@@ -252,6 +363,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                   f"{vol['source']} on {vol['host']}; lag {lag}; spool "
                   f"{_size(vol['spool_bytes'])}; journal through {vol['durable_seq']}, "
                   f"indexed through {vol['indexed_seq']}")
+            if op and vol["state"] != "protected":
+                print(f"    {vol['state']}: {vol['test_path']}")
             prog = vol.get("initial_sync_progress")
             if prog:
                 pct = "?" if prog["percent"] is None else f"{prog['percent']:g}%"
@@ -379,4 +492,5 @@ def _stats_dict(stats) -> dict:
 
 
 COMMANDS = {"serve": cmd_serve, "vpg": cmd_vpg, "tag": cmd_tag, "checkpoints": cmd_checkpoints,
+            "failover-test": cmd_failover_test, "stop-test": cmd_stop_test,
             "status": cmd_status, "snapshot": cmd_snapshot, "restore-file": cmd_restore_file}

@@ -89,9 +89,34 @@ async def _vpg_create(server: JournalServer, args: dict) -> dict:
         history_s=_duration(args, "history", defaults.history_s),
         rpo_s=_duration(args, "rpo", defaults.rpo_s),
         checkpoint_interval_s=_duration(args, "checkpoint_interval",
-                                        defaults.checkpoint_interval_s))
+                                        defaults.checkpoint_interval_s),
+        recovery_dir=_str(args, "recovery_dir", required=False) or "")
     settings.check()
     vpg = await server.create_vpg(settings)
+    return _vpg_summary(server, vpg)
+
+
+@handler("vpg.set")
+async def _vpg_set(server: JournalServer, args: dict) -> dict:
+    """Change settings of a VPG; the recovery directory only while no operation runs."""
+    import dataclasses
+
+    vpg = server.vpg(args.get("name"))
+    s = vpg.settings
+    changed = dataclasses.replace(
+        s, history_s=_duration(args, "history", s.history_s),
+        rpo_s=_duration(args, "rpo", s.rpo_s),
+        checkpoint_interval_s=_duration(args, "checkpoint_interval", s.checkpoint_interval_s),
+        recovery_dir=(_str(args, "recovery_dir", required=False) or s.recovery_dir))
+    changed.check()
+    async with vpg.lock:
+        if changed.recovery_dir != s.recovery_dir and vpg.operation is not None:
+            from zfsrep.operations import describe
+
+            raise StateError(f"VPG {vpg.name} is {describe(vpg.operation)}: its recovery "
+                             "directory cannot change now")
+        await trio.to_thread.run_sync(server.store.save_vpg, changed)
+        vpg.settings = changed
     return _vpg_summary(server, vpg)
 
 
@@ -112,7 +137,7 @@ def _vpg_summary(server: JournalServer, vpg: VpgRuntime) -> dict:
     s = vpg.settings
     return {"name": s.name, "history_s": s.history_s, "rpo_s": s.rpo_s,
             "checkpoint_interval_s": s.checkpoint_interval_s, "created": s.created,
-            "volumes": sorted(vpg.volumes)}
+            "recovery_dir": str(server.store.recovery_dir(s)), "volumes": sorted(vpg.volumes)}
 
 
 # ---- checkpoints -------------------------------------------------------------------------
@@ -156,6 +181,19 @@ def _resolve_checkpoint(vpg: VpgRuntime, text: object) -> Checkpoint:
     return vpg.log.resolve(text)
 
 
+async def wait_indexed(vol: VolumeRuntime, seq: int, cp_id: int,
+                       wait: float = RESOLVE_WAIT) -> None:
+    """Return once the volume's index reaches record ``seq`` (indexing it first, now)."""
+    vol.index_wanted += 1
+    try:
+        reached = await vol.wait_until(lambda: vol.indexed_seq >= seq, wait)
+    finally:
+        vol.index_wanted -= 1
+    if not reached:
+        raise StateError(f"volume {vol.name}: checkpoint {cp_id} is not indexed yet (indexed "
+                         f"through record {vol.indexed_seq} of {seq}); try again shortly")
+
+
 @handler("resolve")
 async def _resolve(server: JournalServer, args: dict) -> dict:
     """Where a checkpoint of a volume lives in the store, once the index has reached it."""
@@ -173,15 +211,7 @@ async def _resolve(server: JournalServer, args: dict) -> dict:
     if vol is None:
         raise NotFoundError(f"VPG {vpg.name} has no volume {volume}")
     seq = cp.positions[volume]
-    wait = _duration(args, "wait", RESOLVE_WAIT)
-    vol.index_wanted += 1
-    try:
-        reached = await vol.wait_until(lambda: vol.indexed_seq >= seq, wait)
-    finally:
-        vol.index_wanted -= 1
-    if not reached:
-        raise StateError(f"volume {volume}: checkpoint {cp.id} is not indexed yet (indexed "
-                         f"through record {vol.indexed_seq} of {seq}); try again shortly")
+    await wait_indexed(vol, seq, cp.id, _duration(args, "wait", RESOLVE_WAIT))
     return {"vpg": vpg.name, "volume": volume, "volume_dir": str(vol.dir), "seq": seq,
             "root_ident": vol.meta.root_ident, "checkpoint": cp.to_json()}
 
@@ -197,10 +227,15 @@ async def _status(server: JournalServer, args: dict) -> list[dict]:
     out = []
     for vpg in vpgs:
         used = await trio.to_thread.run_sync(server.store.bytes_used, vpg.name)
-        out.append(vpg_status(vpg, time.time(), journal_bytes=used))
+        out.append(vpg_status(vpg, time.time(), journal_bytes=used,
+                              recovery_dir=str(server.store.recovery_dir(vpg.settings))))
     return out
 
 
 @handler("ping")
 async def _ping(server: JournalServer, args: dict) -> dict:
     return {"store": str(server.store.root), "uptime_s": time.time() - server.started}
+
+
+# the recovery operations register their requests here too
+from zfsrep import operations  # noqa: E402, F401

@@ -20,6 +20,7 @@ class ExitCode:
     IO = 6  # an operating-system error while doing the work
     UNSAFE = 7  # refused because it would escape a directory or overwrite data
     UNREACHABLE = 8  # the journal server cannot be reached or stopped answering
+    SCRIPT = 9  # a command the administrator gave (tag --pre/--post) failed
 
 
 class ZfsrepError(Exception):
@@ -61,6 +62,12 @@ class UnsafePathError(ZfsrepError):
 
 class OSFailure(ZfsrepError):
     exit_code = ExitCode.IO
+
+
+class ScriptError(ZfsrepError):
+    """A command given on the command line to run around an operation failed."""
+
+    exit_code = ExitCode.SCRIPT
 
 
 def errno_of(exc: BaseException) -> int:

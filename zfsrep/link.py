@@ -9,7 +9,9 @@ the journal or skipped (docs/protocol.md).
 
 The link also answers the server's checkpoint marks: the position of a checkpoint is the last
 record the capture stream has numbered when the mark arrives, taken on the event loop between
-two filesystem requests, so it is a prefix-closed cut of the stream.
+two filesystem requests, so it is a prefix-closed cut of the stream. For a VPG of several
+volumes the server freezes and thaws them instead (zfsrep.barrier), so that the positions of
+all volumes together form one consistent cut.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Protocol
 import trio
 
 from zfsrep import protocol
+from zfsrep.barrier import CompletionGate
 from zfsrep.errors import ZfsrepError
 from zfsrep.scan import ScanProgress
 from zfsrep.spool import SpoolReader, SpoolWriter
@@ -66,10 +69,12 @@ class VolumeShipper:
     """Connects (and reconnects) to the journal server and ships the spool."""
 
     def __init__(self, opts: LinkOptions, spool: SpoolWriter, recorder: Recorder,
-                 scan: ScanProgress, synced_seq: int) -> None:
+                 scan: ScanProgress, synced_seq: int,
+                 gate: CompletionGate | None = None) -> None:
         self.opts = opts
         self.spool = spool
         self.recorder = recorder
+        self.gate = gate or CompletionGate()
         self.scan = scan
         self.synced_seq = synced_seq  # 0 while the initial sync runs
         self.state = LinkState()
@@ -103,6 +108,14 @@ class VolumeShipper:
         # the fast path's queued writes completed before now: number them first
         self.recorder.flush()
         return self.recorder.last_seq, None
+
+    def freeze(self) -> tuple[int | None, str | None]:
+        """The first half of a cross-volume checkpoint barrier (zfsrep.barrier): hold every
+        mutating answer from now on, and return the position as of now."""
+        seq, why = self.mark()
+        if seq is not None:
+            self.gate.freeze()
+        return seq, why
 
     async def drain(self, timeout: float) -> bool:
         """Wait until everything in the spool is acknowledged (at most ``timeout`` s)."""
@@ -176,6 +189,7 @@ class VolumeShipper:
             finally:
                 self._reader = None
                 reader.close()
+                self.gate.thaw()  # no thaw will come over this connection
 
     def _ack(self, seq: int) -> None:
         if seq < self.state.acked_seq:
@@ -226,6 +240,13 @@ class VolumeShipper:
                 seq, why = self.mark()
                 await conn.send({"t": "marked", "id": msg.get("id"), "seq": seq,
                                  "reason": why})
+            elif kind == "freeze":
+                seq, why = self.freeze()
+                await conn.send({"t": "frozen", "id": msg.get("id"), "seq": seq,
+                                 "reason": why})
+            elif kind == "thaw":
+                held = self.gate.thaw()
+                await conn.send({"t": "thawed", "id": msg.get("id"), "held": held})
             elif kind == "error":
                 protocol.raise_for_error(msg)
             else:

@@ -49,6 +49,9 @@ T = TypeVar("T")
 
 HELLO_TIMEOUT = 10.0
 MARK_TIMEOUT = 10.0
+#: How long a barrier waits for every volume to freeze; below zfsrep.barrier.MAX_FREEZE, so
+#: that volumes frozen in time are still frozen when the thaw arrives.
+FREEZE_TIMEOUT = 1.0
 DURABLE_TIMEOUT = 60.0
 INDEX_BATCH_BYTES = 64 << 20
 INDEX_NICE = 10
@@ -92,26 +95,35 @@ class VolumeConnection:
         self._marks: dict[int, tuple[trio.Event, list]] = {}
         self._next_mark = 0
 
-    async def mark(self) -> tuple[int | None, str | None]:
+    async def ask(self, kind: str, timeout: float) -> tuple[dict | None, str | None]:
+        """Send ``{"t": kind, "id": K}`` and wait for the mount's answer with the same id
+        (marked, frozen or thawed): the answer, or None and why there is none."""
         self._next_mark += 1
         mark_id = self._next_mark
         event, slot = trio.Event(), list[dict]()
         self._marks[mark_id] = (event, slot)
         try:
             try:
-                await self.conn.send({"t": "mark", "id": mark_id})
+                await self.conn.send({"t": kind, "id": mark_id})
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return None, "the mount disconnected"
-            with trio.move_on_after(MARK_TIMEOUT):
+            with trio.move_on_after(timeout):
                 await event.wait()
-                msg = slot[0]
-                seq = msg.get("seq")
-                return (int(seq) if isinstance(seq, int) else None), msg.get("reason")
-            return None, f"the mount did not answer a checkpoint mark within {MARK_TIMEOUT:g} s"
+                return slot[0], None
+            return None, f"the mount did not answer a checkpoint {kind} within {timeout:g} s"
         finally:
             self._marks.pop(mark_id, None)
 
-    def marked(self, msg: dict) -> None:
+    async def position(self, kind: str = "mark") -> tuple[int | None, str | None]:
+        """The volume's stream position for a checkpoint (``mark``), or the same while
+        freezing it (``freeze``, the first half of a barrier); None and why if none."""
+        msg, why = await self.ask(kind, FREEZE_TIMEOUT if kind == "freeze" else MARK_TIMEOUT)
+        if msg is None:
+            return None, why
+        seq = msg.get("seq")
+        return (int(seq) if isinstance(seq, int) else None), msg.get("reason")
+
+    def answered(self, msg: dict) -> None:
         entry = self._marks.get(msg.get("id"))  # type: ignore[arg-type]
         if entry is not None:
             entry[1].append(msg)
@@ -169,6 +181,8 @@ class VpgRuntime:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     last_problem: str | None = None
     deleting: bool = False
+    #: the recovery operation under way (persisted in operation.json), e.g. a failover test
+    operation: dict | None = None
 
     @property
     def name(self) -> str:
@@ -207,6 +221,11 @@ class JournalServer:
         cplog = await trio.to_thread.run_sync(
             lambda: CheckpointLog(self.store.checkpoint_log_path(name), vpg=name))
         vpg = VpgRuntime(settings, cplog)
+        vpg.operation = self.store.load_operation(name)
+        if vpg.operation is not None:
+            log.info("VPG %s: %s of checkpoint %s is under way (%s)", name,
+                     vpg.operation.get("op"), vpg.operation.get("checkpoint", {}).get("id"),
+                     vpg.operation.get("phase"))
         self.vpgs[name] = vpg
         for vol in self.store.volume_names(name):
             meta = self.store.load_volume(name, vol)
@@ -380,25 +399,7 @@ class JournalServer:
                 if not vol.meta.synced_seq:
                     raise StateError(f"volume {vol.name}: initial sync is not complete")
             time_ns = time.time_ns()
-            positions: dict[str, int] = {}
-            problems: list[str] = []
-
-            async def mark(vol: VolumeRuntime) -> None:
-                conn = vol.conn
-                if conn is None:
-                    problems.append(f"volume {vol.name} disconnected")
-                    return
-                seq, why = await conn.mark()
-                if seq is None:
-                    problems.append(f"volume {vol.name}: {why}")
-                else:
-                    positions[vol.name] = seq
-
-            async with trio.open_nursery() as nursery:
-                for vol in vols:
-                    nursery.start_soon(mark, vol)
-            if problems:
-                raise StateError("; ".join(sorted(problems)))
+            positions = await self._positions(vols)
             for vol in vols:
                 seq = positions[vol.name]
                 if seq < vol.meta.synced_seq:
@@ -412,6 +413,52 @@ class JournalServer:
             cp = Checkpoint(id=0, time_ns=time_ns, kind=kind, tag=tag, positions=positions,
                             **extra)
             return await trio.to_thread.run_sync(vpg.log.append, cp)
+
+    async def _positions(self, vols: list[VolumeRuntime]) -> dict[str, int]:
+        """Each volume's stream position for one checkpoint, together a consistent cut.
+
+        One volume: its position now (a prefix-closed cut of its stream). Several: a barrier
+        (zfsrep.barrier): freeze every volume (each holds its answers and reports its
+        position), then thaw them all; the cut holds only if every volume was still frozen
+        when its thaw arrived, so that there was an instant when all were frozen."""
+        positions: dict[str, int] = {}
+        problems: list[str] = []
+        kind = "freeze" if len(vols) > 1 else "mark"
+        asked: list[tuple[str, VolumeConnection]] = []
+
+        async def ask_position(vol: VolumeRuntime) -> None:
+            conn = vol.conn
+            if conn is None:
+                problems.append(f"volume {vol.name} disconnected")
+                return
+            asked.append((vol.name, conn))
+            seq, why = await conn.position(kind)
+            if seq is None:
+                problems.append(f"volume {vol.name}: {why}")
+            else:
+                positions[vol.name] = seq
+
+        async def thaw(name: str, conn: VolumeConnection) -> None:
+            msg, why = await conn.ask("thaw", MARK_TIMEOUT)
+            if name not in positions:
+                return  # its freeze failed already (it may have frozen late: thawed now)
+            if msg is None:
+                problems.append(f"volume {name}: {why}")
+            elif msg.get("held") is not True:
+                problems.append(f"volume {name} thawed by itself before the barrier "
+                                "completed")
+
+        async with trio.open_nursery() as nursery:
+            for vol in vols:
+                nursery.start_soon(ask_position, vol)
+        if kind == "freeze":
+            with trio.CancelScope(shield=True):  # every volume asked to freeze is thawed
+                async with trio.open_nursery() as nursery:
+                    for name, conn in asked:
+                        nursery.start_soon(thaw, name, conn)
+        if problems:
+            raise StateError("; ".join(sorted(problems)))
+        return positions
 
     # ---- connections -------------------------------------------------------------------
     async def _handle(self, stream: trio.SocketStream) -> None:
@@ -579,8 +626,8 @@ class JournalServer:
                 appending.append(fut)
                 vol.received_bytes += len(frame)
                 vol.last_data = time.monotonic()
-            elif kind == "marked":
-                vc.marked(msg)
+            elif kind in ("marked", "frozen", "thawed"):
+                vc.answered(msg)
             elif kind == "stat":
                 vol.report = {k: msg.get(k) for k in (
                     "time", "captured_seq", "written_seq", "spool_bytes", "spool_limit",
@@ -602,6 +649,10 @@ class JournalServer:
 
     async def delete_vpg(self, name: str, *, force: bool) -> None:
         vpg = self.vpg(name)
+        if vpg.operation is not None:
+            from zfsrep.operations import describe
+
+            raise StateError(f"VPG {name} is {describe(vpg.operation)}: finish it first")
         connected = sorted(v.name for v in vpg.volumes.values() if v.conn is not None)
         if connected and not force:
             raise StateError(f"VPG {name} has connected volumes ({', '.join(connected)}): stop "

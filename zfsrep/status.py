@@ -50,7 +50,8 @@ def _volume_status(vol: VolumeRuntime) -> dict[str, Any]:
     return out
 
 
-def vpg_status(vpg: VpgRuntime, now: float, *, journal_bytes: int) -> dict[str, Any]:
+def vpg_status(vpg: VpgRuntime, now: float, *, journal_bytes: int,
+               recovery_dir: str = "") -> dict[str, Any]:
     settings = vpg.settings
     cps = vpg.log.all()
     newest = cps[-1].time_ns / 1e9 if cps else None
@@ -58,6 +59,12 @@ def vpg_status(vpg: VpgRuntime, now: float, *, journal_bytes: int) -> dict[str, 
     rpo = (now - newest) if newest is not None else None
     history = (now - oldest) if oldest is not None else 0.0
     volumes = [_volume_status(v) for _n, v in sorted(vpg.volumes.items())]
+    op = vpg.operation
+    for v in volumes:  # where each volume's recovered copies appear, and what it is doing
+        v["test_path"] = f"{recovery_dir}/test/{v['name']}" if recovery_dir else None
+        v["live_path"] = f"{recovery_dir}/live/{v['name']}" if recovery_dir else None
+        in_op = op is not None and v["name"] in (op.get("volumes") or {})
+        v["state"] = f"{op['op']} {op.get('phase')}" if in_op and op else "protected"
 
     status, substatus = _classify(vpg, volumes, rpo, history, bool(cps))
     return {
@@ -73,6 +80,10 @@ def vpg_status(vpg: VpgRuntime, now: float, *, journal_bytes: int) -> dict[str, 
         "latest_checkpoint": cps[-1].to_json() if cps else None,
         "journal_bytes": journal_bytes,
         "last_checkpoint_problem": vpg.last_problem,
+        "recovery_dir": recovery_dir or None,
+        "operation": None if op is None else {
+            "op": op.get("op"), "phase": op.get("phase"), "since": op.get("since"),
+            "started": op.get("started"), "checkpoint": (op.get("checkpoint") or {}).get("id")},
         "volumes": volumes,
     }
 

@@ -6,6 +6,8 @@ Layout::
     STORE/store.json                          format marker
     STORE/vpgs/<vpg>/vpg.json                 settings (VpgSettings)
     STORE/vpgs/<vpg>/checkpoints.log          checkpoint log (zfsrep.checkpoints)
+    STORE/vpgs/<vpg>/operation.json           the recovery operation under way, if any
+    STORE/recovery/<vpg>/                     default recovery directory (test/, live/)
     STORE/vpgs/<vpg>/volumes/<vol>/volume.json    identity and sync state (VolumeMeta)
     STORE/vpgs/<vpg>/volumes/<vol>/journal/       durable journal (zfsrep.journal)
     STORE/vpgs/<vpg>/volumes/<vol>/index.sqlite, packs/   the index (zfsrep.index)
@@ -78,9 +80,14 @@ class VpgSettings:
     rpo_s: float = 10.0
     checkpoint_interval_s: float = 5.0
     created: str = field(default_factory=_now_iso)
+    #: where recovered data appears (test/VOLUME, live/VOLUME); "" for STORE/recovery/VPG
+    recovery_dir: str = ""
 
     def check(self) -> None:
         check_name("VPG", self.name)
+        if self.recovery_dir and not os.path.isabs(self.recovery_dir):
+            raise UsageError(f"recovery directory must be an absolute path, not "
+                             f"{self.recovery_dir!r}")
         if not 0 < self.history_s <= MAX_HISTORY_S:
             raise UsageError("history must be more than 0 and at most 30 days")
         if not 0 < self.rpo_s <= 86400:
@@ -165,6 +172,27 @@ class Store:
         doomed = path.with_name(f".deleting-{name}-{os.getpid()}")
         os.rename(path, doomed)
         shutil.rmtree(doomed)
+
+    def recovery_dir(self, settings: VpgSettings) -> Path:
+        return Path(settings.recovery_dir) if settings.recovery_dir else \
+            self.root / "recovery" / settings.name
+
+    def load_operation(self, vpg: str) -> dict | None:
+        path = self.vpg_dir(vpg) / "operation.json"
+        return _read_json(path, f"operation of VPG {vpg}") if path.exists() else None
+
+    def save_operation(self, vpg: str, operation: dict | None) -> None:
+        """Persist the recovery operation under way (None: there is none)."""
+        path = self.vpg_dir(vpg) / "operation.json"
+        if operation is not None:
+            _write_json(path, operation)
+        elif path.exists():
+            path.unlink()
+            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def checkpoint_log_path(self, vpg: str) -> Path:
         return self.vpg_dir(vpg) / "checkpoints.log"

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Time to start a failover test (issue 4): ``zfsrep failover-test`` from the command to a
+writable test copy, for a volume holding 1 GiB and one holding 10 GiB.
+
+For each size: a journal server, a VPG and one replicated protected mount; fio writes the
+data (random, incompressible) through the mount, ``tag`` marks it, and the script waits until
+the checkpoint is indexed. Then it starts and stops the failover test ``--repeats`` times and
+reports the median start time (the CLI's wall time: resolving the checkpoint, the snapshot
+mount, the overlay), the stop time, and checks that a file read through the test copy equals
+the backing file. Target: start under 2 s at either size (and so about equal for both).
+
+    .venv/bin/python bench/bench_operations.py [--sizes 1G,10G] [--repeats 5] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import _mounts  # noqa: E402
+from _mounts import FuseMount  # noqa: E402
+from bench_replication import Env, add_env_args, journal_server, log, run_fio  # noqa: E402
+
+VPG = "ops"
+TARGET_S = 2.0
+
+
+def parse_size(text: str) -> int:
+    units = {"M": 1 << 20, "G": 1 << 30}
+    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units \
+        else int(text)
+
+
+def timed_cli(env: Env, *args: str) -> float:
+    t0 = time.monotonic()
+    env.cli(*args, timeout=600)
+    return time.monotonic() - t0
+
+
+def measure(env: Env, size: int, repeats: int) -> dict:
+    base = env.fresh(f"ops-{size >> 20}M")
+    m: FuseMount | None = None
+    try:
+        with journal_server(env, os.path.join(base, "store")) as srv:
+            rec = os.path.join(base, "recovery")
+            env.cli("vpg", "create", VPG, "--checkpoint-interval", "5s", "--recovery-dir", rec,
+                    "--server", srv.address)
+            backing, mnt = os.path.join(base, "backing"), os.path.join(base, "mnt")
+            os.makedirs(backing)
+            os.makedirs(mnt)
+            m = FuseMount("protect", env.zargv(
+                "protect", "--source", backing, "--spool", os.path.join(base, "spool"), mnt,
+                "--foreground", "--vpg", VPG, "--volume", "data", "--server", srv.address),
+                mnt, os.path.join(base, "protect.log"), env.args.mount_timeout,
+                env.args.stop_timeout, env=env.zenv(), cwd=env.root)
+            m.start()
+            t0 = time.monotonic()
+            run_fio("data", os.path.join(mnt, "data.bin"), 3600, rw="write", bs="1M",
+                    size=str(size), end_fsync=1, refill_buffers=1)
+            log(f"   wrote {size >> 20} MiB in {time.monotonic() - t0:.0f} s; tagging")
+            env.cli("tag", VPG, "data", "--server", srv.address, timeout=900)
+            t0 = time.monotonic()
+            srv.call("resolve", {"vpg": VPG, "checkpoint": "data", "volume": "data",
+                                 "wait": 3600}, timeout=3700)
+            log(f"   indexed after {time.monotonic() - t0:.0f} s more")
+            starts, stops = [], []
+            for i in range(repeats):
+                starts.append(timed_cli(env, "failover-test", VPG, "data", "--server",
+                                        srv.address))
+                test_file = os.path.join(rec, "test", "data", "data.bin")
+                if i == 0 and not filecmp.cmp(test_file, os.path.join(backing, "data.bin"),
+                                              shallow=False):
+                    raise RuntimeError("the test copy differs from the backing file")
+                stops.append(timed_cli(env, "stop-test", VPG, "--server", srv.address))
+                log(f"   start {starts[-1]:.2f} s, stop {stops[-1]:.2f} s")
+            m.stop()
+        return {"size": size, "start_s": statistics.median(starts), "start_max_s": max(starts),
+                "stop_s": statistics.median(stops), "repeats": repeats}
+    finally:
+        if m is not None and m in _mounts._ACTIVE:
+            m.stop()
+        subprocess.run(["sync"], check=False)
+        env.remove(base)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="1G,10G", help="data sizes (default 1G,10G)")
+    p.add_argument("--repeats", type=int, default=5, help="test starts per size (default 5)")
+    add_env_args(p, stop_timeout=300.0)
+    args = p.parse_args()
+    if not _mounts.start_run(args.workdir, log):
+        return 1
+    env = Env(args)
+    rows = []
+    try:
+        for text in args.sizes.split(","):
+            log(f"[{text}] preparing")
+            rows.append(measure(env, parse_size(text), args.repeats))
+    finally:
+        env.cleanup()
+    if args.json:
+        print(json.dumps({"target_s": TARGET_S, "rows": rows}, indent=1))
+        return 0
+    print(f"failover-test start (command to writable copy), median of {args.repeats}; "
+          f"nproc={os.cpu_count()}")
+    print(f"{'data':>8}  {'start s':>8}  {'max s':>6}  {'stop s':>7}  target  result")
+    for r in rows:
+        ok = "PASS" if r["start_max_s"] < TARGET_S else "MISS"
+        print(f"{r['size'] >> 20:>5} MiB  {r['start_s']:>8.2f}  {r['start_max_s']:>6.2f}  "
+              f"{r['stop_s']:>7.2f}  < {TARGET_S:g} s  {ok}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Recovery operations end to end: a failover test over a real server, real protected mounts
+and real overlay mounts of snapshot views."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import JournalServerProcess
+from test_replication import VPG, assert_tree, checkpoints, replicated, tag
+from treesnap import tree_snapshot
+
+pytestmark = pytest.mark.mount
+
+
+def _status(server: JournalServerProcess) -> dict:
+    return json.loads(server.cli("status", VPG, "--json").stdout)[0]
+
+
+def _mounted(path: Path) -> bool:
+    return os.path.ismount(path)
+
+
+def test_failover_test_brings_every_volume_up_writable_and_leaves_production_alone(
+        journal_server, mount_factory, tmp_path: Path) -> None:
+    recovery = tmp_path / "recovery"
+    journal_server.cli("vpg", "create", VPG, "--checkpoint-interval", "1s",
+                       "--recovery-dir", str(recovery))
+    mounts = [replicated(mount_factory, journal_server, name=f"m{v}", volume=f"vol{v}")
+              for v in (0, 1)]
+    for i, m in enumerate(mounts):
+        m.start()
+        (m.mnt / "dir").mkdir()
+        (m.mnt / "dir" / "f").write_text(f"volume {i} at the tag\n")
+        os.symlink("dir/f", m.mnt / "link")
+    tag(journal_server, "before")
+    oracles = [tree_snapshot(m.source) for m in mounts]
+    for m in mounts:
+        (m.mnt / "dir" / "f").write_text("after the tag\n")
+
+    r = journal_server.cli("failover-test", VPG, "before", "--json")
+    op = json.loads(r.stdout)
+    assert op["op"] == "failover-test" and op["phase"] == "running"
+    tests = [recovery / "test" / f"vol{v}" for v in (0, 1)]
+    try:
+        for oracle, path in zip(oracles, tests, strict=True):
+            assert _mounted(path)
+            assert_tree(oracle, path, f"test copy {path.name}")
+        st = _status(journal_server)
+        assert st["operation"]["op"] == "failover-test"
+        assert st["operation"]["phase"] == "running"
+        assert st["recovery_dir"] == str(recovery)
+        assert {v["name"]: v["test_path"] for v in st["volumes"]} == {
+            "vol0": str(tests[0]), "vol1": str(tests[1])}
+        assert all(v["state"] == "failover-test running" for v in st["volumes"])
+
+        # the copies are writable; production and its replication go on untouched
+        (tests[0] / "dir" / "f").write_text("written by the test\n")
+        (tests[0] / "new").write_text("new in the test\n")
+        os.unlink(tests[1] / "link")
+        assert (mounts[0].mnt / "dir" / "f").read_text() == "after the tag\n"
+        assert not (mounts[0].mnt / "new").exists()
+        assert (mounts[1].mnt / "link").is_symlink()
+        (mounts[0].mnt / "during").write_text("written during the test\n")
+        during = tag(journal_server, "during")
+        assert during["kind"] == "tagged"
+
+        # a second test, a delete or a recovery-dir change are refused while this one runs
+        r = journal_server.cli("failover-test", VPG, "latest", check=False)
+        assert r.returncode == 4 and "in a failover-test of checkpoint" in r.stderr
+        r = journal_server.cli("vpg", "delete", VPG, "--force", check=False)
+        assert r.returncode == 4 and "failover-test" in r.stderr
+        r = journal_server.cli("vpg", "set", VPG, "--recovery-dir", str(tmp_path / "x"),
+                               check=False)
+        assert r.returncode == 4
+    finally:
+        r = journal_server.cli("stop-test", VPG, "--result", "pass", "--note", "app started",
+                               "--json", check=False)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["result"] == "pass" and res["tested"] == op["checkpoint"]["id"]
+    for path in tests:
+        assert not _mounted(path) and not path.exists()
+    assert not any(p for p in (recovery / ".work").rglob("upper") if any(p.iterdir()))
+    cps = checkpoints(journal_server)
+    test_cps = [cp for cp in cps if cp["kind"] == "test"]
+    assert len(test_cps) == 1 and test_cps[0]["result"] == "pass"
+    assert "app started" in test_cps[0]["note"]
+    assert _status(journal_server)["operation"] is None
+    r = journal_server.cli("stop-test", VPG, check=False)
+    assert r.returncode == 4 and "no failover-test under way" in r.stderr
+
+    # a new test of the same checkpoint starts clean: the old test writes are gone
+    journal_server.cli("failover-test", VPG, "before")
+    try:
+        assert (tests[0] / "dir" / "f").read_text() == "volume 0 at the tag\n"
+        assert not (tests[0] / "new").exists()
+    finally:
+        journal_server.cli("stop-test", VPG, "--result", "fail")
+    for m in mounts:
+        assert m.stop() == 0
+
+
+def test_failover_test_refusals_name_the_problem(journal_server, mount_factory,
+                                                 tmp_path: Path) -> None:
+    r = journal_server.cli("failover-test", "nope", "latest", check=False)
+    assert r.returncode == 3 and "Traceback" not in r.stderr
+    journal_server.cli("vpg", "create", VPG, "--recovery-dir", str(tmp_path / "rec"))
+    r = journal_server.cli("failover-test", VPG, "latest", check=False)
+    assert r.returncode == 3  # no checkpoint yet
+    r = journal_server.cli("vpg", "create", "rel", "--recovery-dir", "relative/dir",
+                           check=False)
+    assert r.returncode == 0  # made absolute by the CLI, from where it runs
+    r = journal_server.cli("stop-test", VPG, "--result", "maybe", check=False)
+    assert r.returncode == 2
+
+
+def test_failover_test_starts_in_about_the_same_time_for_small_and_large_volumes(
+        journal_server, mount_factory, tmp_path: Path) -> None:
+    journal_server.cli("vpg", "create", VPG, "--checkpoint-interval", "1s",
+                       "--recovery-dir", str(tmp_path / "rec"))
+    m = replicated(mount_factory, journal_server)
+    m.start()
+    (m.mnt / "small").write_bytes(os.urandom(1 << 20))
+    tag(journal_server, "small")
+    with open(m.mnt / "big", "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(1 << 20))
+    tag(journal_server, "big")
+    times = {}
+    for name in ("small", "big"):
+        t0 = time.monotonic()
+        journal_server.cli("failover-test", VPG, name)
+        times[name] = time.monotonic() - t0
+        try:
+            got = subprocess.run(["cmp", str(m.source / "small"),
+                                  str(tmp_path / "rec" / "test" / "vol" / "small")])
+            assert got.returncode == 0
+        finally:
+            journal_server.cli("stop-test", VPG)
+    assert times["big"] < max(3 * times["small"], times["small"] + 2.0), times
+    assert m.stop() == 0

@@ -1,0 +1,150 @@
+"""Recovery operations, the recovery host's half: what the CLI mounts and unmounts.
+
+A failover test brings every volume of a VPG up read-write at a checkpoint, as a throw-away
+copy: the checkpoint's read-only snapshot mount (``zfsrep.mountd.snapshot``, served from
+the journal's index) is the lower layer of a kernel overlay whose upper layer takes the test
+writes (copy-on-write; starting costs the same for 1 MiB or 10 GiB, nothing is copied).
+Production and its replication are not touched. Stopping unmounts both, deletes the upper
+layer (the test writes) and has the server record a test checkpoint with the result.
+
+Layout under the VPG's recovery directory::
+
+    DIR/test/VOLUME                the test copy (overlay mount point)
+    DIR/.work/test/VOLUME/lower    the snapshot mount (read-only)
+    DIR/.work/test/VOLUME/upper    test writes (deleted when the test stops)
+    DIR/.work/test/VOLUME/work     overlayfs work directory
+    DIR/.work/test/VOLUME/snapshot.log
+
+The server holds the operation's state (``zfsrep.operations``); every step here is reported
+to it, so a stop after a crash of this command, or of the server, finds what to undo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from zfsrep.errors import OSFailure, StateError, UsageError
+
+
+def _call(args: argparse.Namespace, op: str, req: dict, timeout: float = 60.0):
+    from zfsrep import protocol
+
+    return protocol.call(protocol.server_address(args.server), op, req, timeout=timeout)
+
+
+def _work(op: dict, volume: str) -> Path:
+    return Path(op["recovery_dir"]) / ".work" / "test" / volume
+
+
+def _mounted(path: Path) -> bool:
+    return os.path.ismount(path)
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.json:
+        print(text, file=sys.stderr, flush=True)
+
+
+def failover_test(args: argparse.Namespace) -> dict:
+    """Start a failover test of ``args.vpg`` at ``args.checkpoint``; returns the operation."""
+    started = time.monotonic()
+    op = _call(args, "test.start", {"vpg": args.vpg, "checkpoint": args.checkpoint},
+               timeout=180)
+    try:
+        for name, vol in sorted(op["volumes"].items()):
+            t0 = time.monotonic()
+            _bring_up(args, op, name, vol)
+            _say(args, f"{name}: test copy of checkpoint {op['checkpoint']['id']} at "
+                       f"{vol['path']} ({time.monotonic() - t0:.1f} s)")
+    except BaseException:
+        with contextlib.suppress(Exception):  # undo what was mounted, then end the test
+            _call(args, "test.phase", {"vpg": args.vpg, "phase": "stopping"})
+            for name in op["volumes"]:
+                _take_down(op, name)
+            _call(args, "test.abort", {"vpg": args.vpg})
+        raise
+    op = _call(args, "test.phase", {"vpg": args.vpg, "phase": "running"})
+    op["start_seconds"] = round(time.monotonic() - started, 3)
+    return op
+
+
+def _bring_up(args: argparse.Namespace, op: dict, name: str, vol: dict) -> None:
+    from zfsrep.cli import spawn_daemon
+
+    if not Path(vol["volume_dir"], "index.sqlite").exists():
+        raise StateError(f"the store of VPG {args.vpg} is not on this host "
+                         f"({vol['volume_dir']}); run this command on the recovery-site host")
+    path, work = Path(vol["path"]), _work(op, name)
+    for bad in (",", ":", "\n"):
+        if bad in str(path) or bad in str(work):
+            raise UsageError(f"the recovery directory may not contain {bad!r}: {path}")
+    lower, upper, scratch = work / "lower", work / "upper", work / "work"
+    for d in (path, lower, upper, scratch):
+        d.mkdir(parents=True, exist_ok=True)
+    if _mounted(path):
+        raise StateError(f"{path} is already a mount point")
+    if not _mounted(lower):
+        label = f"{args.vpg}/{name}@{op['checkpoint']['id']} (failover test)"
+        spawn_daemon(args, ["--volume-dir", vol["volume_dir"], "--seq", str(vol["seq"]),
+                            "--label", label, "--log", str(work / "snapshot.log"), str(lower)],
+                     work / "snapshot.log", 120.0, module="zfsrep.mountd.snapshot")
+    # the overlay's root takes its owner, mode and times from the upper layer's root
+    st = os.stat(lower)
+    os.chown(upper, st.st_uid, st.st_gid)
+    os.chmod(upper, stat.S_IMODE(st.st_mode))
+    os.utime(upper, ns=(st.st_atime_ns, st.st_mtime_ns))
+    opts = f"lowerdir={lower},upperdir={upper},workdir={scratch}"
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(path)],
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        raise OSFailure(f"cannot mount the test copy at {path}: "
+                        f"{r.stderr.strip() or 'mount failed'}")
+
+
+def stop_test(args: argparse.Namespace) -> dict:
+    """Unmount and discard every test copy, then record the test checkpoint."""
+    op = _call(args, "test.phase", {"vpg": args.vpg, "phase": "stopping"})
+    for name in sorted(op["volumes"]):
+        _take_down(op, name)
+        _say(args, f"{name}: test copy discarded")
+    return _call(args, "test.stop", {"vpg": args.vpg, "result": args.result,
+                                     "note": args.note}, timeout=120)
+
+
+def _take_down(op: dict, name: str) -> None:
+    path, work = Path(op["volumes"][name]["path"]), _work(op, name)
+    if _mounted(path):
+        r = subprocess.run(["umount", str(path)], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            raise StateError(f"cannot unmount the test copy at {path}: "
+                             f"{r.stderr.strip() or 'busy'} (close what uses it, then run "
+                             "stop-test again)")
+    lower = work / "lower"
+    if _mounted(lower):
+        r = subprocess.run(["fusermount3", "-u", str(lower)], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            raise StateError(f"cannot unmount {lower}: {r.stderr.strip()}")
+        deadline = time.monotonic() + 10
+        while _mounted(lower) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    for d in (work / "upper", work / "work"):
+        try:
+            shutil.rmtree(d)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise OSFailure(f"cannot discard the test writes in {d}: {e.strerror or e}") \
+                from None
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
