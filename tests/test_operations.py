@@ -144,3 +144,73 @@ def test_failover_test_starts_in_about_the_same_time_for_small_and_large_volumes
             journal_server.cli("stop-test", VPG)
     assert times["big"] < max(3 * times["small"], times["small"] + 2.0), times
     assert m.stop() == 0
+
+
+def _wait_connected(server: JournalServerProcess, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(v["connection"] == "connected" for v in _status(server)["volumes"]):
+            return
+        time.sleep(0.2)
+    raise AssertionError("the volumes did not reconnect")
+
+
+def test_failover_live_rollback_and_commit(journal_server, mount_factory,
+                                          tmp_path: Path) -> None:
+    recovery = tmp_path / "recovery"
+    journal_server.cli("vpg", "create", VPG, "--checkpoint-interval", "1s",
+                       "--recovery-dir", str(recovery))
+    journal_server.expected_log += ["protection is stopped", "it protects nothing any more"]
+    m = replicated(mount_factory, journal_server)
+    m.start()
+    (m.mnt / "a").write_text("at the tag\n")
+    os.mkfifo(m.mnt / "fifo")
+    tag(journal_server, "t")
+    oracle = tree_snapshot(m.source)
+    (m.mnt / "a").write_text("after the tag\n")
+    live = recovery / "live" / "vol"
+
+    r = journal_server.cli("failover-live", VPG, "t", "--json")
+    op = json.loads(r.stdout)
+    assert op["phase"] == "before-commit" and Path(op["volumes"]["vol"]["path"]) == live
+    assert_tree(oracle, live, "the failed-over volume")
+    st = _status(journal_server)
+    assert (st["status"], st["substatus"]) == ("Failing Over", "Before Commit")
+    r = journal_server.cli("tag", VPG, "refused", check=False)
+    assert r.returncode == 4 and "protection is stopped" in r.stderr
+    (m.mnt / "during").write_text("written while failed over\n")  # production still runs
+    for refused in (("failover-test", VPG, "t"), ("failover-live", VPG, "t")):
+        r = journal_server.cli(*refused, check=False)
+        assert r.returncode == 4 and "failover-live" in r.stderr, refused
+
+    journal_server.cli("rollback", VPG)
+    assert not live.exists()
+    _wait_connected(journal_server)
+    after = tag(journal_server, "after")  # nothing captured meanwhile was lost
+    assert after["kind"] == "tagged"
+    r = journal_server.cli("restore-file", VPG, "after", "vol", "/", "--to",
+                           str(tmp_path / "after"))
+    assert_tree(tree_snapshot(m.source), tmp_path / "after", "the stream after rollback")
+    assert (tmp_path / "after" / "during").read_text() == "written while failed over\n"
+
+    journal_server.cli("failover-live", VPG, "after")
+    journal_server.cli("commit", VPG)
+    st = _status(journal_server)
+    assert (st["status"], st["substatus"]) == ("Recovered", "")
+    assert (live / "during").exists()
+    for args in (("rollback", VPG), ("commit", VPG), ("failover-test", VPG, "after")):
+        r = journal_server.cli(*args, check=False)
+        assert r.returncode == 4 and "committed" in r.stderr, args
+    r = journal_server.cli("tag", VPG, "x", check=False)
+    assert r.returncode == 4 and "Recovered" in r.stderr
+    assert m.stop() == 0
+    journal_server.cli("vpg", "delete", VPG, "--force")  # a recovered VPG can go
+
+
+def test_live_failover_refusals(journal_server, tmp_path: Path) -> None:
+    journal_server.cli("vpg", "create", VPG, "--recovery-dir", str(tmp_path / "rec"))
+    for args in (("commit", VPG), ("rollback", VPG)):
+        r = journal_server.cli(*args, check=False)
+        assert r.returncode == 4 and "no failover-live under way" in r.stderr
+    r = journal_server.cli("failover-live", "nope", "latest", check=False)
+    assert r.returncode == 3

@@ -115,6 +115,30 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _server_arg(st)
     _json_arg(st)
 
+    fl = sub.add_parser(
+        "failover-live", help="fail over: stop protection, bring every volume up at a "
+                              "checkpoint",
+        description="For when the protected site is lost: stop protection (the mounts are "
+                    "disconnected and refused; their spools keep what they capture) and write "
+                    "every volume of VPG as it was at CHECKPOINT into RECOVERY_DIR/live/VOLUME, "
+                    "with progress. The VPG is then Failing Over / Before Commit: the copies "
+                    "are usable, and the failover is still reversible with rollback, or made "
+                    "final with commit. Run on the journal server's host.")
+    fl.add_argument("vpg", metavar="VPG")
+    fl.add_argument("checkpoint", metavar="CHECKPOINT")
+    cm = sub.add_parser("commit", help="make a live failover final (VPG Recovered)",
+                        description="Make the failover of VPG final: it stays unprotected "
+                                    "(Recovered) and its recovered volumes are the live copy.")
+    cm.add_argument("vpg", metavar="VPG")
+    rb = sub.add_parser("rollback", help="undo a live failover before commit",
+                        description="Delete the recovered copies of VPG and return it to "
+                                    "protecting: the mounts reconnect and ship what their "
+                                    "spools captured meanwhile.")
+    rb.add_argument("vpg", metavar="VPG")
+    for p in (fl, cm, rb):
+        _server_arg(p)
+        _json_arg(p)
+
     cp = sub.add_parser("checkpoints", help="list checkpoints",
                         description="List checkpoints, oldest first. Ages take s, m, h or d.")
     cp.add_argument("--selector", metavar='"vpg=V;minAge=5m;maxAge=3d"')
@@ -314,6 +338,32 @@ def cmd_stop_test(args: argparse.Namespace) -> int:
         f"checkpoint {res['checkpoint']['id']}"))
 
 
+def cmd_failover_live(args: argparse.Namespace) -> int:
+    from zfsrep.recovery import failover_live
+
+    op = failover_live(args)
+    cp = op["checkpoint"]
+    return _output(args, op, lambda: (
+        f"VPG {args.vpg} failed over to checkpoint {cp['id']} ({cp['time']}): "
+        f"{len(op['volumes'])} volume(s) under {op['recovery_dir']}/live in "
+        f"{op['start_seconds']:.1f} s; before commit (commit or rollback)"))
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    from zfsrep.recovery import commit
+
+    op = commit(args)
+    return _output(args, op, lambda: f"VPG {args.vpg}: failover committed (Recovered)")
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from zfsrep.recovery import rollback
+
+    res = rollback(args)
+    return _output(args, res, lambda: f"VPG {args.vpg}: failover rolled back; protection "
+                                      "resumes as the mounts reconnect")
+
+
 def cmd_checkpoints(args: argparse.Namespace) -> int:
     from zfsrep.checkpoints import parse_duration, parse_selector
 
@@ -493,4 +543,5 @@ def _stats_dict(stats) -> dict:
 
 COMMANDS = {"serve": cmd_serve, "vpg": cmd_vpg, "tag": cmd_tag, "checkpoints": cmd_checkpoints,
             "failover-test": cmd_failover_test, "stop-test": cmd_stop_test,
+            "failover-live": cmd_failover_live, "commit": cmd_commit, "rollback": cmd_rollback,
             "status": cmd_status, "snapshot": cmd_snapshot, "restore-file": cmd_restore_file}

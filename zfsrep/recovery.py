@@ -1,4 +1,4 @@
-"""Recovery operations, the recovery host's half: what the CLI mounts and unmounts.
+"""Recovery operations, the recovery host's half: what the CLI mounts, writes and removes.
 
 A failover test brings every volume of a VPG up read-write at a checkpoint, as a throw-away
 copy: the checkpoint's read-only snapshot mount (``zfsrep.mountd.snapshot``, served from
@@ -14,6 +14,10 @@ Layout under the VPG's recovery directory::
     DIR/.work/test/VOLUME/upper    test writes (deleted when the test stops)
     DIR/.work/test/VOLUME/work     overlayfs work directory
     DIR/.work/test/VOLUME/snapshot.log
+
+A live failover writes every volume at the checkpoint into ``DIR/live/VOLUME`` (a real
+directory, with metadata, through ``zfsrep.restore``), with progress; rollback deletes
+those directories again.
 
 The server holds the operation's state (``zfsrep.operations``); every step here is reported
 to it, so a stop after a crash of this command, or of the server, finds what to undo.
@@ -148,3 +152,77 @@ def _take_down(op: dict, name: str) -> None:
     with contextlib.suppress(OSError):
         path.rmdir()
 
+
+
+# ---- failover (live) -----------------------------------------------------------------------
+def failover_live(args: argparse.Namespace) -> dict:
+    """Stop protection and bring every volume up at the checkpoint in DIR/live/VOLUME."""
+    started = time.monotonic()
+    op = _call(args, "live.start", {"vpg": args.vpg, "checkpoint": args.checkpoint},
+               timeout=180)
+    made: list[Path] = []
+    try:
+        for name, vol in sorted(op["volumes"].items()):
+            dest = Path(vol["path"])
+            if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+                raise StateError(f"{dest} exists and is not empty: move it away first")
+            if not Path(vol["volume_dir"], "index.sqlite").exists():
+                raise StateError(f"the store of VPG {args.vpg} is not on this host "
+                                 f"({vol['volume_dir']}); run this on the recovery-site host")
+            made.append(dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _materialise(args, name, vol, dest)
+    except BaseException:
+        with contextlib.suppress(Exception):  # back to protecting, as if never started
+            _call(args, "live.phase", {"vpg": args.vpg, "phase": "rolling-back"})
+            for dest in made:
+                _remove_tree(dest)
+            _call(args, "live.rolled-back", {"vpg": args.vpg})
+        raise
+    op = _call(args, "live.phase", {"vpg": args.vpg, "phase": "before-commit"})
+    op["start_seconds"] = round(time.monotonic() - started, 3)
+    return op
+
+
+def _materialise(args: argparse.Namespace, name: str, vol: dict, dest: Path) -> None:
+    from zfsrep.restore import restore_tree
+    from zfsrep.view import open_view
+
+    view = open_view(Path(vol["volume_dir"]), vol["seq"])
+    last = [0.0]
+    t0 = time.monotonic()
+
+    def progress(stats) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 1.0:
+            last[0] = now
+            _say(args, f"{name}: {stats.files} files, {stats.bytes >> 20} MiB")
+
+    try:
+        stats = restore_tree(view, b"/", dest, progress=progress)
+    finally:
+        view.close()
+    _say(args, f"{name}: up at {dest} ({stats.files} files, {stats.bytes >> 20} MiB in "
+               f"{time.monotonic() - t0:.1f} s)")
+
+
+def _remove_tree(path: Path) -> None:
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise OSFailure(f"cannot remove {path}: {e.strerror or e}") from None
+
+
+def commit(args: argparse.Namespace) -> dict:
+    return _call(args, "live.commit", {"vpg": args.vpg})
+
+
+def rollback(args: argparse.Namespace) -> dict:
+    """Delete the recovered copies and return the VPG to protecting."""
+    op = _call(args, "live.phase", {"vpg": args.vpg, "phase": "rolling-back"})
+    for name in sorted(op["volumes"]):
+        _remove_tree(Path(op["volumes"][name]["path"]))
+        _say(args, f"{name}: recovered copy removed")
+    return _call(args, "live.rolled-back", {"vpg": args.vpg})

@@ -388,6 +388,11 @@ class JournalServer:
         async with vpg.lock:
             if vpg.deleting:
                 raise StateError(f"VPG {vpg.name} is being deleted")
+            from zfsrep.operations import protection_refused
+
+            why = protection_refused(vpg)
+            if why is not None:
+                raise StateError(why)
             vols = list(vpg.volumes.values())
             if not vols:
                 raise StateError(f"VPG {vpg.name} has no volumes")
@@ -537,6 +542,11 @@ class JournalServer:
 
     async def _serve_volume(self, conn: protocol.MessageStream, hello: dict, peer: str) -> None:
         vpg = self.vpg(hello.get("vpg"))
+        from zfsrep.operations import protection_refused
+
+        why = protection_refused(vpg)
+        if why is not None:
+            raise StateError(why)
         vol = await self._attach(vpg, hello)
         if vol.error is not None:
             raise StateError(f"volume {vol.name}: {vol.error}")
@@ -639,6 +649,13 @@ class JournalServer:
             else:
                 raise protocol.ProtocolError(f"unexpected message {kind!r} from a volume")
 
+    def disconnect_volumes(self, vpg: VpgRuntime) -> None:
+        """Close every protected mount's connection to the VPG (they retry, and are refused
+        while protection is stopped)."""
+        for vol in vpg.volumes.values():
+            if vol.conn is not None:
+                vol.conn.scope.cancel()
+
     # ---- VPG lifecycle (called by zfsrep.control) --------------------------------------
     async def create_vpg(self, settings: VpgSettings) -> VpgRuntime:
         if settings.name in self.vpgs:
@@ -649,7 +666,7 @@ class JournalServer:
 
     async def delete_vpg(self, name: str, *, force: bool) -> None:
         vpg = self.vpg(name)
-        if vpg.operation is not None:
+        if vpg.operation is not None and vpg.operation.get("phase") != "committed":
             from zfsrep.operations import describe
 
             raise StateError(f"VPG {name} is {describe(vpg.operation)}: finish it first")

@@ -1,6 +1,7 @@
 """VPG status and substatus in the vocabulary of reference/vpg-status-reference.txt.
 
-Order of precedence (the first that applies): no volumes (Error / VPG has no volumes), a
+Order of precedence (the first that applies): a live failover (Failing Over / Before Commit,
+Rolling back Failover, or Recovered once committed), no volumes (Error / VPG has no volumes), a
 journal or index error (Error / Journal storage error), a volume still in its initial sync
 (Initializing / Initial Sync), a disconnected volume (Error / Site disconnection[. No
 checkpoints]), capture stopped on a volume (Not Meeting SLA / the reason), then the SLA: RPO
@@ -91,6 +92,10 @@ def vpg_status(vpg: VpgRuntime, now: float, *, journal_bytes: int,
 def _classify(vpg: VpgRuntime, volumes: list[dict], rpo: float | None, history: float,
               have_checkpoints: bool) -> tuple[str, str]:
     settings = vpg.settings
+    op = vpg.operation
+    if op is not None and op.get("op") == "failover-live":
+        phase = str(op.get("phase"))
+        return _FAILOVER.get(phase, ("Failing Over", phase))
     if not volumes:
         return "Error", "VPG has no volumes"
     if any(v["error"] for v in volumes):
@@ -121,6 +126,15 @@ def _classify(vpg: VpgRuntime, volumes: list[dict], rpo: float | None, history: 
     if history_ok:
         return "RPO Not Meeting SLA", rpo_text
     return "Not Meeting SLA", f"{rpo_text}; {history_text}"
+
+
+#: (status, substatus) of a VPG in each phase of a live failover
+_FAILOVER = {
+    "starting": ("Failing Over", "Before Commit (bringing volumes up)"),
+    "before-commit": ("Failing Over", "Before Commit"),
+    "rolling-back": ("Failing Over", "Rolling back Failover"),
+    "committed": ("Recovered", ""),
+}
 
 
 def _human(seconds: float) -> str:
