@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Time to start a failover test (issue 4): ``zfsrep failover-test`` from the command to a
-writable test copy, for a volume holding 1 GiB and one holding 10 GiB.
+"""Recovery-operation times (issue 4): ``zfsrep failover-test`` from the command to a
+writable test copy, and ``zfsrep failover-live`` from the command to usable volumes against
+``cp -a`` of the backing directory, for a volume holding 1 GiB and one holding 10 GiB.
 
 For each size: a journal server, a VPG and one replicated protected mount; fio writes the
 data (random, incompressible) through the mount, ``tag`` marks it, and the script waits until
@@ -8,6 +9,9 @@ the checkpoint is indexed. Then it starts and stops the failover test ``--repeat
 reports the median start time (the CLI's wall time: resolving the checkpoint, the snapshot
 mount, the overlay), the stop time, and checks that a file read through the test copy equals
 the backing file. Target: start under 2 s at either size (and so about equal for both).
+Then, ``--live-repeats`` times, with caches dropped before each: ``failover-live`` (then
+``rollback``), and ``cp -a`` of the backing directory followed by ``sync``. Target:
+failover-live no slower than 1.0x ``cp -a``.
 
     .venv/bin/python bench/bench_operations.py [--sizes 1G,10G] [--repeats 5] [--json]
 """
@@ -18,6 +22,7 @@ import argparse
 import filecmp
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import _mounts  # noqa: E402
 from _mounts import FuseMount  # noqa: E402
-from bench_replication import Env, add_env_args, journal_server, log, run_fio  # noqa: E402
+from bench_replication import Env, add_env_args, drop_caches, journal_server, log, run_fio  # noqa: E402
 
 VPG = "ops"
 TARGET_S = 2.0
@@ -45,7 +50,7 @@ def timed_cli(env: Env, *args: str) -> float:
     return time.monotonic() - t0
 
 
-def measure(env: Env, size: int, repeats: int) -> dict:
+def measure(env: Env, size: int, repeats: int, live_repeats: int) -> dict:
     base = env.fresh(f"ops-{size >> 20}M")
     m: FuseMount | None = None
     try:
@@ -81,9 +86,29 @@ def measure(env: Env, size: int, repeats: int) -> dict:
                     raise RuntimeError("the test copy differs from the backing file")
                 stops.append(timed_cli(env, "stop-test", VPG, "--server", srv.address))
                 log(f"   start {starts[-1]:.2f} s, stop {stops[-1]:.2f} s")
+            lives, copies = [], []
+            for _i in range(live_repeats):
+                # cold caches for both: failover-live reads the store, cp -a the backing dir
+                drop_caches()
+                lives.append(timed_cli(env, "failover-live", VPG, "data", "--server",
+                                       srv.address))
+                timed_cli(env, "rollback", VPG, "--server", srv.address)
+                drop_caches()
+                dest = os.path.join(base, "copy")
+                t0 = time.monotonic()
+                subprocess.run(["cp", "-a", backing, dest], check=True)
+                subprocess.run(["sync", "-f", dest], check=True)
+                copies.append(time.monotonic() - t0)
+                shutil.rmtree(dest)
+                log(f"   failover-live {lives[-1]:.2f} s, cp -a {copies[-1]:.2f} s")
             m.stop()
         return {"size": size, "start_s": statistics.median(starts), "start_max_s": max(starts),
-                "stop_s": statistics.median(stops), "repeats": repeats}
+                "stop_s": statistics.median(stops), "repeats": repeats,
+                "live_s": statistics.median(lives) if lives else None,
+                "cp_s": statistics.median(copies) if copies else None,
+                "live_ratio": statistics.median(a / b for a, b in zip(lives, copies,
+                                                                      strict=True))
+                if lives else None}
     finally:
         if m is not None and m in _mounts._ACTIVE:
             m.stop()
@@ -95,6 +120,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="1G,10G", help="data sizes (default 1G,10G)")
     p.add_argument("--repeats", type=int, default=5, help="test starts per size (default 5)")
+    p.add_argument("--live-repeats", type=int, default=3,
+                   help="failover-live + rollback, against cp -a, per size (default 3)")
     add_env_args(p, stop_timeout=300.0)
     args = p.parse_args()
     if not _mounts.start_run(args.workdir, log):
@@ -104,7 +131,7 @@ def main() -> int:
     try:
         for text in args.sizes.split(","):
             log(f"[{text}] preparing")
-            rows.append(measure(env, parse_size(text), args.repeats))
+            rows.append(measure(env, parse_size(text), args.repeats, args.live_repeats))
     finally:
         env.cleanup()
     if args.json:
@@ -117,6 +144,16 @@ def main() -> int:
         ok = "PASS" if r["start_max_s"] < TARGET_S else "MISS"
         print(f"{r['size'] >> 20:>5} MiB  {r['start_s']:>8.2f}  {r['start_max_s']:>6.2f}  "
               f"{r['stop_s']:>7.2f}  < {TARGET_S:g} s  {ok}")
+    if any(r["live_s"] is not None for r in rows):
+        print(f"\nfailover-live (command to usable volumes, cold caches) vs cp -a of the "
+              f"backing directory (+ sync), median of {args.live_repeats}")
+        print(f"{'data':>8}  {'live s':>7}  {'cp -a s':>8}  {'ratio':>6}  target   result")
+        for r in rows:
+            if r["live_s"] is None:
+                continue
+            ok = "PASS" if r["live_ratio"] <= 1.0 else "MISS"
+            print(f"{r['size'] >> 20:>5} MiB  {r['live_s']:>7.2f}  {r['cp_s']:>8.2f}  "
+                  f"{r['live_ratio']:>5.2f}x  <= 1.0x  {ok}")
     return 0
 
 

@@ -214,3 +214,38 @@ def test_live_failover_refusals(journal_server, tmp_path: Path) -> None:
         assert r.returncode == 4 and "no failover-live under way" in r.stderr
     r = journal_server.cli("failover-live", "nope", "latest", check=False)
     assert r.returncode == 3
+
+
+def test_a_server_killed_mid_operation_resumes_it_after_restart(
+        journal_server, mount_factory, tmp_path: Path) -> None:
+    """The operation is persisted: after kill -9 and a restart, status shows it and its
+    stop or rollback command finishes it (a failover test, then a live failover)."""
+    journal_server.cli("vpg", "create", VPG, "--checkpoint-interval", "1s",
+                       "--recovery-dir", str(tmp_path / "rec"))
+    journal_server.expected_log += ["cutting invalid tail", "protection is stopped"]
+    m = replicated(mount_factory, journal_server)
+    m.start()
+    (m.mnt / "f").write_text("data\n")
+    tag(journal_server, "t")
+    journal_server.cli("failover-test", VPG, "t")
+    test_copy = tmp_path / "rec" / "test" / "vol"
+    journal_server.kill()
+    journal_server.start()
+    assert (test_copy / "f").read_text() == "data\n"  # the copy never depended on the server
+    st = _status(journal_server)
+    assert st["operation"]["op"] == "failover-test" and st["operation"]["phase"] == "running"
+    r = journal_server.cli("failover-live", VPG, "t", check=False)
+    assert r.returncode == 4 and "failover-test of checkpoint" in r.stderr
+    journal_server.cli("stop-test", VPG, "--result", "pass")
+    assert not _mounted(test_copy)
+
+    _wait_connected(journal_server)
+    journal_server.cli("failover-live", VPG, "t")
+    journal_server.kill()
+    journal_server.start()
+    st = _status(journal_server)
+    assert (st["status"], st["substatus"]) == ("Failing Over", "Before Commit")
+    journal_server.cli("rollback", VPG)
+    _wait_connected(journal_server)
+    tag(journal_server, "after")
+    assert m.stop() == 0
