@@ -26,16 +26,28 @@ CACHE_TIMEOUT = 10.0
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
+#: Handlers that change the backing directory (held before they run while a move quiesces;
+#: ``open`` only with O_TRUNC).
+MUTATING = frozenset({"setattr", "mknod", "mkdir", "unlink", "rmdir", "symlink", "rename",
+                      "link", "open", "create", "write", "setxattr", "removexattr"})
+
 
 def translate_errors(fn: F) -> F:
     """Turn OSError (and any domain error) into FUSEError with the errno of the backing fs,
     and hold a successful answer while the volume is frozen for a checkpoint."""
 
+    mutating = fn.__name__ in MUTATING
+
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        gate = getattr(args[0], "gate", None)  # (the snapshot mount has none)
+        entered = False
         try:
+            if mutating and gate is not None and (
+                    fn.__name__ != "open" or args[2] & os.O_TRUNC):
+                await gate.enter_mutation()  # a planned move holds it before it changes a thing
+                entered = True
             result = await fn(*args, **kwargs)
-            gate = getattr(args[0], "gate", None)  # (the snapshot mount has none)
             if gate is not None and gate.frozen:
                 await gate.wait_open()  # a checkpoint barrier holds the answer (zfsrep.barrier)
             return result
@@ -48,6 +60,9 @@ def translate_errors(fn: F) -> F:
         except Exception as e:
             log.exception("internal error in %s", fn.__name__)
             raise pyfuse3.FUSEError(errno_of(e)) from None
+        finally:
+            if entered:
+                gate.leave_mutation()
 
     return wrapper  # type: ignore[return-value]
 

@@ -4,9 +4,11 @@ spool and fsynced, then the process exits 0)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +124,7 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
             spool.keep_recent = RECENT_FRAMES_BYTES
             shipper = VolumeShipper(opts.link, spool, recorder, progress, synced_seq,
                                     CompletionGate(hook.set_frozen))
+            shipper.on_retire = pyfuse3.terminate
             await shipper.first_contact()
     async with trio.open_nursery() as link_nursery:
         if shipper is not None:
@@ -154,6 +157,30 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
         log.info("stopped: %d records in %d frames (%d bytes) captured this session, last seq "
                  "%d; writers waited for the spool %d times", st.records, st.frames,
                  st.frame_bytes, st.last_seq_sunk, st.waits)
+    if shipper is not None and shipper.retired and spool is not None:
+        _remove_moved_data(source, spool.path)
+
+
+def _remove_moved_data(source: str, spool: Path) -> None:
+    """After a committed move (the volume lives at the recovery site now): empty the source
+    directory and delete the spool."""
+    for entry in os.scandir(source):
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError as e:
+            log.error("move committed, but %s could not be removed: %s", entry.path,
+                      e.strerror or e)
+    for entry in os.scandir(spool):  # (the daemon's log may be in there: it stays)
+        if not entry.name.endswith(".log"):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+    log.info("move committed: %s emptied and its spool %s removed", source, spool)
 
 
 async def _initial_sync(source: str, spool: SpoolWriter, recorder, progress: ScanProgress,

@@ -249,3 +249,74 @@ def test_a_server_killed_mid_operation_resumes_it_after_restart(
     _wait_connected(journal_server)
     tag(journal_server, "after")
     assert m.stop() == 0
+
+
+def test_move_holds_writes_and_rollback_and_commit_lose_nothing(
+        journal_server, mount_factory, tmp_path: Path) -> None:
+    import threading
+
+    recovery = tmp_path / "recovery"
+    journal_server.cli("vpg", "create", VPG, "--checkpoint-interval", "1s",
+                       "--recovery-dir", str(recovery))
+    mounts = [replicated(mount_factory, journal_server, name=f"m{v}", volume=f"vol{v}")
+              for v in (0, 1)]
+    for i, m in enumerate(mounts):
+        m.expected_log.append("the move of VPG")
+        m.start()
+        (m.mnt / "d").mkdir()
+        (m.mnt / "d" / "f").write_text(f"volume {i}\n")
+        (m.mnt / "w").mkdir()  # (a held create locks its directory against lookups)
+    _wait_connected(journal_server)
+
+    op = json.loads(journal_server.cli("move", VPG, "--json").stdout)
+    assert op["op"] == "move" and op["phase"] == "before-commit"
+    for v, m in enumerate(mounts):  # the final checkpoint equals the directories exactly
+        assert_tree(tree_snapshot(m.source), recovery / "live" / f"vol{v}", f"moved vol{v}")
+    st = _status(journal_server)
+    assert (st["status"], st["substatus"]) == ("Moving", "MoveBeforeCommit")
+
+    done = threading.Event()
+
+    def writer() -> None:  # held: the directory must not change during the move
+        (mounts[0].mnt / "w" / "held").write_text("written during the move\n")
+        done.set()
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    assert not done.wait(1.5), "a write went through a quiesced mount"
+    assert not (mounts[0].source / "w" / "held").exists()
+    assert (mounts[0].mnt / "d" / "f").read_text() == "volume 0\n"  # reads go on
+
+    journal_server.cli("rollback-move", VPG)
+    assert done.wait(10), "the held write did not proceed after rollback-move"
+    t.join()
+    assert not (recovery / "live" / "vol0").exists()
+    tag(journal_server, "after-rollback")
+    journal_server.cli("restore-file", VPG, "after-rollback", "vol0", "/w/held", "--to",
+                       str(tmp_path / "held"))
+    assert (tmp_path / "held").read_text() == "written during the move\n"
+
+    journal_server.cli("move", VPG, "latest")
+    oracles = [tree_snapshot(m.source) for m in mounts]
+    res = json.loads(journal_server.cli("commit-move", VPG, "--json").stdout)
+    assert res["moved"] == VPG
+    for m in mounts:
+        m.proc.wait(timeout=30)  # the mounts retired by themselves
+        assert m.proc.returncode == 0
+        assert not os.path.ismount(m.mnt)
+        assert list(m.source.iterdir()) == []  # the protected data is gone...
+    for v, oracle in enumerate(oracles):  # ...and lives at the recovery site
+        assert_tree(oracle, recovery / "live" / f"vol{v}", f"committed move of vol{v}")
+    assert VPG not in [v["name"] for v in json.loads(
+        journal_server.cli("vpg", "list", "--json").stdout)]
+
+
+def test_move_refusals(journal_server, mount_factory, tmp_path: Path) -> None:
+    journal_server.cli("vpg", "create", VPG, "--recovery-dir", str(tmp_path / "rec"))
+    r = journal_server.cli("move", VPG, check=False)
+    assert r.returncode == 4 and "every volume connected" in r.stderr
+    r = journal_server.cli("move", VPG, "7", check=False)
+    assert r.returncode == 2
+    for args in (("commit-move", VPG), ("rollback-move", VPG)):
+        r = journal_server.cli(*args, check=False)
+        assert r.returncode == 4 and "no move under way" in r.stderr

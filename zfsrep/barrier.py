@@ -17,6 +17,12 @@ application pauses for about one network round trip.
 A frozen volume thaws by itself after ``max_freeze`` seconds, so a lost server never stops
 the application (DESIGN invariant 5); it then answers the late thaw with ``held=False`` and
 the server discards that checkpoint.
+
+A planned move needs more: a final checkpoint that equals the directory exactly. So a volume
+can also be *quiesced*: mutating requests wait *before* they are carried out (the directory
+does not change), until the move is rolled back (``resume``) or committed (the mount
+retires). Quiescing waits until no mutating request is under way, so the position it
+reports is the directory's state.
 """
 
 from __future__ import annotations
@@ -55,6 +61,12 @@ class CompletionGate:
         self._open.set()
         self._expired = False
         self.stats = GateStats()
+        self.quiesced = False
+        self._resumed = trio.Event()
+        self._resumed.set()
+        self._busy = 0  # mutating requests past the quiesce check, not yet answered
+        self._idle = trio.Event()
+        self._idle.set()
 
     def freeze(self) -> None:
         """Hold every mutating answer from now on until :meth:`thaw` (or ``max_freeze``)."""
@@ -65,8 +77,7 @@ class CompletionGate:
         self._since = time.monotonic()
         self._open = trio.Event()
         self.stats.freezes += 1
-        if self._on_change is not None:
-            self._on_change(True)
+        self._changed()
 
     def thaw(self) -> bool:
         """Release held answers. True if the volume was frozen without a break since the
@@ -101,5 +112,37 @@ class CompletionGate:
         self.stats.held_s += held
         self.stats.max_held_s = max(self.stats.max_held_s, held)
         self._open.set()
+        self._changed()
+
+    def _changed(self) -> None:
         if self._on_change is not None:
-            self._on_change(False)
+            self._on_change(self.frozen or self.quiesced)
+
+    # ---- quiescing (a planned move) ------------------------------------------------------
+    async def quiesce(self) -> None:
+        """Hold every mutating request before it is carried out, from now until
+        :meth:`resume`; returns once none is under way."""
+        if not self.quiesced:
+            self.quiesced = True
+            self._resumed = trio.Event()
+            self._changed()
+        await self._idle.wait()
+
+    def resume(self) -> None:
+        if self.quiesced:
+            self.quiesced = False
+            self._resumed.set()
+            self._changed()
+
+    async def enter_mutation(self) -> None:
+        """Called by a mutating request handler before it changes anything."""
+        while self.quiesced:
+            await self._resumed.wait()
+        self._busy += 1
+        if self._busy == 1:
+            self._idle = trio.Event()
+
+    def leave_mutation(self) -> None:
+        self._busy -= 1
+        if self._busy == 0:
+            self._idle.set()

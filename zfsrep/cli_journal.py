@@ -135,7 +135,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                     "protecting: the mounts reconnect and ship what their "
                                     "spools captured meanwhile.")
     rb.add_argument("vpg", metavar="VPG")
-    for p in (fl, cm, rb):
+    mv = sub.add_parser(
+        "move", help="planned move of a VPG to the recovery site, with no data loss",
+        description="Hold every change on the VPG's protected mounts (writes wait; reads go "
+                    "on), ship everything, record a final checkpoint that equals the protected "
+                    "directories exactly, and write every volume at it into "
+                    "RECOVERY_DIR/live/VOLUME (Moving: StartingMove, then MoveBeforeCommit). "
+                    "Then commit-move or rollback-move. Run on the journal server's host.")
+    mv.add_argument("vpg", metavar="VPG")
+    mv.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?", default="latest",
+                    help="latest (the default): the move's own final checkpoint")
+    cmv = sub.add_parser("commit-move", help="finish a move: retire the protected side",
+                         description="Unmount every protected mount of VPG, empty its source "
+                                     "directory and spool, and delete the VPG; the moved "
+                                     "volumes in RECOVERY_DIR/live are the live copy now.")
+    cmv.add_argument("vpg", metavar="VPG")
+    rmv = sub.add_parser("rollback-move", help="undo a move before commit: nothing is lost",
+                         description="Delete the moved copies and let the protected mounts "
+                                     "go on (held writes proceed).")
+    rmv.add_argument("vpg", metavar="VPG")
+    for p in (fl, cm, rb, mv, cmv, rmv):
         _server_arg(p)
         _json_arg(p)
 
@@ -364,6 +383,34 @@ def cmd_rollback(args: argparse.Namespace) -> int:
                                       "resumes as the mounts reconnect")
 
 
+def cmd_move(args: argparse.Namespace) -> int:
+    from zfsrep.recovery import move
+
+    op = move(args)
+    cp = op["checkpoint"]
+    return _output(args, op, lambda: (
+        f"VPG {args.vpg} moved to checkpoint {cp['id']} ({cp['time']}): "
+        f"{len(op['volumes'])} volume(s) under {op['recovery_dir']}/live in "
+        f"{op['start_seconds']:.1f} s; protected mounts hold their writes until "
+        "commit-move or rollback-move"))
+
+
+def cmd_commit_move(args: argparse.Namespace) -> int:
+    from zfsrep.recovery import commit_move
+
+    res = commit_move(args)
+    return _output(args, res, lambda: f"VPG {args.vpg}: move committed; the protected side "
+                                      "is retired and the VPG deleted")
+
+
+def cmd_rollback_move(args: argparse.Namespace) -> int:
+    from zfsrep.recovery import rollback
+
+    res = rollback(args, "move")
+    return _output(args, res, lambda: f"VPG {args.vpg}: move rolled back; the protected "
+                                      "mounts go on")
+
+
 def cmd_checkpoints(args: argparse.Namespace) -> int:
     from zfsrep.checkpoints import parse_duration, parse_selector
 
@@ -544,4 +591,6 @@ def _stats_dict(stats) -> dict:
 COMMANDS = {"serve": cmd_serve, "vpg": cmd_vpg, "tag": cmd_tag, "checkpoints": cmd_checkpoints,
             "failover-test": cmd_failover_test, "stop-test": cmd_stop_test,
             "failover-live": cmd_failover_live, "commit": cmd_commit, "rollback": cmd_rollback,
+            "move": cmd_move, "commit-move": cmd_commit_move,
+            "rollback-move": cmd_rollback_move,
             "status": cmd_status, "snapshot": cmd_snapshot, "restore-file": cmd_restore_file}

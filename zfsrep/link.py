@@ -20,6 +20,7 @@ import logging
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -75,6 +76,9 @@ class VolumeShipper:
         self.spool = spool
         self.recorder = recorder
         self.gate = gate or CompletionGate()
+        #: set when the server committed a move of the VPG: the mount stops and its data goes
+        self.retired = False
+        self.on_retire: Callable[[], None] | None = None
         self.scan = scan
         self.synced_seq = synced_seq  # 0 while the initial sync runs
         self.state = LinkState()
@@ -180,6 +184,10 @@ class VolumeShipper:
             self._inflight.clear()
             self._inflight_bytes = 0
             self._ack(durable)
+            if welcome.get("hold"):  # a planned move of the VPG holds this volume's changes
+                await self.gate.quiesce()
+            else:
+                self.gate.resume()
             reader = self._reader = SpoolReader(self.spool.path)
             try:
                 async with trio.open_nursery() as nursery:
@@ -189,7 +197,8 @@ class VolumeShipper:
             finally:
                 self._reader = None
                 reader.close()
-                self.gate.thaw()  # no thaw will come over this connection
+                self.gate.thaw()  # no thaw will come over this connection (a quiesce for
+                # a move stays: the server resumes or re-quiesces when the link is back)
 
     def _ack(self, seq: int) -> None:
         if seq < self.state.acked_seq:
@@ -247,6 +256,24 @@ class VolumeShipper:
             elif kind == "thaw":
                 held = self.gate.thaw()
                 await conn.send({"t": "thawed", "id": msg.get("id"), "held": held})
+            elif kind == "quiesce":  # a planned move: hold changes, report the position
+                if self.recorder.failed is not None or not self.synced_seq:
+                    seq, why = self.mark()
+                else:
+                    await self.gate.quiesce()
+                    seq, why = self.mark()
+                await conn.send({"t": "quiesced", "id": msg.get("id"), "seq": seq,
+                                 "reason": why})
+            elif kind == "resume":
+                self.gate.resume()
+                await conn.send({"t": "resumed", "id": msg.get("id")})
+            elif kind == "retire":  # the move is committed: stop, and remove the data
+                log.warning("the move of VPG %s is committed: unmounting, then removing %s "
+                            "and the spool", self.opts.vpg, self.spool.identity.source)
+                self.retired = True
+                await conn.send({"t": "retiring", "id": msg.get("id")})
+                if self.on_retire is not None:
+                    self.on_retire()
             elif kind == "error":
                 protocol.raise_for_error(msg)
             else:

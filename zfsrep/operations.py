@@ -13,6 +13,15 @@ Recovered and stays unprotected); ``rollback`` deletes the recovered copies
 ("rolling-back") and ends the operation, and protection resumes: the mounts reconnect and
 ship what their spools hold, so nothing captured meanwhile is lost.
 
+Move, planned and without data loss: every mount is quiesced (its changes are held before
+they happen, ``zfsrep.barrier``), everything is drained to the journal, a final checkpoint
+is recorded that equals the protected directories exactly, and every volume is written at
+it into RECOVERY_DIR/live/VOLUME ("starting", then "before-commit"). ``commit-move`` tells
+every mount to retire (unmount, empty the source directory and the spool) and deletes the
+VPG; ``rollback-move`` deletes the recovered copies and resumes the mounts: nothing is lost.
+A mount that reconnects during a move is quiesced again; one that recorded more than the
+final checkpoint meanwhile (restarted and written to) makes the move need a rollback.
+
 Operation record::
 
     {"op": "failover-test" | "failover-live", "phase": "starting" | "running" | ...,
@@ -35,6 +44,9 @@ if TYPE_CHECKING:
 
 TEST = "failover-test"
 LIVE = "failover-live"
+MOVE = "move"
+#: phases of a move in which the protected mounts are held (quiesced)
+MOVE_HOLDS = ("starting", "before-commit", "committing")
 RESULTS = ("pass", "fail")
 MAX_NOTE = 1000
 
@@ -225,3 +237,165 @@ async def _live_rolled_back(server: JournalServer, args: dict) -> dict:
         op = _expect(vpg, LIVE, ("rolling-back",))
         await _save(server, vpg, None)
     return {"rolled_back": op["checkpoint"]["id"]}
+
+
+# ---- move ------------------------------------------------------------------------------------
+async def _each(vpg: VpgRuntime, kind: str, timeout: float = 60.0) -> dict[str, dict]:
+    """Ask every connected volume ``kind``; their answers (raises with the problems)."""
+    import trio
+
+    answers: dict[str, dict] = {}
+    problems: list[str] = []
+
+    async def ask(name: str, conn: Any) -> None:
+        msg, why = await conn.ask(kind, timeout)
+        if msg is None:
+            problems.append(f"volume {name}: {why}")
+        else:
+            answers[name] = msg
+
+    async with trio.open_nursery() as nursery:
+        for name, vol in vpg.volumes.items():
+            if vol.conn is not None:
+                nursery.start_soon(ask, name, vol.conn)
+    if problems:
+        raise StateError("; ".join(sorted(problems)))
+    return answers
+
+
+@handler("move.start")
+async def _move_start(server: JournalServer, args: dict) -> dict:
+    """Quiesce every mount, drain, record the final checkpoint, resolve it for bringing up."""
+    vpg = server.vpg(args.get("vpg"))
+    if (args.get("checkpoint") or "latest") != "latest":
+        raise UsageError("a move brings the volumes up at its own final checkpoint, which "
+                         "equals the directories: give latest (or nothing)")
+    async with vpg.lock:
+        if vpg.deleting:
+            raise StateError(f"VPG {vpg.name} is being deleted")
+        if vpg.operation is not None:
+            raise StateError(f"VPG {vpg.name} is {describe(vpg.operation)}")
+        down = sorted(n for n, v in vpg.volumes.items() if v.conn is None)
+        if down or not vpg.volumes:
+            raise StateError(f"VPG {vpg.name}: a move needs every volume connected "
+                             f"(not connected: {', '.join(down) or 'no volumes'})")
+        root = server.store.recovery_dir(vpg.settings)
+        op: dict[str, Any] = {"op": MOVE, "phase": "starting", "started": _now(),
+                              "since": _now(), "recovery_dir": str(root), "volumes": {}}
+        await _save(server, vpg, op)
+    try:
+        answers = await _each(vpg, "quiesce", timeout=120.0)
+        positions: dict[str, int] = {}
+        for name, msg in answers.items():
+            if not isinstance(msg.get("seq"), int):
+                raise StateError(f"volume {name}: {msg.get('reason')}")
+            positions[name] = msg["seq"]
+        missing = sorted(set(vpg.volumes) - set(positions))
+        if missing:
+            raise StateError(f"volume {', '.join(missing)} disconnected during the move")
+        for name, seq in positions.items():
+            vol = vpg.volumes[name]
+
+            def drained(v: Any = vol, q: int = seq) -> bool:
+                return bool(v.durable_seq >= q)
+
+            if not await vol.wait_until(drained, 600.0):
+                raise StateError(f"volume {name}: records through {seq} did not reach the "
+                                 "journal within 600 s")
+        import trio
+
+        cp = await trio.to_thread.run_sync(vpg.log.append, Checkpoint.new(
+            "tagged", positions, tag="move-final", note="final checkpoint of a move"))
+        volumes: dict[str, Any] = {}
+        for name, seq in sorted(positions.items()):
+            vol = vpg.volumes[name]
+            await wait_indexed(vol, seq, cp.id, 600.0)
+            volumes[name] = {"path": str(root / "live" / name), "volume_dir": str(vol.dir),
+                             "seq": seq, "root_ident": vol.meta.root_ident}
+        async with vpg.lock:
+            op = dict(op, checkpoint=cp.to_json(), volumes=volumes)
+            await _save(server, vpg, op)
+        return op
+    except BaseException:
+        import trio
+
+        with trio.CancelScope(shield=True):
+            try:
+                await _each(vpg, "resume")
+            finally:
+                async with vpg.lock:
+                    await _save(server, vpg, None)
+        raise
+
+
+@handler("move.phase")
+async def _move_phase(server: JournalServer, args: dict) -> dict:
+    vpg = server.vpg(args.get("vpg"))
+    phase = _str(args, "phase")
+    allowed = {"before-commit": ("starting",),
+               "rolling-back": ("starting", "before-commit", "rolling-back")}
+    if phase not in allowed:
+        raise UsageError(f"bad phase {phase!r}")
+    async with vpg.lock:
+        op = _expect(vpg, MOVE, allowed[phase])
+        op = dict(op, phase=phase, since=_now())
+        await _save(server, vpg, op)
+    return op
+
+
+@handler("move.commit")
+async def _move_commit(server: JournalServer, args: dict) -> dict:
+    """Retire every protected mount (it unmounts and removes its data), delete the VPG."""
+    import trio
+
+    vpg = server.vpg(args.get("vpg"))
+    async with vpg.lock:
+        op = _expect(vpg, MOVE, ("before-commit", "committing"))
+        if op.get("needs_rollback"):
+            raise StateError(f"VPG {vpg.name}: the move needs a rollback: "
+                             f"{op['needs_rollback']}")
+        down = sorted(n for n, v in vpg.volumes.items() if v.conn is None)
+        if down:
+            raise StateError(f"volume {', '.join(down)} is not connected: its protected data "
+                             "cannot be removed; reconnect it, or roll the move back")
+        op = dict(op, phase="committing", since=_now())
+        await _save(server, vpg, op)
+    await _each(vpg, "retire")
+    with trio.move_on_after(60):
+        while any(v.conn is not None for v in vpg.volumes.values()):
+            await trio.sleep(0.1)
+    async with vpg.lock:
+        op = dict(op, phase="committed", since=_now())
+        await _save(server, vpg, op)
+    await server.delete_vpg(vpg.name, force=True)
+    return {"moved": vpg.name, "checkpoint": op["checkpoint"], "volumes": op["volumes"]}
+
+
+@handler("move.rolled-back")
+async def _move_rolled_back(server: JournalServer, args: dict) -> dict:
+    """The recovered copies are gone: the mounts go on, nothing was lost."""
+    vpg = server.vpg(args.get("vpg"))
+    async with vpg.lock:
+        op = _expect(vpg, MOVE, ("rolling-back",))
+    await _each(vpg, "resume")
+    async with vpg.lock:
+        await _save(server, vpg, None)
+    return {"rolled_back": (op.get("checkpoint") or {}).get("id")}
+
+
+async def move_holds(server: JournalServer, vpg: VpgRuntime, volume: str,
+                     last_seq: int) -> bool:
+    """Whether a (re)connecting mount must hold its changes (a move is under way; the
+    welcome says so). One that recorded past the move's final checkpoint meanwhile (it was
+    restarted and written to) makes the move need a rollback."""
+    op = vpg.operation
+    if op is None or op.get("op") != MOVE or op.get("phase") not in MOVE_HOLDS:
+        return False
+    final = (op.get("volumes") or {}).get(volume, {}).get("seq")
+    if isinstance(final, int) and last_seq > final and not op.get("needs_rollback"):
+        async with vpg.lock:
+            if vpg.operation is not None:
+                await _save(server, vpg, dict(vpg.operation, needs_rollback=(
+                    f"volume {volume} recorded changes after the final checkpoint (through "
+                    f"record {last_seq}, the checkpoint has {final})")))
+    return True

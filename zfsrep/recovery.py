@@ -157,9 +157,19 @@ def _take_down(op: dict, name: str) -> None:
 # ---- failover (live) -----------------------------------------------------------------------
 def failover_live(args: argparse.Namespace) -> dict:
     """Stop protection and bring every volume up at the checkpoint in DIR/live/VOLUME."""
+    return _bring_up_live(args, "live", {"vpg": args.vpg, "checkpoint": args.checkpoint})
+
+
+def move(args: argparse.Namespace) -> dict:
+    """Quiesce, drain, final checkpoint, and every volume up at it in DIR/live/VOLUME."""
+    return _bring_up_live(args, "move", {"vpg": args.vpg, "checkpoint": args.checkpoint})
+
+
+def _bring_up_live(args: argparse.Namespace, kind: str, req: dict) -> dict:
     started = time.monotonic()
-    op = _call(args, "live.start", {"vpg": args.vpg, "checkpoint": args.checkpoint},
-               timeout=180)
+    _say(args, "quiescing the protected mounts and draining them" if kind == "move" else
+         "stopping protection")
+    op = _call(args, f"{kind}.start", req, timeout=900)
     made: list[Path] = []
     try:
         for name, vol in sorted(op["volumes"].items()):
@@ -174,12 +184,12 @@ def failover_live(args: argparse.Namespace) -> dict:
             _materialise(args, name, vol, dest)
     except BaseException:
         with contextlib.suppress(Exception):  # back to protecting, as if never started
-            _call(args, "live.phase", {"vpg": args.vpg, "phase": "rolling-back"})
+            _call(args, f"{kind}.phase", {"vpg": args.vpg, "phase": "rolling-back"})
             for dest in made:
                 _remove_tree(dest)
-            _call(args, "live.rolled-back", {"vpg": args.vpg})
+            _call(args, f"{kind}.rolled-back", {"vpg": args.vpg})
         raise
-    op = _call(args, "live.phase", {"vpg": args.vpg, "phase": "before-commit"})
+    op = _call(args, f"{kind}.phase", {"vpg": args.vpg, "phase": "before-commit"})
     op["start_seconds"] = round(time.monotonic() - started, 3)
     return op
 
@@ -219,10 +229,14 @@ def commit(args: argparse.Namespace) -> dict:
     return _call(args, "live.commit", {"vpg": args.vpg})
 
 
-def rollback(args: argparse.Namespace) -> dict:
+def rollback(args: argparse.Namespace, kind: str = "live") -> dict:
     """Delete the recovered copies and return the VPG to protecting."""
-    op = _call(args, "live.phase", {"vpg": args.vpg, "phase": "rolling-back"})
+    op = _call(args, f"{kind}.phase", {"vpg": args.vpg, "phase": "rolling-back"})
     for name in sorted(op["volumes"]):
         _remove_tree(Path(op["volumes"][name]["path"]))
         _say(args, f"{name}: recovered copy removed")
-    return _call(args, "live.rolled-back", {"vpg": args.vpg})
+    return _call(args, f"{kind}.rolled-back", {"vpg": args.vpg}, timeout=120)
+
+
+def commit_move(args: argparse.Namespace) -> dict:
+    return _call(args, "move.commit", {"vpg": args.vpg}, timeout=300)

@@ -568,9 +568,13 @@ class JournalServer:
             log.info("volume %s/%s connected from %s; journal through record %d",
                      vpg.name, vol.name, peer, vol.durable_seq)
             try:
+                from zfsrep.operations import move_holds
+
+                hold = await move_holds(self, vpg, vol.name, last_seq)
                 await conn.send({"t": "welcome", "proto": protocol.PROTOCOL,
                                  "durable_seq": vol.durable_seq,
-                                 "checkpoint_interval": vpg.settings.checkpoint_interval_s})
+                                 "checkpoint_interval": vpg.settings.checkpoint_interval_s,
+                                 "hold": hold})
                 await self._volume_messages(vpg, vol, vc)
             finally:
                 if vol.conn is vc:
@@ -636,7 +640,7 @@ class JournalServer:
                 appending.append(fut)
                 vol.received_bytes += len(frame)
                 vol.last_data = time.monotonic()
-            elif kind in ("marked", "frozen", "thawed"):
+            elif kind in ("marked", "frozen", "thawed", "quiesced", "resumed", "retiring"):
                 vc.answered(msg)
             elif kind == "stat":
                 vol.report = {k: msg.get(k) for k in (

@@ -1,7 +1,8 @@
 """VPG status and substatus in the vocabulary of reference/vpg-status-reference.txt.
 
 Order of precedence (the first that applies): a live failover (Failing Over / Before Commit,
-Rolling back Failover, or Recovered once committed), no volumes (Error / VPG has no volumes), a
+Rolling back Failover, or Recovered once committed), a move (Moving / StartingMove,
+MoveBeforeCommit, Committing Move, Rolling back Move), no volumes (Error / VPG has no volumes), a
 journal or index error (Error / Journal storage error), a volume still in its initial sync
 (Initializing / Initial Sync), a disconnected volume (Error / Site disconnection[. No
 checkpoints]), capture stopped on a volume (Not Meeting SLA / the reason), then the SLA: RPO
@@ -96,6 +97,12 @@ def _classify(vpg: VpgRuntime, volumes: list[dict], rpo: float | None, history: 
     if op is not None and op.get("op") == "failover-live":
         phase = str(op.get("phase"))
         return _FAILOVER.get(phase, ("Failing Over", phase))
+    if op is not None and op.get("op") == "move":
+        phase = str(op.get("phase"))
+        status, sub = _MOVE.get(phase, ("Moving", phase))
+        if op.get("needs_rollback"):
+            sub += f" (needs rollback: {op['needs_rollback']})"
+        return status, sub
     if not volumes:
         return "Error", "VPG has no volumes"
     if any(v["error"] for v in volumes):
@@ -134,6 +141,15 @@ _FAILOVER = {
     "before-commit": ("Failing Over", "Before Commit"),
     "rolling-back": ("Failing Over", "Rolling back Failover"),
     "committed": ("Recovered", ""),
+}
+
+
+#: (status, substatus) of a VPG in each phase of a planned move
+_MOVE = {
+    "starting": ("Moving", "StartingMove"),
+    "before-commit": ("Moving", "MoveBeforeCommit"),
+    "committing": ("Moving", "Committing Move"),
+    "rolling-back": ("Moving", "Rolling back Move"),
 }
 
 
