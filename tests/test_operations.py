@@ -25,13 +25,17 @@ def _mounted(path: Path) -> bool:
     return os.path.ismount(path)
 
 
+def _vpg_of_two(server: JournalServerProcess, mount_factory, recovery: Path) -> list:
+    """A VPG (checkpoints every second, recovery dir given) and two mounts, not started."""
+    server.cli("vpg", "create", VPG, "--checkpoint-interval", "1s", "--recovery-dir",
+               str(recovery))
+    return [replicated(mount_factory, server, name=f"m{v}", volume=f"vol{v}") for v in (0, 1)]
+
+
 def test_failover_test_brings_every_volume_up_writable_and_leaves_production_alone(
         journal_server, mount_factory, tmp_path: Path) -> None:
     recovery = tmp_path / "recovery"
-    journal_server.cli("vpg", "create", VPG, "--checkpoint-interval", "1s",
-                       "--recovery-dir", str(recovery))
-    mounts = [replicated(mount_factory, journal_server, name=f"m{v}", volume=f"vol{v}")
-              for v in (0, 1)]
+    mounts = _vpg_of_two(journal_server, mount_factory, recovery)
     for i, m in enumerate(mounts):
         m.start()
         (m.mnt / "dir").mkdir()
@@ -256,10 +260,7 @@ def test_move_holds_writes_and_rollback_and_commit_lose_nothing(
     import threading
 
     recovery = tmp_path / "recovery"
-    journal_server.cli("vpg", "create", VPG, "--checkpoint-interval", "1s",
-                       "--recovery-dir", str(recovery))
-    mounts = [replicated(mount_factory, journal_server, name=f"m{v}", volume=f"vol{v}")
-              for v in (0, 1)]
+    mounts = _vpg_of_two(journal_server, mount_factory, recovery)
     for i, m in enumerate(mounts):
         m.expected_log.append("the move of VPG")
         m.start()

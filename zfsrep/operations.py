@@ -88,47 +88,60 @@ def _expect(vpg: VpgRuntime, op_name: str, phases: tuple[str, ...]) -> dict:
     return op
 
 
+async def _begin(server: JournalServer, vpg: VpgRuntime, op_name: str, where: str,
+                 checkpoint: object) -> dict:
+    """Under the VPG's lock: check that nothing else runs, resolve the checkpoint for every
+    volume (indexed), and persist the new operation in phase ``starting``."""
+    if vpg.deleting:
+        raise StateError(f"VPG {vpg.name} is being deleted")
+    if vpg.operation is not None:
+        raise StateError(f"VPG {vpg.name} is {describe(vpg.operation)}")
+    cp = _resolve_checkpoint(vpg, checkpoint)
+    if cp.kind == "test":
+        raise StateError(f"checkpoint {cp.id} records a test result; give a data checkpoint "
+                         "(an id, a tag or latest)")
+    root = server.store.recovery_dir(vpg.settings)
+    volumes: dict[str, Any] = {}
+    for name, seq in sorted(cp.positions.items()):
+        vol = vpg.volumes.get(name)
+        if vol is None:
+            raise StateError(f"volume {name} of checkpoint {cp.id} is gone from the VPG")
+        await wait_indexed(vol, seq, cp.id)
+        volumes[name] = {"path": str(root / where / name), "volume_dir": str(vol.dir),
+                         "seq": seq, "root_ident": vol.meta.root_ident}
+    op = {"op": op_name, "phase": "starting", "checkpoint": cp.to_json(), "started": _now(),
+          "since": _now(), "recovery_dir": str(root), "volumes": volumes}
+    await _save(server, vpg, op)
+    return op
+
+
+async def _set_phase(server: JournalServer, args: dict, op_name: str,
+                     allowed: dict[str, tuple[str, ...]]) -> dict:
+    """Move the operation to ``args["phase"]``, from one of the phases ``allowed`` for it."""
+    vpg = server.vpg(args.get("vpg"))
+    phase = _str(args, "phase")
+    if phase not in allowed:
+        raise UsageError(f"bad phase {phase!r}")
+    async with vpg.lock:
+        op = _expect(vpg, op_name, allowed[phase])
+        op = dict(op, phase=phase, since=_now())
+        await _save(server, vpg, op)
+    return op
+
+
 @handler("test.start")
 async def _test_start(server: JournalServer, args: dict) -> dict:
     """Begin a failover test at a checkpoint: every volume of the checkpoint, resolved."""
     vpg = server.vpg(args.get("vpg"))
     async with vpg.lock:
-        if vpg.deleting:
-            raise StateError(f"VPG {vpg.name} is being deleted")
-        if vpg.operation is not None:
-            raise StateError(f"VPG {vpg.name} is {describe(vpg.operation)}")
-        cp = _resolve_checkpoint(vpg, args.get("checkpoint"))
-        if cp.kind == "test":
-            raise StateError(f"checkpoint {cp.id} records a test result; test a data "
-                             "checkpoint (an id, a tag or latest)")
-        root = server.store.recovery_dir(vpg.settings)
-        volumes: dict[str, Any] = {}
-        for name, seq in sorted(cp.positions.items()):
-            vol = vpg.volumes.get(name)
-            if vol is None:
-                raise StateError(f"volume {name} of checkpoint {cp.id} is gone from the VPG")
-            await wait_indexed(vol, seq, cp.id)
-            volumes[name] = {"path": str(root / "test" / name), "volume_dir": str(vol.dir),
-                             "seq": seq, "root_ident": vol.meta.root_ident}
-        op = {"op": TEST, "phase": "starting", "checkpoint": cp.to_json(), "started": _now(),
-              "since": _now(), "recovery_dir": str(root), "volumes": volumes}
-        await _save(server, vpg, op)
-    return op
+        return await _begin(server, vpg, TEST, "test", args.get("checkpoint"))
 
 
 @handler("test.phase")
 async def _test_phase(server: JournalServer, args: dict) -> dict:
     """The CLI reports a step: ``running`` (every volume is up) or ``stopping``."""
-    vpg = server.vpg(args.get("vpg"))
-    phase = _str(args, "phase")
-    allowed = {"running": ("starting",), "stopping": ("starting", "running", "stopping")}
-    if phase not in allowed:
-        raise UsageError(f"bad phase {phase!r}")
-    async with vpg.lock:
-        op = _expect(vpg, TEST, allowed[phase])
-        op = dict(op, phase=phase, since=_now())
-        await _save(server, vpg, op)
-    return op
+    return await _set_phase(server, args, TEST, {
+        "running": ("starting",), "stopping": ("starting", "running", "stopping")})
 
 
 @handler("test.stop")
@@ -179,44 +192,19 @@ async def _live_start(server: JournalServer, args: dict) -> dict:
     """Stop protection and resolve every volume of the checkpoint for bringing up."""
     vpg = server.vpg(args.get("vpg"))
     async with vpg.lock:
-        if vpg.deleting:
-            raise StateError(f"VPG {vpg.name} is being deleted")
-        if vpg.operation is not None:
-            raise StateError(f"VPG {vpg.name} is {describe(vpg.operation)}")
-        cp = _resolve_checkpoint(vpg, args.get("checkpoint"))
-        if cp.kind == "test":
-            raise StateError(f"checkpoint {cp.id} records a test result; fail over to a data "
-                             "checkpoint (an id, a tag or latest)")
-        root = server.store.recovery_dir(vpg.settings)
-        volumes: dict[str, Any] = {}
-        for name, seq in sorted(cp.positions.items()):
-            vol = vpg.volumes.get(name)
-            if vol is None:
-                raise StateError(f"volume {name} of checkpoint {cp.id} is gone from the VPG")
-            await wait_indexed(vol, seq, cp.id)
-            volumes[name] = {"path": str(root / "live" / name), "volume_dir": str(vol.dir),
-                             "seq": seq, "root_ident": vol.meta.root_ident}
-        op = {"op": LIVE, "phase": "starting", "checkpoint": cp.to_json(), "started": _now(),
-              "since": _now(), "recovery_dir": str(root), "volumes": volumes}
-        await _save(server, vpg, op)
+        op = await _begin(server, vpg, LIVE, "live", args.get("checkpoint"))
         server.disconnect_volumes(vpg)
     return op
+
+
+_LIVE_PHASES = {"before-commit": ("starting",),
+                "rolling-back": ("starting", "before-commit", "rolling-back")}
 
 
 @handler("live.phase")
 async def _live_phase(server: JournalServer, args: dict) -> dict:
     """The CLI reports a step: ``before-commit`` (every volume is up) or ``rolling-back``."""
-    vpg = server.vpg(args.get("vpg"))
-    phase = _str(args, "phase")
-    allowed = {"before-commit": ("starting",),
-               "rolling-back": ("starting", "before-commit", "rolling-back")}
-    if phase not in allowed:
-        raise UsageError(f"bad phase {phase!r}")
-    async with vpg.lock:
-        op = _expect(vpg, LIVE, allowed[phase])
-        op = dict(op, phase=phase, since=_now())
-        await _save(server, vpg, op)
-    return op
+    return await _set_phase(server, args, LIVE, _LIVE_PHASES)
 
 
 @handler("live.commit")
@@ -330,17 +318,7 @@ async def _move_start(server: JournalServer, args: dict) -> dict:
 
 @handler("move.phase")
 async def _move_phase(server: JournalServer, args: dict) -> dict:
-    vpg = server.vpg(args.get("vpg"))
-    phase = _str(args, "phase")
-    allowed = {"before-commit": ("starting",),
-               "rolling-back": ("starting", "before-commit", "rolling-back")}
-    if phase not in allowed:
-        raise UsageError(f"bad phase {phase!r}")
-    async with vpg.lock:
-        op = _expect(vpg, MOVE, allowed[phase])
-        op = dict(op, phase=phase, since=_now())
-        await _save(server, vpg, op)
-    return op
+    return await _set_phase(server, args, MOVE, _LIVE_PHASES)
 
 
 @handler("move.commit")
