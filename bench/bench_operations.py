@@ -11,7 +11,9 @@ mount, the overlay), the stop time, and checks that a file read through the test
 the backing file. Target: start under 2 s at either size (and so about equal for both).
 Then, ``--live-repeats`` times, with caches dropped before each: ``failover-live`` (then
 ``rollback``), and ``cp -a`` of the backing directory followed by ``sync``. Target:
-failover-live no slower than 1.0x ``cp -a``.
+failover-live no slower than 1.0x ``cp -a``. Last, ``move`` (then ``rollback-move``) on the
+idle volume and while a 4 KiB write+fdatasync loop runs on it: the time writes are held
+until the volumes are up at the recovery site, and the longest single write of the loop.
 
     .venv/bin/python bench/bench_operations.py [--sizes 1G,10G] [--repeats 5] [--json]
 """
@@ -42,6 +44,27 @@ def parse_size(text: str) -> int:
     units = {"M": 1 << 20, "G": 1 << 30}
     return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units \
         else int(text)
+
+
+_BUSY = """
+import os, sys, time
+path, stop = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+buf, worst, i = os.urandom(4096), 0.0, 0
+while not os.path.exists(stop):
+    t0 = time.monotonic()
+    os.pwrite(fd, buf, (i % 4096) * 4096)
+    os.fdatasync(fd)
+    worst, i = max(worst, time.monotonic() - t0), i + 1
+print(worst)
+"""
+
+
+def _busy_writer(path: str, stop_file: str) -> subprocess.Popen:
+    """4 KiB write + fdatasync in a loop in its own process (a thread blocked on the mount
+    would keep this process from forking the next command): a busy volume during a move."""
+    return subprocess.Popen([sys.executable, "-c", _BUSY, path, stop_file],
+                            stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 
 
 def timed_cli(env: Env, *args: str) -> float:
@@ -101,8 +124,26 @@ def measure(env: Env, size: int, repeats: int, live_repeats: int) -> dict:
                 copies.append(time.monotonic() - t0)
                 shutil.rmtree(dest)
                 log(f"   failover-live {lives[-1]:.2f} s, cp -a {copies[-1]:.2f} s")
+            moves = {}
+            stop_file = os.path.join(base, "stop-busy")
+            for load in ("idle", "busy"):
+                writer = None
+                if load == "busy":
+                    writer = _busy_writer(os.path.join(mnt, "busy.bin"), stop_file)
+                    time.sleep(1.0)
+                try:
+                    moves[load] = timed_cli(env, "move", VPG, "--server", srv.address)
+                finally:
+                    timed_cli(env, "rollback-move", VPG, "--server", srv.address)
+                    if writer is not None:
+                        open(stop_file, "w").close()
+                        out, _ = writer.communicate(timeout=120)
+                        moves["busy_max_write_s"] = float(out.strip() or "nan")
+                log(f"   move ({load}): writes held {moves[load]:.2f} s")
             m.stop()
-        return {"size": size, "start_s": statistics.median(starts), "start_max_s": max(starts),
+        return {"size": size, "move_idle_s": moves["idle"], "move_busy_s": moves["busy"],
+                "move_busy_max_write_s": moves["busy_max_write_s"],
+                "start_s": statistics.median(starts), "start_max_s": max(starts),
                 "stop_s": statistics.median(stops), "repeats": repeats,
                 "live_s": statistics.median(lives) if lives else None,
                 "cp_s": statistics.median(copies) if copies else None,
@@ -154,6 +195,12 @@ def main() -> int:
             ok = "PASS" if r["live_ratio"] <= 1.0 else "MISS"
             print(f"{r['size'] >> 20:>5} MiB  {r['live_s']:>7.2f}  {r['cp_s']:>8.2f}  "
                   f"{r['live_ratio']:>5.2f}x  <= 1.0x  {ok}")
+    print("\nmove: writes held from the command until the volumes are up at the recovery "
+          "site (MoveBeforeCommit), then rolled back; busy = a 4 KiB write+fdatasync loop runs")
+    print(f"{'data':>8}  {'idle s':>7}  {'busy s':>7}  {'longest write s':>15}")
+    for r in rows:
+        print(f"{r['size'] >> 20:>5} MiB  {r['move_idle_s']:>7.2f}  {r['move_busy_s']:>7.2f}  "
+              f"{r['move_busy_max_write_s']:>15.2f}")
     return 0
 
 
