@@ -85,6 +85,10 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), INDEX_NICE)
 
 
+class ProtectionStopped(StateError):
+    """A mount's connection refused because its VPG is failed over."""
+
+
 class VolumeConnection:
     """The live connection of a volume's mount."""
 
@@ -490,7 +494,9 @@ class JournalServer:
             else:
                 raise protocol.ProtocolError(f"unknown role {role!r}")
         except ZfsrepError as e:
-            log.warning("connection from %s: %s", peer, e)
+            # a mount refused while its VPG is failed over retries every few seconds: info
+            level = logging.INFO if isinstance(e, ProtectionStopped) else logging.WARNING
+            log.log(level, "connection from %s: %s", peer, e)
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 await conn.send(protocol.error_reply(e))
         except trio.TooSlowError:
@@ -546,7 +552,7 @@ class JournalServer:
 
         why = protection_refused(vpg)
         if why is not None:
-            raise StateError(why)
+            raise ProtectionStopped(why)
         vol = await self._attach(vpg, hello)
         if vol.error is not None:
             raise StateError(f"volume {vol.name}: {vol.error}")
