@@ -321,3 +321,37 @@ def test_move_refusals(journal_server, mount_factory, tmp_path: Path) -> None:
     for args in (("commit-move", VPG), ("rollback-move", VPG)):
         r = journal_server.cli(*args, check=False)
         assert r.returncode == 4 and "no move under way" in r.stderr
+
+
+def test_a_server_killed_mid_move_keeps_the_mount_held_until_rollback(
+        journal_server, mount_factory, tmp_path: Path) -> None:
+    import threading
+
+    journal_server.cli("vpg", "create", VPG, "--checkpoint-interval", "1s",
+                       "--recovery-dir", str(tmp_path / "rec"))
+    journal_server.expected_log += ["cutting invalid tail"]
+    m = replicated(mount_factory, journal_server)
+    m.start()
+    (m.mnt / "w").mkdir()
+    _wait_connected(journal_server)
+    journal_server.cli("move", VPG)
+    journal_server.kill()
+    done = threading.Event()
+
+    def writer() -> None:
+        (m.mnt / "w" / "f").write_text("held across the restart\n")
+        done.set()
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    assert not done.wait(1.0), "the mount let a write through while the server was down"
+    journal_server.start()
+    _wait_connected(journal_server)  # the welcome tells it to keep holding
+    st = _status(journal_server)
+    assert (st["status"], st["substatus"]) == ("Moving", "MoveBeforeCommit")
+    assert not done.wait(1.0)
+    journal_server.cli("rollback-move", VPG)
+    assert done.wait(10)
+    t.join()
+    assert (m.source / "w" / "f").read_text() == "held across the restart\n"
+    assert m.stop() == 0
