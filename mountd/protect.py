@@ -158,7 +158,7 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
                  "%d; writers waited for the spool %d times", st.records, st.frames,
                  st.frame_bytes, st.last_seq_sunk, st.waits)
     if shipper is not None and shipper.retired and spool is not None:
-        _remove_moved_data(source, spool.path)
+        await trio.to_thread.run_sync(_remove_moved_data, source, spool.path)
 
 
 def _remove_moved_data(source: str, spool: Path) -> None:
