@@ -191,7 +191,7 @@ class VolumeShipper:
             reader = self._reader = SpoolReader(self.spool.path)
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._receive, conn, nursery.cancel_scope)
+                    nursery.start_soon(self._receive, conn, nursery)
                     nursery.start_soon(self._report, conn)
                     nursery.start_soon(self._send, conn, reader, durable + 1)
             finally:
@@ -237,7 +237,13 @@ class VolumeShipper:
                 self.state.sent_bytes += size
                 seq = last + 1
 
-    async def _receive(self, conn: protocol.MessageStream, scope: trio.CancelScope) -> None:
+    async def _quiesce(self, conn: protocol.MessageStream, answer_id: object) -> None:
+        if self.recorder.failed is None and self.synced_seq:
+            await self.gate.quiesce()
+        seq, why = self.mark()
+        await conn.send({"t": "quiesced", "id": answer_id, "seq": seq, "reason": why})
+
+    async def _receive(self, conn: protocol.MessageStream, nursery: trio.Nursery) -> None:
         while True:
             msg = await conn.receive()
             if msg is None:
@@ -257,13 +263,9 @@ class VolumeShipper:
                 held = self.gate.thaw()
                 await conn.send({"t": "thawed", "id": msg.get("id"), "held": held})
             elif kind == "quiesce":  # a planned move: hold changes, report the position
-                if self.recorder.failed is not None or not self.synced_seq:
-                    seq, why = self.mark()
-                else:
-                    await self.gate.quiesce()
-                    seq, why = self.mark()
-                await conn.send({"t": "quiesced", "id": msg.get("id"), "seq": seq,
-                                 "reason": why})
+                # in its own task: waiting for requests under way must not keep this loop
+                # from receiving the thaw of a checkpoint barrier one of them waits for
+                nursery.start_soon(self._quiesce, conn, msg.get("id"))
             elif kind == "resume":
                 self.gate.resume()
                 await conn.send({"t": "resumed", "id": msg.get("id")})
