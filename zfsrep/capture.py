@@ -195,7 +195,7 @@ class CaptureStream:
             task_status.started()
             await done.wait()
             nursery.cancel_scope.cancel()
-        pipeline.join()
+        await trio.to_thread.run_sync(pipeline.join)  # (they are finishing: short)
         await trio.to_thread.run_sync(self._sink.close)
 
     async def aclose(self) -> None:

@@ -35,6 +35,8 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from zfsrep.checkpoints import Checkpoint
 from zfsrep.control import _resolve_checkpoint, _str, handler, wait_indexed
 from zfsrep.errors import StateError, UsageError, ZfsrepError
@@ -73,8 +75,6 @@ def protection_refused(vpg: VpgRuntime) -> str | None:
 
 
 async def _save(server: JournalServer, vpg: VpgRuntime, op: dict | None) -> None:
-    import trio
-
     await trio.to_thread.run_sync(server.store.save_operation, vpg.name, op)
     vpg.operation = op
 
@@ -166,8 +166,6 @@ async def _test_stop(server: JournalServer, args: dict) -> dict:
         positions = newest[-1].positions if newest else op["checkpoint"]["positions"]
         cp = Checkpoint.new("test", dict(positions), tag=f"test-{tested}-{result}",
                             note=text, result=result)
-        import trio
-
         cp = await trio.to_thread.run_sync(vpg.log.append, cp)
     async with vpg.lock:
         await _save(server, vpg, None)
@@ -230,8 +228,6 @@ async def _live_rolled_back(server: JournalServer, args: dict) -> dict:
 # ---- move ------------------------------------------------------------------------------------
 async def _each(vpg: VpgRuntime, kind: str, timeout: float = 60.0) -> dict[str, dict]:
     """Ask every connected volume ``kind``; their answers (raises with the problems)."""
-    import trio
-
     answers: dict[str, dict] = {}
     problems: list[str] = []
 
@@ -290,8 +286,6 @@ async def _move_start(server: JournalServer, args: dict) -> dict:
             if not await vol.wait_until(drained, 600.0):
                 raise StateError(f"volume {name}: records through {seq} did not reach the "
                                  "journal within 600 s")
-        import trio
-
         cp = await trio.to_thread.run_sync(vpg.log.append, Checkpoint.new(
             "tagged", positions, tag="move-final", note="final checkpoint of a move"))
         volumes: dict[str, Any] = {}
@@ -305,8 +299,6 @@ async def _move_start(server: JournalServer, args: dict) -> dict:
             await _save(server, vpg, op)
         return op
     except BaseException:
-        import trio
-
         with trio.CancelScope(shield=True):
             try:
                 await _each(vpg, "resume")
@@ -324,8 +316,6 @@ async def _move_phase(server: JournalServer, args: dict) -> dict:
 @handler("move.commit")
 async def _move_commit(server: JournalServer, args: dict) -> dict:
     """Retire every protected mount (it unmounts and removes its data), delete the VPG."""
-    import trio
-
     vpg = server.vpg(args.get("vpg"))
     async with vpg.lock:
         op = _expect(vpg, MOVE, ("before-commit", "committing"))
