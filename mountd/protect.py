@@ -16,6 +16,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 from zfsrep.mountd.fusehook import SessionHook
+from zfsrep.mountd.inplace import RESERVED, InPlaceRestore
 from zfsrep.mountd.passthrough import PassthroughOperations
 from zfsrep.mountd.signals import stop_on_signals
 
@@ -125,6 +126,10 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
             shipper = VolumeShipper(opts.link, spool, recorder, progress, synced_seq,
                                     CompletionGate(hook.set_frozen))
             shipper.on_retire = pyfuse3.terminate
+            shipper.in_place = InPlaceRestore(
+                source, root_ident, recorder, spool, shipper.gate, opts.link.address,
+                opts.link.vpg, opts.link.volume)
+            shipper.in_place.resume_at_start()
             await shipper.first_contact()
     async with trio.open_nursery() as link_nursery:
         if shipper is not None:
@@ -137,7 +142,8 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
                     assert spool is not None
                     await _initial_sync(source, spool, recorder, progress, shipper, ready)
                 await _serve(opts, source, recorder, hook, ready,
-                             shipper.gate if shipper is not None else None)
+                             shipper.gate if shipper is not None else None,
+                             shipper.in_place if shipper is not None else None)
             finally:
                 if isinstance(recorder, CaptureStream):
                     await recorder.aclose()
@@ -218,8 +224,13 @@ async def _drain_fast_writes(eventfd: int, recorder: CaptureStream) -> None:
 
 
 async def _serve(opts: ProtectOptions, source: str, recorder, hook: SessionHook,
-                 ready: Callable[[], None], gate: CompletionGate | None) -> None:
+                 ready: Callable[[], None], gate: CompletionGate | None,
+                 in_place: InPlaceRestore | None) -> None:
     volume = BackingVolume(source, recorder)
+    if in_place is not None:
+        in_place.volume = volume
+        if in_place.active:  # a restore in place is before commit: its trees stay hidden
+            volume.hidden = RESERVED
     ops = PassthroughOperations(volume, recorder, hook, trio.CapacityLimiter(4), gate)
     options = set(pyfuse3.default_options)
     options |= {f"fsname=zfsrep:{source}", "subtype=zfsrep"}
@@ -235,11 +246,15 @@ async def _serve(opts: ProtectOptions, source: str, recorder, hook: SessionHook,
             if capture:
                 nursery.start_soon(_drain_fast_writes, eventfd, recorder)
             log.info("protecting %s at %s", source, opts.mountpoint)
+            if in_place is not None:
+                in_place.serving = True
             ready()
             nursery.start_soon(_report_killpriv, hook)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
+        if in_place is not None:
+            in_place.serving = False
         hook.shutdown()
         pyfuse3.close(unmount=True)
         volume.close()

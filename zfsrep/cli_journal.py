@@ -154,7 +154,25 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          description="Delete the moved copies and let the protected mounts "
                                      "go on (held writes proceed).")
     rmv.add_argument("vpg", metavar="VPG")
-    for p in (fl, cm, rb, mv, cmv, rmv):
+    rs = sub.add_parser(
+        "restore", help="put the protected volumes back to a checkpoint, in place",
+        description="Single-site restore: every protected mount of VPG copies its volume as "
+                    "it was at CHECKPOINT from the journal and swaps it in, keeping the "
+                    "pre-restore tree (hidden in SOURCE/.zfsrep-restore) until commit-restore; "
+                    "rollback-restore returns exactly to it. Protection goes on throughout: the "
+                    "change is recorded like any other. Every mount must be connected, and no "
+                    "file may be open on the volumes (stop the applications first).")
+    rs.add_argument("vpg", metavar="VPG")
+    rs.add_argument("checkpoint", metavar="CHECKPOINT")
+    crs = sub.add_parser("commit-restore", help="keep a restore in place",
+                         description="Delete the pre-restore trees the mounts kept; the VPG "
+                                     "goes on protecting the restored volumes.")
+    crs.add_argument("vpg", metavar="VPG")
+    rrs = sub.add_parser("rollback-restore", help="undo a restore in place before commit",
+                         description="Put every volume back exactly as it was before the "
+                                     "restore (changes made since the restore are dropped).")
+    rrs.add_argument("vpg", metavar="VPG")
+    for p in (fl, cm, rb, mv, cmv, rmv, rs, crs, rrs):
         _server_arg(p)
         _json_arg(p)
 
@@ -411,6 +429,33 @@ def cmd_rollback_move(args: argparse.Namespace) -> int:
                                       "mounts go on")
 
 
+def cmd_restore(args: argparse.Namespace) -> int:
+    from zfsrep.recovery import restore_in_place
+
+    op = restore_in_place(args)
+    cp = op["checkpoint"]
+    return _output(args, op, lambda: (
+        f"VPG {args.vpg} restored in place to checkpoint {cp['id']} ({cp['time']}): "
+        f"{len(op['volumes'])} volume(s) in {op['start_seconds']:.1f} s; before commit "
+        "(commit-restore or rollback-restore)"))
+
+
+def cmd_commit_restore(args: argparse.Namespace) -> int:
+    from zfsrep.recovery import finish_restore
+
+    res = finish_restore(args, "commit")
+    return _output(args, res, lambda: f"VPG {args.vpg}: restore committed; the pre-restore "
+                                      "state is deleted")
+
+
+def cmd_rollback_restore(args: argparse.Namespace) -> int:
+    from zfsrep.recovery import finish_restore
+
+    res = finish_restore(args, "rollback")
+    return _output(args, res, lambda: f"VPG {args.vpg}: restore rolled back; the volumes are "
+                                      "as they were before it")
+
+
 def cmd_checkpoints(args: argparse.Namespace) -> int:
     from zfsrep.checkpoints import parse_duration, parse_selector
 
@@ -592,5 +637,6 @@ COMMANDS = {"serve": cmd_serve, "vpg": cmd_vpg, "tag": cmd_tag, "checkpoints": c
             "failover-test": cmd_failover_test, "stop-test": cmd_stop_test,
             "failover-live": cmd_failover_live, "commit": cmd_commit, "rollback": cmd_rollback,
             "move": cmd_move, "commit-move": cmd_commit_move,
-            "rollback-move": cmd_rollback_move,
+            "rollback-move": cmd_rollback_move, "restore": cmd_restore,
+            "commit-restore": cmd_commit_restore, "rollback-restore": cmd_rollback_restore,
             "status": cmd_status, "snapshot": cmd_snapshot, "restore-file": cmd_restore_file}

@@ -236,6 +236,3 @@ async def _status(server: JournalServer, args: dict) -> list[dict]:
 async def _ping(server: JournalServer, args: dict) -> dict:
     return {"store": str(server.store.root), "uptime_s": time.time() - server.started}
 
-
-# the recovery operations register their requests here too
-from zfsrep import operations  # noqa: E402, F401

@@ -23,13 +23,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
 from zfsrep import protocol
 from zfsrep.barrier import CompletionGate
-from zfsrep.errors import ZfsrepError
+from zfsrep.errors import OSFailure, StateError, ZfsrepError
 from zfsrep.scan import ScanProgress
 from zfsrep.spool import SpoolReader, SpoolWriter
 
@@ -79,6 +79,8 @@ class VolumeShipper:
         #: set when the server committed a move of the VPG: the mount stops and its data goes
         self.retired = False
         self.on_retire: Callable[[], None] | None = None
+        #: the mount's half of a restore in place (mountd.inplace), if it can do one
+        self.in_place: Any = None
         self.scan = scan
         self.synced_seq = synced_seq  # 0 while the initial sync runs
         self.state = LinkState()
@@ -276,10 +278,35 @@ class VolumeShipper:
                 await conn.send({"t": "retiring", "id": msg.get("id")})
                 if self.on_retire is not None:
                     self.on_retire()
+            elif kind in ("restore", "restore-commit", "restore-rollback"):
+                nursery.start_soon(self._restore, conn, kind, msg)
             elif kind == "error":
                 protocol.raise_for_error(msg)
             else:
                 raise protocol.ProtocolError(f"unexpected message {kind!r} from the server")
+
+    async def _restore(self, conn: protocol.MessageStream, kind: str, msg: dict) -> None:
+        """A step of a restore in place (zfsrep.inplace): answer ``done`` with its result,
+        or with the error that refused it."""
+        answer: dict[str, Any] = {"t": "done", "id": msg.get("id"), "error": None}
+        try:
+            if self.in_place is None:
+                raise StateError("this mount cannot restore in place (it does not capture)")
+            if kind == "restore":
+                seq = msg.get("seq")
+                if type(seq) is not int or seq <= 0:
+                    raise protocol.ProtocolError(f"bad restore position {seq!r}")
+                answer.update(await self.in_place.restore(seq, msg.get("checkpoint")))
+            elif kind == "restore-commit":
+                answer.update(await self.in_place.commit())
+            else:
+                answer.update(await self.in_place.rollback())
+        except (ZfsrepError, OSError) as e:
+            log.error("%s refused: %s", kind, e)
+            answer.update(error=str(e) if isinstance(e, ZfsrepError) else
+                          f"{e.strerror or e} ({getattr(e, 'filename', '')})",
+                          code=e.exit_code if isinstance(e, ZfsrepError) else OSFailure.exit_code)
+        await conn.send(answer)
 
     async def _report(self, conn: protocol.MessageStream) -> None:
         sent_synced = self.synced_seq

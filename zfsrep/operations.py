@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 TEST = "failover-test"
 LIVE = "failover-live"
 MOVE = "move"
+RESTORE = "restore"
 #: phases of a move in which the protected mounts are held (quiesced)
 MOVE_HOLDS = ("starting", "before-commit", "committing")
 RESULTS = ("pass", "fail")
@@ -226,13 +227,15 @@ async def _live_rolled_back(server: JournalServer, args: dict) -> dict:
 
 
 # ---- move ------------------------------------------------------------------------------------
-async def _each(vpg: VpgRuntime, kind: str, timeout: float = 60.0) -> dict[str, dict]:
-    """Ask every connected volume ``kind``; their answers (raises with the problems)."""
+async def _each(vpg: VpgRuntime, kind: str, timeout: float = 60.0,
+                fields: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Ask every connected volume ``kind`` (with its ``fields``, if given); their answers
+    (raises with the problems)."""
     answers: dict[str, dict] = {}
     problems: list[str] = []
 
     async def ask(name: str, conn: Any) -> None:
-        msg, why = await conn.ask(kind, timeout)
+        msg, why = await conn.ask(kind, timeout, (fields or {}).get(name))
         if msg is None:
             problems.append(f"volume {name}: {why}")
         else:

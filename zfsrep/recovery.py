@@ -240,3 +240,19 @@ def rollback(args: argparse.Namespace, kind: str = "live") -> dict:
 
 def commit_move(args: argparse.Namespace) -> dict:
     return _call(args, "move.commit", {"vpg": args.vpg}, timeout=300)
+
+
+# ---- restore in place ------------------------------------------------------------------------
+def restore_in_place(args: argparse.Namespace) -> dict:
+    """Have every protected mount put its volume back to the checkpoint (zfsrep.inplace)."""
+    started = time.monotonic()
+    _say(args, "restoring the protected volumes in place (each mount copies its volume from "
+               "the journal; progress in its log)")
+    op = _call(args, "restore.start", {"vpg": args.vpg, "checkpoint": args.checkpoint},
+               timeout=6 * 3600 + 60)
+    op["start_seconds"] = round(time.monotonic() - started, 3)
+    return op
+
+
+def finish_restore(args: argparse.Namespace, how: str) -> dict:
+    return _call(args, f"restore.{how}", {"vpg": args.vpg}, timeout=3600 + 60)

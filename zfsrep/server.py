@@ -29,8 +29,12 @@ from typing import Any, TypeVar
 
 import trio
 
-from zfsrep import protocol
+from zfsrep import (
+    inplace,  # noqa: F401  (registers the restore and view requests)
+    protocol,
+)
 from zfsrep.checkpoints import Checkpoint, CheckpointLog
+from zfsrep.control import serve_control
 from zfsrep.errors import (
     CorruptDataError,
     NotFoundError,
@@ -41,6 +45,7 @@ from zfsrep.errors import (
 )
 from zfsrep.index import VolumeIndex
 from zfsrep.journal import VolumeJournal
+from zfsrep.operations import describe, move_holds, protection_refused
 from zfsrep.store import Store, VolumeMeta, VpgSettings, check_name
 
 log = logging.getLogger(__name__)
@@ -99,22 +104,23 @@ class VolumeConnection:
         self._marks: dict[int, tuple[trio.Event, list]] = {}
         self._next_mark = 0
 
-    async def ask(self, kind: str, timeout: float) -> tuple[dict | None, str | None]:
-        """Send ``{"t": kind, "id": K}`` and wait for the mount's answer with the same id
-        (marked, frozen or thawed): the answer, or None and why there is none."""
+    async def ask(self, kind: str, timeout: float, fields: dict | None = None
+                  ) -> tuple[dict | None, str | None]:
+        """Send ``{"t": kind, "id": K, **fields}`` and wait for the mount's answer with the
+        same id (marked, frozen, thawed, ...): the answer, or None and why there is none."""
         self._next_mark += 1
         mark_id = self._next_mark
         event, slot = trio.Event(), list[dict]()
         self._marks[mark_id] = (event, slot)
         try:
             try:
-                await self.conn.send({"t": kind, "id": mark_id})
+                await self.conn.send({**(fields or {}), "t": kind, "id": mark_id})
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return None, "the mount disconnected"
             with trio.move_on_after(timeout):
                 await event.wait()
                 return slot[0], None
-            return None, f"the mount did not answer a checkpoint {kind} within {timeout:g} s"
+            return None, f"the mount did not answer a {kind} request within {timeout:g} s"
         finally:
             self._marks.pop(mark_id, None)
 
@@ -392,8 +398,6 @@ class JournalServer:
         async with vpg.lock:
             if vpg.deleting:
                 raise StateError(f"VPG {vpg.name} is being deleted")
-            from zfsrep.operations import protection_refused
-
             why = protection_refused(vpg)
             if why is not None:
                 raise StateError(why)
@@ -485,8 +489,6 @@ class JournalServer:
                     f"{hello.get('proto')!r}")
             role = hello.get("role")
             if role == "control":
-                from zfsrep.control import serve_control
-
                 await conn.send({"t": "welcome", "proto": protocol.PROTOCOL})
                 await serve_control(self, conn)
             elif role == "volume":
@@ -548,8 +550,6 @@ class JournalServer:
 
     async def _serve_volume(self, conn: protocol.MessageStream, hello: dict, peer: str) -> None:
         vpg = self.vpg(hello.get("vpg"))
-        from zfsrep.operations import protection_refused
-
         why = protection_refused(vpg)
         if why is not None:
             raise ProtectionStopped(why)
@@ -574,8 +574,6 @@ class JournalServer:
             log.info("volume %s/%s connected from %s; journal through record %d",
                      vpg.name, vol.name, peer, vol.durable_seq)
             try:
-                from zfsrep.operations import move_holds
-
                 hold = await move_holds(self, vpg, vol.name, last_seq)
                 await conn.send({"t": "welcome", "proto": protocol.PROTOCOL,
                                  "durable_seq": vol.durable_seq,
@@ -646,7 +644,8 @@ class JournalServer:
                 appending.append(fut)
                 vol.received_bytes += len(frame)
                 vol.last_data = time.monotonic()
-            elif kind in ("marked", "frozen", "thawed", "quiesced", "resumed", "retiring"):
+            elif kind in ("marked", "frozen", "thawed", "quiesced", "resumed", "retiring",
+                          "done"):
                 vc.answered(msg)
             elif kind == "stat":
                 vol.report = {k: msg.get(k) for k in (
@@ -677,8 +676,6 @@ class JournalServer:
     async def delete_vpg(self, name: str, *, force: bool) -> None:
         vpg = self.vpg(name)
         if vpg.operation is not None and vpg.operation.get("phase") != "committed":
-            from zfsrep.operations import describe
-
             raise StateError(f"VPG {name} is {describe(vpg.operation)}: finish it first")
         connected = sorted(v.name for v in vpg.volumes.values() if v.conn is not None)
         if connected and not force:

@@ -103,6 +103,11 @@ def _classify(vpg: VpgRuntime, volumes: list[dict], rpo: float | None, history: 
         if op.get("needs_rollback"):
             sub += f" (needs rollback: {op['needs_rollback']})"
         return status, sub
+    if op is not None and op.get("op") == "restore":
+        status, sub = _RESTORE.get(str(op.get("phase")), ("Restoring", str(op.get("phase"))))
+        if op.get("needs_rollback"):
+            sub += f" (needs rollback: {op['needs_rollback']})"
+        return status, sub
     if not volumes:
         return "Error", "VPG has no volumes"
     if any(v["error"] for v in volumes):
@@ -141,6 +146,16 @@ _FAILOVER = {
     "before-commit": ("Failing Over", "Before Commit"),
     "rolling-back": ("Failing Over", "Rolling back Failover"),
     "committed": ("Recovered", ""),
+}
+
+
+#: (status, substatus) of a VPG in each phase of a restore in place (the reference has no
+#: restore states; these follow the failover's)
+_RESTORE = {
+    "starting": ("Restoring", "Before Commit (restoring volumes)"),
+    "before-commit": ("Restoring", "Before Commit"),
+    "committing": ("Restoring", "Committing"),
+    "rolling-back": ("Restoring", "Rolling back Restore"),
 }
 
 

@@ -12,6 +12,7 @@ the operations. Methods raise ``OSError`` with the backing filesystem's errno.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterable
@@ -85,6 +86,9 @@ class BackingVolume:
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
         self._next_dir_handle = 1
+        #: a name in the root that the mount does not show (a restore in place keeps its
+        #: trees there: mountd.inplace); None when there is none
+        self.hidden: bytes | None = None
 
     # ---- inode table -------------------------------------------------------------------
     def inode(self, node: int) -> Inode:
@@ -134,10 +138,18 @@ class BackingVolume:
         self._nodes.clear()
 
     # ---- lookups and attributes --------------------------------------------------------
+    def _visible(self, parent: Inode, name: bytes, creating: bool = False) -> None:
+        """Refuse the hidden name of the root: it does not exist, and cannot be made."""
+        if self.hidden is not None and parent is self.root and name == self.hidden:
+            if creating:
+                raise PermissionError(errno.EPERM, "name reserved by a restore in place")
+            raise FileNotFoundError(errno.ENOENT, "no such entry")
+
     def lookup(self, parent_node: int, name: bytes) -> tuple[Inode, os.stat_result]:
         parent = self._nodes[parent_node]
         if name == b".." and parent is self.root:
             name = b"."
+        self._visible(parent, name)
         return self._enter(parent, name)
 
     def getattr(self, node: int) -> os.stat_result:
@@ -210,6 +222,7 @@ class BackingVolume:
 
     def _new(self, parent: Inode, name: bytes, fd: int | None, mode: int, uid: int, gid: int,
              rdev: int = 0, target: bytes | None = None) -> tuple[Inode, os.stat_result]:
+        # (the create methods check the hidden name before they touch the directory)
         pst = self._adopt(parent, name, fd, mode, uid, gid)
         inode, st = self._enter(parent, name)
         self.recorder.emit(Op.NEW, parent.ident, name, inode.ident, st.st_mode, st.st_uid,
@@ -219,6 +232,7 @@ class BackingVolume:
     def mkdir(self, parent_node: int, name: bytes, mode: int, uid: int, gid: int,
               umask: int) -> tuple[Inode, os.stat_result]:
         parent = self._nodes[parent_node]
+        self._visible(parent, name, True)
         mode = stat.S_IMODE(mode) & ~umask
         os.mkdir(name, mode, dir_fd=parent.fd)
         return self._new(parent, name, None, stat.S_IFDIR | mode, uid, gid)
@@ -226,6 +240,7 @@ class BackingVolume:
     def mknod(self, parent_node: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
               umask: int) -> tuple[Inode, os.stat_result]:
         parent = self._nodes[parent_node]
+        self._visible(parent, name, True)
         mode = stat.S_IFMT(mode) | (stat.S_IMODE(mode) & ~umask)
         os.mknod(name, mode, rdev, dir_fd=parent.fd)
         return self._new(parent, name, None, mode, uid, gid, rdev)
@@ -233,12 +248,14 @@ class BackingVolume:
     def symlink(self, parent_node: int, name: bytes, target: bytes, uid: int,
                 gid: int) -> tuple[Inode, os.stat_result]:
         parent = self._nodes[parent_node]
+        self._visible(parent, name, True)
         os.symlink(target, name, dir_fd=parent.fd)
         return self._new(parent, name, None, stat.S_IFLNK | 0o777, uid, gid, 0, target)
 
     def create(self, parent_node: int, name: bytes, mode: int, flags: int, uid: int, gid: int,
                umask: int) -> tuple[int, Inode, os.stat_result]:
         parent = self._nodes[parent_node]
+        self._visible(parent, name, True)
         mode = stat.S_IMODE(mode) & ~umask
         flags = self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         fd = os.open(name, flags, mode, dir_fd=parent.fd)
@@ -254,6 +271,7 @@ class BackingVolume:
              ) -> tuple[Inode, os.stat_result]:
         inode = self._nodes[node]
         parent = self._nodes[new_parent_node]
+        self._visible(parent, new_name, True)
         os.link(inode.proc, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
         inode.nlookup += 1
         st = os.fstat(inode.fd)
@@ -263,6 +281,7 @@ class BackingVolume:
 
     def _remove(self, parent_node: int, name: bytes, is_dir: bool) -> None:
         parent = self._nodes[parent_node]
+        self._visible(parent, name)
         ident = os.stat(name, dir_fd=parent.fd, follow_symlinks=False).st_ino
         if is_dir:
             os.rmdir(name, dir_fd=parent.fd)
@@ -281,6 +300,8 @@ class BackingVolume:
                new_name: bytes, flags: int) -> None:
         old = self._nodes[old_parent_node]
         new = self._nodes[new_parent_node]
+        self._visible(old, old_name)
+        self._visible(new, new_name, True)
         ident = os.stat(old_name, dir_fd=old.fd, follow_symlinks=False).st_ino
         try:
             other: int | None = os.stat(new_name, dir_fd=new.fd, follow_symlinks=False).st_ino
@@ -332,6 +353,10 @@ class BackingVolume:
             self.recorder.emit(Op.SETATTR, inode.ident, st.st_mode, st.st_uid, st.st_gid,
                                st.st_mtime_ns)
 
+    def open_files(self) -> int:
+        """How many files are open through the mount."""
+        return len(self._files)
+
     def read(self, fh: int, offset: int, size: int) -> bytes:
         return os.pread(self._files[fh].fd, size, offset)
 
@@ -381,6 +406,8 @@ class BackingVolume:
         d = self._dirs[handle]
         if d.names is None or start == 0:
             d.names = os.listdir(d.inode.proc)
+            if d.inode is self.root and self.hidden is not None and self.hidden in d.names:
+                d.names.remove(self.hidden)
         return d.inode, d.names
 
     def releasedir(self, handle: int) -> None:

@@ -1,0 +1,179 @@
+"""Restore in place end to end: a real server, real protected mounts of a two-volume VPG, the
+volumes put back to a tagged checkpoint through the mounts themselves, then rolled back
+exactly or committed, each state checked against oracles taken from the backing
+directories, and every later checkpoint checked against the directory it describes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import JournalServerProcess
+from test_capture_workload import RandomWorkload
+from test_operations import _status, _vpg_of_two, _wait_connected
+from test_replication import VPG, assert_tree, tag
+from treesnap import tree_snapshot
+
+pytestmark = pytest.mark.mount
+
+HIDDEN = ".zfsrep-restore"
+
+
+def _checkpoint_equals(server: JournalServerProcess, cp: str, volume: str, oracle: dict,
+                       dest: Path) -> None:
+    server.cli("restore-file", VPG, cp, volume, "/", "--to", str(dest))
+    assert_tree(oracle, dest, f"checkpoint {cp} of {volume}")
+
+
+def _build(mounts: list, seed: int, steps: int) -> None:
+    for i, m in enumerate(mounts):
+        work = RandomWorkload(m.mnt, seed=seed + i)
+        for _ in range(steps):
+            work.step()
+
+
+def test_restore_in_place_rolls_back_exactly_and_commits(journal_server, mount_factory,
+                                                        tmp_path: Path) -> None:
+    mounts = _vpg_of_two(journal_server, mount_factory, tmp_path / "recovery")
+    for m in mounts:
+        m.start()
+    _build(mounts, 100, 60)
+    for m in mounts:
+        os.setxattr(m.mnt, "user.root", b"at the tag")
+    tag(journal_server, "good")
+    at_tag = [tree_snapshot(m.source) for m in mounts]
+    _build(mounts, 200, 60)  # the "damage" a restore undoes
+    for m in mounts:
+        (m.mnt / "damage").write_bytes(os.urandom(300_000))
+        os.removexattr(m.mnt, "user.root")
+        os.chmod(m.mnt, 0o750)
+    before = [tree_snapshot(m.source) for m in mounts]
+    assert before != at_tag
+
+    r = journal_server.cli("restore", VPG, "good", "--json")
+    op = json.loads(r.stdout)
+    assert op["op"] == "restore" and op["phase"] == "before-commit"
+    st = _status(journal_server)
+    assert (st["status"], st["substatus"]) == ("Restoring", "Before Commit")
+    for m, oracle in zip(mounts, at_tag, strict=True):
+        assert_tree(oracle, m.mnt, f"{m.mnt} restored")
+        assert HIDDEN not in os.listdir(m.mnt)
+        assert not (m.mnt / HIDDEN).exists()
+        with pytest.raises(PermissionError):
+            (m.mnt / HIDDEN).mkdir()
+        assert (m.source / HIDDEN / "old").is_dir()  # the pre-restore tree is kept
+
+    # refused while the restore is before commit
+    r = journal_server.cli("restore", VPG, "good", check=False)
+    assert r.returncode == 4 and "in a restore of checkpoint" in r.stderr
+    r = journal_server.cli("failover-test", VPG, "good", check=False)
+    assert r.returncode == 4
+    r = journal_server.cli("commit-move", VPG, check=False)
+    assert r.returncode == 4
+
+    # protection goes on: a checkpoint now is the restored state plus what was written since
+    (mounts[0].mnt / "written-after-restore").write_text("kept only by a commit\n")
+    tag(journal_server, "restored")
+    for i, m in enumerate(mounts):
+        _checkpoint_equals(journal_server, "restored", f"vol{i}", tree_snapshot(m.mnt),
+                           tmp_path / f"cp-restored-{i}")
+
+    r = journal_server.cli("rollback-restore", VPG, "--json")
+    assert json.loads(r.stdout)["rolled_back"] == op["checkpoint"]["id"]
+    for m, oracle in zip(mounts, before, strict=True):
+        assert_tree(oracle, m.mnt, f"{m.mnt} rolled back")
+        assert_tree(oracle, m.source, f"{m.source} rolled back")
+        assert not (m.source / HIDDEN).exists()
+    assert _status(journal_server)["operation"] is None
+    tag(journal_server, "rolled-back")
+    for i, oracle in enumerate(before):
+        _checkpoint_equals(journal_server, "rolled-back", f"vol{i}", oracle,
+                           tmp_path / f"cp-rolled-back-{i}")
+    r = journal_server.cli("commit-restore", VPG, check=False)
+    assert r.returncode == 4 and "no restore under way" in r.stderr
+
+    # again, and commit: the restored state stays and is protected from then on
+    journal_server.cli("restore", VPG, "good")
+    (mounts[1].mnt / "after-second-restore").write_text("stays\n")
+    journal_server.cli("commit-restore", VPG)
+    for m in mounts:
+        assert not (m.source / HIDDEN).exists()
+    assert_tree(at_tag[0], mounts[0].mnt, "volume 0 after commit")
+    _build(mounts, 300, 20)
+    final = [tree_snapshot(m.source) for m in mounts]
+    tag(journal_server, "committed")
+    for i, oracle in enumerate(final):
+        _checkpoint_equals(journal_server, "committed", f"vol{i}", oracle,
+                           tmp_path / f"cp-committed-{i}")
+    assert _status(journal_server)["status"] != "Restoring"
+    for m in mounts:
+        assert m.stop() == 0
+        assert not m.log_problems()
+
+
+def test_restore_in_place_refuses_open_files_and_wrong_states(journal_server, mount_factory,
+                                                             tmp_path: Path) -> None:
+    mounts = _vpg_of_two(journal_server, mount_factory, tmp_path / "recovery")
+    for m in mounts:
+        m.start()
+        (m.mnt / "f").write_text("at the tag\n")
+    tag(journal_server, "t")
+    for cmd in ("commit-restore", "rollback-restore"):
+        r = journal_server.cli(cmd, VPG, check=False)
+        assert r.returncode == 4 and "no restore under way" in r.stderr
+    r = journal_server.cli("restore", VPG, "nope", check=False)
+    assert r.returncode == 3
+    r = journal_server.cli("restore", "no-such-vpg", "t", check=False)
+    assert r.returncode == 3
+
+    (mounts[1].mnt / "f").write_text("changed\n")
+    with open(mounts[1].mnt / "f", "a"):  # an application still has a file open
+        r = journal_server.cli("restore", VPG, "t", check=False)
+    assert r.returncode == 4 and "open on" in r.stderr, r.stderr
+    assert _status(journal_server)["operation"] is None
+    for m in mounts:  # nothing changed on either volume
+        assert not (m.source / HIDDEN).exists()
+    assert (mounts[1].mnt / "f").read_text() == "changed\n"
+    (mounts[1].mnt / "f").write_text("changed again\n")  # and writes go on
+
+    # a directory of that name that the mount did not make is never touched
+    (mounts[0].mnt / HIDDEN).mkdir()
+    r = journal_server.cli("restore", VPG, "t", check=False)
+    assert r.returncode == 4 and "move it away" in r.stderr
+    assert (mounts[0].mnt / HIDDEN).is_dir()
+    assert (mounts[1].mnt / "f").read_text() == "changed again\n"
+    for m in mounts:
+        assert m.stop() == 0
+
+
+def test_restore_in_place_survives_a_server_restart_and_a_mount_restart(
+        journal_server, mount_factory, tmp_path: Path) -> None:
+    mounts = _vpg_of_two(journal_server, mount_factory, tmp_path / "recovery")
+    for m in mounts:
+        m.start()
+        (m.mnt / "f").write_text("at the tag\n")
+    tag(journal_server, "t")
+    for m in mounts:
+        (m.mnt / "f").write_text("before the restore\n")
+        (m.mnt / "g").write_text("made after the tag\n")
+    before = [tree_snapshot(m.source) for m in mounts]
+    journal_server.cli("restore", VPG, "t")
+
+    journal_server.kill()
+    journal_server.start()
+    st = _status(journal_server)
+    assert st["operation"]["op"] == "restore" and st["operation"]["phase"] == "before-commit"
+
+    # a mount restarted before commit still hides the kept tree, and can roll back
+    assert mounts[0].stop() == 0
+    mounts[0].start()
+    assert not (mounts[0].mnt / "g").exists()
+    assert HIDDEN not in os.listdir(mounts[0].mnt)
+    _wait_connected(journal_server)
+    journal_server.cli("rollback-restore", VPG)
+    for m, oracle in zip(mounts, before, strict=True):
+        assert_tree(oracle, m.mnt, f"{m.mnt} rolled back after restarts")
+    for m in mounts:
+        assert m.stop() == 0
