@@ -91,6 +91,8 @@ class InPlaceRestore:
         self.volume_name = volume_name
         self.volume: Any = None  # the BackingVolume, once the mount serves
         self.serving = False
+        #: while the records of a swap are written: no checkpoint may cut them (link.mark)
+        self.recording = False
         self._lock = trio.Lock()
 
     # ---- state ------------------------------------------------------------------------------
@@ -299,6 +301,7 @@ class InPlaceRestore:
         """Record the swap in the stream, make it durable in the spool, then do it."""
         self.recorder.flush()
         self._save(dict(state, phase="recording", start_seq=self.recorder.last_seq))
+        self.recording = True
         try:
             await self._emit(bring, state["swap"]["attrs"])
             end = self.recorder.last_seq
@@ -316,6 +319,8 @@ class InPlaceRestore:
                 self.recorder.failed = (f"the {state['what']} in place failed while recording "
                                         f"its changes: {e}")
             raise
+        finally:
+            self.recording = False
         state = dict(state, phase="recorded", end_seq=end)
         self._save(state)
         names = await trio.to_thread.run_sync(self._swap, state)

@@ -111,6 +111,8 @@ class VolumeShipper:
             return None, f"capture stopped: {self.recorder.failed}"
         if not self.synced_seq:
             return None, "initial sync is running"
+        if self.in_place is not None and self.in_place.recording:
+            return None, "a restore in place is being recorded"
         # the fast path's queued writes completed before now: number them first
         self.recorder.flush()
         return self.recorder.last_seq, None
