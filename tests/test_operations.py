@@ -355,3 +355,69 @@ def test_a_server_killed_mid_move_keeps_the_mount_held_until_rollback(
     t.join()
     assert (m.source / "w" / "f").read_text() == "held across the restart\n"
     assert m.stop() == 0
+
+
+def _unmount_and_wait(path: Path, timeout: float = 30.0) -> None:
+    """Unmount a protected mount started by the CLI, and wait for its daemon to exit."""
+    if _mounted(path):
+        subprocess.run(["fusermount3", "-u", str(path)], check=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(["pgrep", "-f", f"--source {path} "], capture_output=True)
+        if r.returncode != 0 and not _mounted(path):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the daemon of {path} did not exit")
+
+
+def test_commit_reverse_protect_protects_the_recovered_directories(
+        journal_server, mount_factory, tmp_path: Path) -> None:
+    recovery = tmp_path / "recovery"
+    mounts = _vpg_of_two(journal_server, mount_factory, recovery)
+    journal_server.expected_log += ["protection is stopped", "it protects nothing any more"]
+    for i, m in enumerate(mounts):
+        m.start()
+        (m.mnt / "data").write_bytes(os.urandom(200_000 + i))
+    tag(journal_server, "t")
+    journal_server.cli("failover-live", VPG, "t")
+    lives = [recovery / "live" / f"vol{v}" for v in (0, 1)]
+    for m in mounts:
+        assert m.stop() == 0  # the protected site is lost
+
+    r = journal_server.cli("commit", VPG, "--reverse-vpg", "x", check=False)
+    assert r.returncode == 2 and "--reverse-protect" in r.stderr
+    journal_server.cli("vpg", "create", "taken")
+    r = journal_server.cli("commit", VPG, "--reverse-protect", "--reverse-vpg", "taken",
+                           check=False)
+    assert r.returncode == 4 and "already exists" in r.stderr
+    assert _status(journal_server)["substatus"] == "Before Commit"  # nothing was committed
+
+    spools = tmp_path / "reverse-spools"
+    try:
+        r = journal_server.cli("commit", VPG, "--reverse-protect", "--reverse-spool-dir",
+                               str(spools), "--json")
+        op = json.loads(r.stdout)
+        assert op["reverse"] == {"vpg": f"{VPG}-reverse", "server": journal_server.address,
+                                 "volumes": ["vol0", "vol1"]}
+        assert _status(journal_server)["status"] == "Recovered"
+        for live in lives:
+            assert _mounted(live)
+        # the recovered directories are in use, and protected back
+        (lives[0] / "after-failover").write_text("written at the recovery site\n")
+        rev = f"{VPG}-reverse"
+        deadline = time.monotonic() + 60
+        while True:
+            r = journal_server.cli("tag", rev, "back", "--json", check=False)
+            if r.returncode == 0:
+                break
+            assert time.monotonic() < deadline, r.stderr
+            time.sleep(0.3)
+        for v, live in enumerate(lives):
+            dest = tmp_path / f"back{v}"
+            journal_server.cli("restore-file", rev, "back", f"vol{v}", "/", "--to", str(dest))
+            assert_tree(tree_snapshot(live), dest, f"reverse-protected vol{v}")
+        st = json.loads(journal_server.cli("status", rev, "--json").stdout)[0]
+        assert all(v["connection"] == "connected" for v in st["volumes"])
+    finally:
+        for live in lives:
+            _unmount_and_wait(live)

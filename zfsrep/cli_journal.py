@@ -128,8 +128,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     fl.add_argument("checkpoint", metavar="CHECKPOINT")
     cm = sub.add_parser("commit", help="make a live failover final (VPG Recovered)",
                         description="Make the failover of VPG final: it stays unprotected "
-                                    "(Recovered) and its recovered volumes are the live copy.")
+                                    "(Recovered) and its recovered volumes are the live copy. "
+                                    "With --reverse-protect, every recovered directory is then "
+                                    "protected (a mount over it) as a volume of a new VPG that "
+                                    "replicates back: its first protection ships all of it "
+                                    "(Initial Sync). Run on the recovery host.")
     cm.add_argument("vpg", metavar="VPG")
+    cm.add_argument("--reverse-protect", action="store_true",
+                    help="protect the recovered directories as a new VPG")
+    cm.add_argument("--reverse-vpg", metavar="NAME",
+                    help="the new VPG's name (default VPG-reverse); it must not exist yet")
+    cm.add_argument("--reverse-server", metavar="HOST:PORT",
+                    help="the journal server that takes the new VPG (the protected site's, "
+                         "once it is back; default: the same server)")
+    cm.add_argument("--reverse-spool-dir", metavar="DIR", type=Path,
+                    help="the new mounts' spools go in DIR/VOLUME (default "
+                         "/var/lib/zfsrep/spool/NAME/VOLUME)")
     rb = sub.add_parser("rollback", help="undo a live failover before commit",
                         description="Delete the recovered copies of VPG and return it to "
                                     "protecting: the mounts reconnect and ship what their "
@@ -390,7 +404,10 @@ def cmd_commit(args: argparse.Namespace) -> int:
     from zfsrep.recovery import commit
 
     op = commit(args)
-    return _output(args, op, lambda: f"VPG {args.vpg}: failover committed (Recovered)")
+    rev = op.get("reverse")
+    return _output(args, op, lambda: f"VPG {args.vpg}: failover committed (Recovered)" + (
+        f"; reverse protection: VPG {rev['vpg']} on {rev['server']} protects "
+        f"{', '.join(sorted(rev['volumes']))}" if rev else ""))
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:

@@ -209,9 +209,15 @@ async def _live_phase(server: JournalServer, args: dict) -> dict:
 @handler("live.commit")
 async def _live_commit(server: JournalServer, args: dict) -> dict:
     vpg = server.vpg(args.get("vpg"))
+    reverse = args.get("reverse")
+    if reverse is not None and not (isinstance(reverse, dict) and all(
+            isinstance(reverse.get(k), str) for k in ("vpg", "server"))):
+        raise UsageError("bad reverse: give {vpg, server}")
     async with vpg.lock:
         op = _expect(vpg, LIVE, ("before-commit",))
         op = dict(op, phase="committed", since=_now())
+        if reverse is not None:  # protected back as this VPG (the CLI starts the mounts)
+            op["reverse"] = {"vpg": reverse["vpg"], "server": reverse["server"]}
         await _save(server, vpg, op)
     return op
 

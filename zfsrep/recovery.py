@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from zfsrep.errors import OSFailure, StateError, UsageError
+from zfsrep.errors import OSFailure, StateError, UsageError, ZfsrepError
 
 
 def _call(args: argparse.Namespace, op: str, req: dict, timeout: float = 60.0):
@@ -226,7 +226,48 @@ def _remove_tree(path: Path) -> None:
 
 
 def commit(args: argparse.Namespace) -> dict:
-    return _call(args, "live.commit", {"vpg": args.vpg})
+    """Make a live failover final; with ``--reverse-protect``, protect every recovered
+    directory as a volume of a new VPG (a mount over it, on this host)."""
+    if not args.reverse_protect:
+        if args.reverse_vpg or args.reverse_server or args.reverse_spool_dir:
+            raise UsageError("--reverse-vpg, --reverse-server and --reverse-spool-dir go with "
+                             "--reverse-protect")
+        return _call(args, "live.commit", {"vpg": args.vpg})
+    from zfsrep import protocol
+    from zfsrep.store import check_name
+
+    name = check_name("VPG", args.reverse_vpg or f"{args.vpg}-reverse")
+    host, port = protocol.server_address(args.reverse_server or args.server)
+    where = f"{host}:{port}"
+    # before anything is final: the new VPG's server answers, and the name is free
+    if any(v["name"] == name for v in protocol.call((host, port), "vpg.list", {})):
+        raise StateError(f"VPG {name} already exists on {where}: give another --reverse-vpg")
+    settings = next((v for v in _call(args, "vpg.list", {}) if v["name"] == args.vpg), None)
+    if settings is None:
+        raise StateError(f"no VPG named {args.vpg}")
+    op = _call(args, "live.commit", {"vpg": args.vpg,
+                                     "reverse": {"vpg": name, "server": where}})
+    protocol.call((host, port), "vpg.create", {
+        "name": name, "history": settings["history_s"], "rpo": settings["rpo_s"],
+        "checkpoint_interval": settings["checkpoint_interval_s"]})
+    protected: list[str] = []
+    for volume, vol in sorted(op["volumes"].items()):
+        path = vol["path"]
+        cmd = [sys.executable, "-m", "zfsrep.cli", "protect", "--vpg", name, "--volume", volume,
+               "--server", where, "--source", path, path]
+        if args.reverse_spool_dir is not None:
+            cmd += ["--spool", str(args.reverse_spool_dir / volume)]
+        r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            why = r.stderr.strip().removeprefix("zfsrep: ") or f"exit {r.returncode}"
+            raise ZfsrepError(
+                f"failover committed and VPG {name} created, but {path} could not be "
+                f"protected: {why} (protected: {', '.join(protected) or 'none'}; protect "
+                "the rest with zfsrep protect)", exit_code=r.returncode)
+        protected.append(volume)
+        _say(args, f"{volume}: {path} protected as volume {volume} of VPG {name} on {where}")
+    op["reverse"] = {"vpg": name, "server": where, "volumes": protected}
+    return op
 
 
 def rollback(args: argparse.Namespace, kind: str = "live") -> dict:
