@@ -47,6 +47,7 @@ import trio
 from zfsrep.errors import StateError
 from zfsrep.records import Op
 from zfsrep.scan import _Scanner
+from zfsrep.syscalls import syncfs
 
 log = logging.getLogger(__name__)
 
@@ -293,9 +294,11 @@ class InPlaceRestore:
                          stats.bytes >> 20)
 
         try:
-            return restore_tree(view, b"/", self.dir / "new", progress=progress)
+            stats = restore_tree(view, b"/", self.dir / "new", progress=progress)
         finally:
             view.close()
+        syncfs(self.dir / "new")  # durable before the records say it is the volume
+        return stats
 
     async def _record(self, state: dict, bring: Path) -> None:
         """Record the swap in the stream, make it durable in the spool, then do it."""

@@ -220,3 +220,32 @@ def test_progress_is_reported(tmp_path: Path):
     seen = []
     restore_tree(view, b"/", tmp_path / "dest", progress=lambda st: seen.append(st.files))
     assert seen and seen[-1] == 2
+
+
+def test_a_large_file_is_copied_by_several_processes_holes_kept(tmp_path: Path, monkeypatch):
+    from zfsrep import restore
+
+    monkeypatch.setattr(restore, "PARALLEL_MIN", 2 << 20)  # 12 MiB: parallel and pipelined
+    monkeypatch.setattr(restore, "PIPELINE_MIN", 1 << 20)
+    monkeypatch.setattr(restore, "WRITEBACK_STEP", 1 << 20)
+    rng = __import__("random").Random(5)
+    pieces = {0: rng.randbytes(300_000), (3 << 20) - 7: rng.randbytes(2 << 20),
+              (9 << 20) + 4096: rng.randbytes(5000), (12 << 20) - 10: rng.randbytes(10)}
+    s = Stream().add(Op.SETATTR, ROOT, DIR | 0o755, 0, 0, T)
+    s.new(ROOT, b"big", 20, REG | 0o644)
+    for off, data in pieces.items():
+        s.write(20, off, data)
+    view = stored(tmp_path, s)
+    expected = bytearray(12 << 20)
+    for off, data in pieces.items():
+        expected[off:off + len(data)] = data
+    stats = restore_tree(view, b"/", tmp_path / "dest")
+    big = tmp_path / "dest" / "big"
+    assert big.read_bytes() == bytes(expected)
+    assert os.lstat(big).st_blocks * 512 < 4 << 20  # the holes stayed holes
+    assert stats.bytes < 3 << 20
+
+    # a copying process that fails fails the restore, with its reason
+    monkeypatch.setattr(IndexView, "reopen", lambda self: 1 / 0)
+    with pytest.raises(Exception, match="division by zero"):
+        restore_tree(view, b"/", tmp_path / "dest2")

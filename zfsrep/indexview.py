@@ -208,6 +208,10 @@ class IndexView:
                 return None
             return row[0]
 
+    def reopen(self) -> IndexView:
+        """A new view of the same tree (for another process: a connection is not shared)."""
+        return IndexView(self.voldir, self.seq)
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

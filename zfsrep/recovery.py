@@ -196,6 +196,7 @@ def _bring_up_live(args: argparse.Namespace, kind: str, req: dict) -> dict:
 
 def _materialise(args: argparse.Namespace, name: str, vol: dict, dest: Path) -> None:
     from zfsrep.restore import restore_tree
+    from zfsrep.syscalls import syncfs
     from zfsrep.view import open_view
 
     view = open_view(Path(vol["volume_dir"]), vol["seq"])
@@ -212,6 +213,10 @@ def _materialise(args: argparse.Namespace, name: str, vol: dict, dest: Path) -> 
         stats = restore_tree(view, b"/", dest, progress=progress)
     finally:
         view.close()
+    try:
+        syncfs(dest)  # the recovered copy is durable before the VPG says it is up
+    except OSError as e:
+        raise OSFailure(f"cannot make {dest} durable: {e.strerror or e}") from None
     _say(args, f"{name}: up at {dest} ({stats.files} files, {stats.bytes >> 20} MiB in "
                f"{time.monotonic() - t0:.1f} s)")
 

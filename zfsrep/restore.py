@@ -18,21 +18,34 @@ by a non-directory. Directory attributes are set after their children.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import queue
 import stat
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from zfsrep.blockhash import zero_blocks
 from zfsrep.errors import NotFoundError, OSFailure, UnsafePathError
 from zfsrep.records import BLOCK_SIZE
+from zfsrep.syscalls import start_writeback
 from zfsrep.view import Node, SnapshotView
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+#: files larger than this are read and written by two threads
+PIPELINE_MIN = 8 << 20
+PIPELINE_DEPTH = 8
+#: files at least this large are copied by several processes (up to MAX_WORKERS)
+PARALLEL_MIN = 64 << 20
+#: a long copy starts the disk writes of every this many bytes at once
+WRITEBACK_STEP = 16 << 20
+MAX_WORKERS = 4
 PAGE = 1024  # readdir page size
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -250,33 +263,55 @@ class _Restorer:
         self._tick()
 
     def _copy(self, node: Node, fd: int) -> None:
-        """File data, holes (all-zero blocks) left unwritten."""
+        """File data, holes (all-zero blocks) left unwritten. A large file from a view that
+        can be reopened in another process (the journal's index) is copied by several
+        processes, each its own range: the copy is bound by the CPU, not the disk."""
         size = node.size
-        off = 0
-        while off < size:
-            data = self.view.read(node.ident, off, min(CHUNK, size - off))
-            if not data:
-                break
-            n = len(data)
-            mv = memoryview(data)
-            run = -1  # start of the current run of non-zero blocks
-            for pos in range(0, n + BLOCK_SIZE, BLOCK_SIZE):
-                end = min(pos + BLOCK_SIZE, n)
-                zero = pos >= n or (data[pos] == 0 and data[end - 1] == 0
-                                     and data.count(0, pos, end) == end - pos)
-                if not zero and run < 0:
-                    run = pos
-                elif zero and run >= 0:
-                    stop = min(pos, n)
-                    self.stats.bytes += stop - run
-                    chunk = mv[run:stop]
-                    at = off + run
-                    while chunk:
-                        w = os.pwrite(fd, chunk, at)
-                        chunk, at = chunk[w:], at + w
-                    run = -1
-            off += n
+        workers = 1
+        if size >= PARALLEL_MIN and hasattr(self.view, "reopen"):
+            workers = max(1, min(MAX_WORKERS, 2 * (os.cpu_count() or 1),
+                                 size // PARALLEL_MIN * 2))
+        if workers > 1:
+            self._copy_parallel(node, fd, workers)
+        else:
+            self.stats.bytes += _copy_range(self.view, node.ident, fd, 0, size)
         os.ftruncate(fd, size)
+
+    def _copy_parallel(self, node: Node, fd: int, workers: int) -> None:
+        step = -(-node.size // workers // CHUNK) * CHUNK
+        children: list[tuple[int, int]] = []
+        try:
+            for lo in range(step, node.size, step):
+                r, w = os.pipe()
+                pid = os.fork()
+                if pid == 0:  # the child copies lo..lo+step with its own view, then exits
+                    code = 1
+                    try:
+                        os.close(r)
+                        view = self.view.reopen()  # type: ignore[attr-defined]
+                        n = _copy_range(view, node.ident, fd, lo, min(node.size, lo + step))
+                        os.write(w, b"%d" % n)
+                        code = 0
+                    except BaseException as e:
+                        with contextlib.suppress(BaseException):
+                            os.write(w, b"E" + str(e).encode(errors="replace")[:1000])
+                    finally:
+                        os._exit(code)
+                os.close(w)
+                children.append((pid, r))
+            self.stats.bytes += _copy_range(self.view, node.ident, fd, 0, step)
+        finally:
+            problems = []
+            for pid, r in children:
+                _, status = os.waitpid(pid, 0)
+                with os.fdopen(r, "rb") as f:
+                    said = f.read()
+                if status == 0 and said.isdigit():
+                    self.stats.bytes += int(said)
+                else:
+                    problems.append(said[1:].decode(errors="replace") or f"status {status}")
+            if problems:
+                raise OSFailure(f"copying {node.ident} failed: {problems[0]}")
 
     def write_tree(self, dfd: int, name: bytes | None, node: Node,
                    rel: tuple[bytes, ...]) -> None:
@@ -321,6 +356,70 @@ class _Restorer:
         finally:
             for frame in stack:
                 os.close(frame[0])
+
+
+def _copy_range(view: SnapshotView, ident: int, fd: int, lo: int, hi: int) -> int:
+    """Copy bytes lo..hi of file ``ident`` to ``fd``, all-zero blocks skipped; the bytes
+    written. A long range is written by a second thread while the next chunk is read."""
+    if hi - lo <= PIPELINE_MIN:
+        written, off = 0, lo
+        while off < hi:
+            data = view.read(ident, off, min(CHUNK, hi - off))
+            if not data:
+                break
+            written += _write_nonzero(fd, data, off)
+            off += len(data)
+        return written
+    chunks: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=PIPELINE_DEPTH)
+    failed: list[BaseException] = []
+    total = [0]
+
+    def write_chunks() -> None:
+        flushed = lo
+        while (item := chunks.get()) is not None:
+            if not failed:
+                try:
+                    total[0] += _write_nonzero(fd, item[1], item[0])
+                    done = item[0] + len(item[1])
+                    if done - flushed >= WRITEBACK_STEP:  # (as cp's writes get the kernel's
+                        start_writeback(fd, flushed, done - flushed)  # background flush)
+                        flushed = done
+                except BaseException as e:  # raised by the reading thread
+                    failed.append(e)
+
+    writer = threading.Thread(target=write_chunks, name="restore-writer", daemon=True)
+    writer.start()
+    try:
+        off = lo
+        while off < hi and not failed:
+            data = view.read(ident, off, min(CHUNK, hi - off))
+            if not data:
+                break
+            chunks.put((off, data))
+            off += len(data)
+    finally:
+        chunks.put(None)
+        writer.join()
+    if failed:
+        raise failed[0]
+    return total[0]
+
+
+def _write_nonzero(fd: int, data: bytes, off: int) -> int:
+    """Write the blocks of ``data`` that are not all zeros at ``off``; the bytes written."""
+    n = len(data)
+    mv = memoryview(data)
+    written = 0
+    start = 0  # first block of the current run
+    for z in (*zero_blocks(data, BLOCK_SIZE), -(-n // BLOCK_SIZE)):
+        if z > start:
+            chunk, at = mv[start * BLOCK_SIZE:min(z * BLOCK_SIZE, n)], off + start * BLOCK_SIZE
+            written += len(chunk)
+            while chunk:
+                w = os.pwrite(fd, chunk, at)
+                chunk, at = chunk[w:], at + w
+        start = z + 1
+    return written
 
 
 def restore_tree(view: SnapshotView, path: bytes, dest: Path, *, force: bool = False,

@@ -1,7 +1,8 @@
 """The few Linux system calls the standard library does not offer, through ctypes.
 
-renameat2 (RENAME_NOREPLACE / RENAME_EXCHANGE), and fchownat/utimensat with AT_EMPTY_PATH so that
-an O_PATH descriptor of a symbolic link can be changed without following it.
+renameat2 (RENAME_NOREPLACE / RENAME_EXCHANGE), syncfs and sync_file_range, and
+fchownat/utimensat with AT_EMPTY_PATH so that an O_PATH descriptor of a symbolic link can be
+changed without following it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ _libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.
 _libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec),
                             ctypes.c_int]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.syncfs.argtypes = [ctypes.c_int]
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+SYNC_FILE_RANGE_WRITE = 2
 
 
 def _check(ret: int, what: str, name: bytes | None = None) -> None:
@@ -61,6 +65,20 @@ def lutimens_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with its mode bits (os.posix_fallocate has none)."""
     _check(_libc.fallocate(fd, mode, offset, length), "fallocate")
+
+
+def syncfs(path: str | os.PathLike[str]) -> None:
+    """Write everything cached for the filesystem holding ``path`` to stable storage."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _check(_libc.syncfs(fd), "syncfs")
+    finally:
+        os.close(fd)
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a range of a file to disk now, without waiting (sync_file_range)."""
+    _check(_libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE), "sync_file_range")
 
 
 M_TRIM_THRESHOLD = -1
