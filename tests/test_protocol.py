@@ -99,3 +99,32 @@ async def test_released_buffers_are_reused_for_later_large_messages() -> None:
     await a.send_all(payload)
     view = await receiver._receive_direct(len(payload))
     assert view.obj is buf and bytes(view) == payload
+
+
+def test_the_blocking_call_times_out_and_refuses_malformed_answers() -> None:
+    import socket
+    import threading
+
+    from zfsrep import wire
+
+    def serve(listener: socket.socket, answer: bytes | None) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1 << 16)
+            if answer is not None:
+                conn.sendall(answer)  # and close: a truncated answer ends there
+            else:
+                conn.recv(1 << 16)  # until the client gives up
+
+    for answer, code, text in ((None, 8, "did not answer"),
+                               (b"\xff\xff\xff\xff", 5, "exceeds limit"),
+                               (wire.pack({"t": "welcome"})[:-1], 8, "closed")):
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            t = threading.Thread(target=serve, args=(listener, answer), daemon=True)
+            t.start()
+            with pytest.raises(ZfsrepError) as e:
+                wire.call(listener.getsockname(), "ping", timeout=0.5, connect_timeout=0.5)
+            assert e.value.exit_code == code and text in str(e.value), e.value
+            t.join(5)

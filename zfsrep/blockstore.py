@@ -358,6 +358,8 @@ class PackReader:
     def __init__(self, voldir: Path, cache_groups: int = 64) -> None:
         self.voldir = voldir
         self._fds: dict[int, int] = {}
+        #: read mostly front to back (a whole-tree copy): ask the kernel for more readahead
+        self.sequential = False
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_max = cache_groups
         self._dctx = zstandard.ZstdDecompressor()
@@ -372,6 +374,8 @@ class PackReader:
             except FileNotFoundError:
                 raise CorruptDataError(f"pack {path} is missing") from None
             self._fds[pack_no] = fd
+            if self.sequential:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return fd
 
     def _decode(self, gloc: int, glen: int, blob: bytes) -> bytes:

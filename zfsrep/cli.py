@@ -117,7 +117,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
 
     link = None
     if args.vpg is not None:
-        from zfsrep import protocol
+        from zfsrep import wire
         from zfsrep.link import LinkOptions, default_spool
         from zfsrep.store import check_name
 
@@ -125,7 +125,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
         if args.volume is None:
             args.volume = args.source.resolve().name
         check_name("volume", args.volume)
-        link = LinkOptions(protocol.server_address(args.server), args.vpg, args.volume)
+        link = LinkOptions(wire.server_address(args.server), args.vpg, args.volume)
         if args.spool is None and not args.no_capture:
             args.spool = default_spool(args.vpg, args.volume)
     elif args.volume is not None or args.server is not None:

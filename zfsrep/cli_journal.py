@@ -241,9 +241,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 # ---- helpers -------------------------------------------------------------------------------
 def _call(args: argparse.Namespace, op: str, req: dict | None = None, timeout: float = 60.0):
-    from zfsrep import protocol
+    from zfsrep import wire
 
-    return protocol.call(protocol.server_address(args.server), op, req, timeout=timeout)
+    return wire.call(wire.server_address(args.server), op, req, timeout=timeout)
 
 
 def _iso(ts: float | None) -> str:
@@ -270,10 +270,10 @@ def _human(seconds: float) -> str:
 
 # ---- serve ---------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from zfsrep import protocol
+    from zfsrep import wire
     from zfsrep.cli import run_foreground, spawn_daemon
 
-    listen = protocol.parse_address(args.listen)
+    listen = wire.parse_address(args.listen)
     if args.foreground:
         from zfsrep.server import serve
 

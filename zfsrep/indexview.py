@@ -210,7 +210,9 @@ class IndexView:
 
     def reopen(self) -> IndexView:
         """A new view of the same tree (for another process: a connection is not shared)."""
-        return IndexView(self.voldir, self.seq)
+        view = IndexView(self.voldir, self.seq)
+        view.packs.sequential = self.packs.sequential
+        return view
 
     def close(self) -> None:
         with self._lock:

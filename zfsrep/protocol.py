@@ -1,4 +1,5 @@
-"""The framed protocol between mounts, the CLI and the journal server (docs/protocol.md).
+"""The framed protocol between mounts, the CLI and the journal server (docs/protocol.md), on
+trio streams (the framing itself, and the CLI's blocking request, are in ``zfsrep.wire``).
 
 Every message is a 4-byte big-endian length followed by that many bytes of one msgpack map with
 a string field ``t`` (the message type). Capture frames travel unchanged inside ``data``
@@ -15,20 +16,27 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import msgpack
 import trio
 
-from zfsrep import frames
-from zfsrep.errors import CorruptDataError, ExitCode, UsageError, ZfsrepError
+from zfsrep.errors import ZfsrepError
+from zfsrep.wire import (  # noqa: F401  (the wire format, re-exported for the daemons)
+    DEFAULT_PORT,
+    DEFAULT_SERVER,
+    LEN,
+    MAX_MESSAGE,
+    PROTOCOL,
+    SERVER_ENV,
+    ProtocolError,
+    ServerUnreachable,
+    call,
+    error_reply,
+    pack,
+    parse_address,
+    raise_for_error,
+    server_address,
+    unpack,
+)
 
-PROTOCOL = "zfsrep/1"
-DEFAULT_PORT = 7450
-DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_PORT}"
-SERVER_ENV = "ZFSREP_SERVER"
-
-_LEN = struct.Struct(">I")
-#: A data message carries one capture frame plus a few fields.
-MAX_MESSAGE = frames.HEADER_SIZE + frames.MAX_COMP_LEN + 4096
 _READ_CHUNK = 1 << 20
 _DIRECT_MIN = 64 << 10
 SEND_TIMEOUT = 60.0
@@ -37,34 +45,6 @@ _POOL_MAX = 8  # messages at least this large are read straight into their buffe
 # msgpack of {"t": "data", "frame": <bin32 of length N>} up to the length: fixmap(2), "t",
 # "data", "frame", bin32 marker
 _DATA_PREFIX = b"\x82\xa1t\xa4data\xa5frame\xc6"
-
-
-class ProtocolError(CorruptDataError):
-    """The peer sent something that is not a well-formed message of this protocol."""
-
-
-class ServerUnreachable(ZfsrepError):
-    exit_code = ExitCode.UNREACHABLE
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (IPv6 as ``[addr]:port``) into a (host, port) pair."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"bad server address {text!r}: expected HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
-def server_address(explicit: str | None) -> tuple[str, int]:
-    """``--server``, else ``$ZFSREP_SERVER``, else 127.0.0.1:7450."""
-    return parse_address(explicit or os.environ.get(SERVER_ENV) or DEFAULT_SERVER)
-
-
-def pack(msg: Mapping[str, Any]) -> bytes:
-    body = msgpack.packb(msg, use_bin_type=True)
-    if len(body) > MAX_MESSAGE:
-        raise ValueError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE}")
-    return _LEN.pack(len(body)) + body
 
 
 def _sendall(sock: socket.socket, parts: list) -> None:
@@ -82,17 +62,6 @@ def _unpack_data(body: bytes | memoryview) -> dict[str, Any] | None:
     if size != len(body) - n - 4:
         raise ProtocolError("malformed data message: frame length does not match")
     return {"t": "data", "frame": memoryview(body)[n + 4:]}  # a view: no copy of the frame
-
-
-def unpack(body: bytes | bytearray | memoryview) -> dict[str, Any]:
-    try:
-        msg = msgpack.unpackb(body, raw=False, strict_map_key=True, max_bin_len=MAX_MESSAGE,
-                              max_str_len=1 << 20, max_array_len=1 << 20, max_map_len=1 << 20)
-    except Exception as e:  # untrusted input: any decoder failure is a malformed message
-        raise ProtocolError(f"malformed message: {type(e).__name__}: {e}") from None
-    if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
-        raise ProtocolError("malformed message: not a map with a string field 't'")
-    return msg
 
 
 class MessageStream:
@@ -118,7 +87,7 @@ class MessageStream:
         size = sum(memoryview(p).nbytes for p in parts)
         if size + len(_DATA_PREFIX) + 4 > MAX_MESSAGE:
             raise ValueError(f"frame of {size} bytes exceeds the message limit")
-        head = _LEN.pack(len(_DATA_PREFIX) + 4 + size) + _DATA_PREFIX + struct.pack(">I", size)
+        head = LEN.pack(len(_DATA_PREFIX) + 4 + size) + _DATA_PREFIX + struct.pack(">I", size)
         async with self._send_lock:
             sock = self._blocking_socket()
             if sock is not None and size >= _DIRECT_MIN:
@@ -154,12 +123,12 @@ class MessageStream:
 
     async def receive(self) -> dict[str, Any] | None:
         """The next message, or None when the peer closed cleanly between messages."""
-        if not await self._fill(_LEN.size):
+        if not await self._fill(LEN.size):
             return None
-        (length,) = _LEN.unpack_from(self._buf)
+        (length,) = LEN.unpack_from(self._buf)
         if length > MAX_MESSAGE:
             raise ProtocolError(f"message length {length} exceeds limit {MAX_MESSAGE}")
-        del self._buf[:_LEN.size]
+        del self._buf[:LEN.size]
         body: bytes | memoryview
         if length >= _DIRECT_MIN and len(self._buf) < length:
             body = await self._receive_direct(length)
@@ -221,19 +190,6 @@ class MessageStream:
         await self.aclose()
 
 
-def error_reply(exc: ZfsrepError, **fields: Any) -> dict[str, Any]:
-    return {"t": "error", "code": exc.exit_code, "error": str(exc), **fields}
-
-
-def raise_for_error(msg: dict[str, Any]) -> dict[str, Any]:
-    """Turn an ``error`` reply into the ZfsrepError it describes; pass other replies."""
-    if msg.get("t") == "error":
-        code = msg.get("code")
-        raise ZfsrepError(str(msg.get("error", "the server refused the request")),
-                          exit_code=code if isinstance(code, int) and 0 < code < 64 else 1)
-    return msg
-
-
 async def connect(address: tuple[str, int], hello: Mapping[str, Any], *,
                   timeout: float = 10.0) -> tuple[MessageStream, dict[str, Any]]:
     """Open a connection, send ``hello``, and return the stream and the server's welcome."""
@@ -291,8 +247,3 @@ async def request(address: tuple[str, int], op: str, args: Mapping[str, Any] | N
         raise ServerUnreachable("the journal server closed the connection without answering")
     return raise_for_error(reply).get("result")
 
-
-def call(address: tuple[str, int], op: str, args: Mapping[str, Any] | None = None, *,
-         timeout: float = 60.0) -> Any:
-    """Synchronous :func:`request` for the CLI."""
-    return trio.run(lambda: request(address, op, args, timeout=timeout))

@@ -39,9 +39,9 @@ from zfsrep.errors import OSFailure, StateError, UsageError, ZfsrepError
 
 
 def _call(args: argparse.Namespace, op: str, req: dict, timeout: float = 60.0):
-    from zfsrep import protocol
+    from zfsrep import wire
 
-    return protocol.call(protocol.server_address(args.server), op, req, timeout=timeout)
+    return wire.call(wire.server_address(args.server), op, req, timeout=timeout)
 
 
 def _work(op: dict, volume: str) -> Path:
@@ -238,21 +238,21 @@ def commit(args: argparse.Namespace) -> dict:
             raise UsageError("--reverse-vpg, --reverse-server and --reverse-spool-dir go with "
                              "--reverse-protect")
         return _call(args, "live.commit", {"vpg": args.vpg})
-    from zfsrep import protocol
+    from zfsrep import wire
     from zfsrep.store import check_name
 
     name = check_name("VPG", args.reverse_vpg or f"{args.vpg}-reverse")
-    host, port = protocol.server_address(args.reverse_server or args.server)
+    host, port = wire.server_address(args.reverse_server or args.server)
     where = f"{host}:{port}"
     # before anything is final: the new VPG's server answers, and the name is free
-    if any(v["name"] == name for v in protocol.call((host, port), "vpg.list", {})):
+    if any(v["name"] == name for v in wire.call((host, port), "vpg.list", {})):
         raise StateError(f"VPG {name} already exists on {where}: give another --reverse-vpg")
     settings = next((v for v in _call(args, "vpg.list", {}) if v["name"] == args.vpg), None)
     if settings is None:
         raise StateError(f"no VPG named {args.vpg}")
     op = _call(args, "live.commit", {"vpg": args.vpg,
                                      "reverse": {"vpg": name, "server": where}})
-    protocol.call((host, port), "vpg.create", {
+    wire.call((host, port), "vpg.create", {
         "name": name, "history": settings["history_s"], "rpo": settings["rpo_s"],
         "checkpoint_interval": settings["checkpoint_interval_s"]})
     protected: list[str] = []

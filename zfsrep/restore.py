@@ -431,6 +431,9 @@ def restore_tree(view: SnapshotView, path: bytes, dest: Path, *, force: bool = F
     """
     node, name = resolve(view, path)
     dest = Path(dest)
+    packs = getattr(view, "packs", None)
+    if packs is not None:
+        packs.sequential = True
     r = _Restorer(view, force, progress)
     try:
         if name is None:
