@@ -357,6 +357,36 @@ def test_a_server_killed_mid_move_keeps_the_mount_held_until_rollback(
     assert m.stop() == 0
 
 
+def test_a_mount_restarted_mid_move_and_written_to_makes_the_move_need_a_rollback(
+        journal_server, mount_factory, tmp_path: Path) -> None:
+    journal_server.cli("vpg", "create", VPG, "--checkpoint-interval", "1s",
+                       "--recovery-dir", str(tmp_path / "rec"))
+    m = replicated(mount_factory, journal_server)
+    m.expected_log += ["cannot reach the journal server", "replication link"]
+    m.start()
+    (m.mnt / "before").write_text("before the move\n")
+    _wait_connected(journal_server)
+    journal_server.cli("move", VPG)
+    assert m.stop() == 0  # the protected host restarts ...
+    journal_server.kill()  # ... while the recovery site is unreachable
+    m.start()
+    (m.mnt / "after").write_text("written before the mount could reconnect\n")
+    journal_server.start()
+    _wait_connected(journal_server)
+    st = _status(journal_server)
+    assert st["status"] == "Moving" and "needs rollback" in st["substatus"], st
+    r = journal_server.cli("commit-move", VPG, check=False)
+    assert r.returncode == 4 and "needs a rollback" in r.stderr
+    assert m.mnt.exists() and (m.source / "after").exists()  # nothing was removed
+    journal_server.cli("rollback-move", VPG)
+    assert not (tmp_path / "rec" / "live" / "vol").exists()
+    tag(journal_server, "after-rollback")  # nothing was lost
+    dest = tmp_path / "back"
+    journal_server.cli("restore-file", VPG, "after-rollback", "vol", "/", "--to", str(dest))
+    assert_tree(tree_snapshot(m.source), dest, "the stream after the rolled-back move")
+    assert m.stop() == 0
+
+
 def _unmount_and_wait(path: Path, timeout: float = 30.0) -> None:
     """Unmount a protected mount started by the CLI, and wait for its daemon to exit."""
     if _mounted(path):

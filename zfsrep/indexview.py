@@ -10,6 +10,7 @@ row change while the writer goes on (in another process, through SQLite's WAL).
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import sqlite3
@@ -50,6 +51,9 @@ CREATE TABLE IF NOT EXISTS blocks(
 
 # The latest version at or before a position (?4) of every block in [?1, ?2] of one object
 # (?3), among the versions since its birth (?5): one range scan of the primary key.
+#: blocks whose rows one query fetches for reads that follow (8 MiB)
+MAP_WINDOW = 2048
+
 BLOCK_RANGE_SQL = """
 SELECT blk, gloc, glen, boff, blen FROM (
   SELECT blk, gloc, glen, boff, blen, max(seq) FROM blocks
@@ -95,6 +99,7 @@ class IndexView:
         self.queries = 0
         self._lock = threading.Lock()
         self._nodes: OrderedDict[int, tuple[Node, int, bytes | None]] = OrderedDict()
+        self._map: tuple[int, int, int, list[tuple]] | None = None  # (ident, first, last, rows)
 
     def _q(self, sql: str, args: tuple) -> sqlite3.Cursor:
         self.queries += 1
@@ -165,7 +170,7 @@ class IndexView:
             if end <= offset:
                 return b""
             first, last = offset // BS, (end - 1) // BS
-            rows = self._q(BLOCK_RANGE_SQL, (first, last, ident, self.seq, born)).fetchall()
+            rows = self._block_rows(ident, born, first, last)
             self.packs.prefetch([(r[1], r[2]) for r in rows])
             out = bytearray(end - offset)
             dst = memoryview(out)
@@ -188,6 +193,18 @@ class IndexView:
                     dst[a - offset:b - offset] = raw[lo:lo + b - a]
                 i = j + 1
             return bytes(out)
+
+    def _block_rows(self, ident: int, born: int, first: int, last: int) -> list[tuple]:
+        """The block rows of ``first..last``. One query fetches a window of MAP_WINDOW
+        blocks, and the reads that follow within it (a file read front to back in 128 KiB
+        requests) are served from it: the view never changes."""
+        m = self._map
+        if m is None or m[0] != ident or first < m[1] or last > m[2]:
+            hi = max(last, first + MAP_WINDOW - 1)
+            m = self._map = (ident, first, hi, self._q(
+                BLOCK_RANGE_SQL, (first, hi, ident, self.seq, born)).fetchall())
+        rows = m[3]
+        return rows[bisect.bisect_left(rows, (first,)):bisect.bisect_left(rows, (last + 1,))]
 
     def listxattr(self, ident: int) -> list[bytes]:
         with self._lock:
