@@ -85,7 +85,8 @@ def vpg_status(vpg: VpgRuntime, now: float, *, journal_bytes: int,
         "recovery_dir": recovery_dir or None,
         "operation": None if op is None else {
             "op": op.get("op"), "phase": op.get("phase"), "since": op.get("since"),
-            "started": op.get("started"), "checkpoint": (op.get("checkpoint") or {}).get("id")},
+            "started": op.get("started"), "checkpoint": (op.get("checkpoint") or {}).get("id"),
+            "needs_rollback": op.get("needs_rollback"), "reverse": op.get("reverse")},
         "volumes": volumes,
     }
 
