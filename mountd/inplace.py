@@ -101,7 +101,7 @@ class InPlaceRestore:
         try:
             with open(self.dir / STATE) as f:
                 return json.load(f)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # (a file of that name: not ours)
             return None
         except (OSError, ValueError) as e:
             raise StateError(f"cannot read {self.dir / STATE}: {e}") from None
@@ -122,7 +122,7 @@ class InPlaceRestore:
     @property
     def active(self) -> bool:
         """Whether the hidden directory is ours (a restore is under way)."""
-        return (self.dir / STATE).exists()
+        return self.dir.is_dir() and (self.dir / STATE).exists()
 
     def _drop_dir(self) -> None:
         """Delete the hidden directory, leaving the root's times as they were (the stream

@@ -177,3 +177,44 @@ def test_restore_in_place_survives_a_server_restart_and_a_mount_restart(
         assert_tree(oracle, m.mnt, f"{m.mnt} rolled back after restarts")
     for m in mounts:
         assert m.stop() == 0
+
+
+def test_the_view_request_answers_bad_requests_with_errors(journal_server, mount_factory,
+                                                           tmp_path: Path) -> None:
+    from test_replication import replicated, resolve
+
+    from zfsrep import wire
+    from zfsrep.errors import ZfsrepError
+
+    journal_server.cli("vpg", "create", VPG, "--checkpoint-interval", "1s")
+    m = replicated(mount_factory, journal_server)
+    m.start()
+    (m.mnt / "d").mkdir()
+    (m.mnt / "f").write_bytes(b"0123456789" * 1000)
+    tag(journal_server, "t")
+    seq = resolve(journal_server, "t")["seq"]
+    addr = wire.parse_address(journal_server.address)
+
+    def view(**args):
+        return wire.call(addr, "view", {"vpg": VPG, "volume": "vol", "seq": seq, **args})
+
+    root = view(what="node")
+    names = dict((n, node) for n, node in view(what="readdir", ident=root[0], after=b"",
+                                                 limit=10 ** 9))
+    assert sorted(names) == [b"d", b"f"]
+    f = names[b"f"][0]
+    assert view(what="read", ident=f, offset=5, size=10) == b"5678901234"
+    assert len(view(what="read", ident=f, offset=0, size=1 << 40)) == 10000
+    for args, code in (({"vpg": "nope"}, 3), ({"volume": "nope"}, 3), ({"seq": 0}, 2),
+                       ({"seq": 10 ** 9}, 2), ({"seq": "x"}, 2), ({"what": "bogus"}, 2),
+                       ({"what": "read", "ident": names[b"d"][0], "offset": 0, "size": 1}, 2),
+                       ({"what": "readlink", "ident": f}, 2),
+                       ({"what": "node", "ident": 999999999}, 3),
+                       ({"what": "read", "ident": -1, "offset": 0, "size": 1}, 2),
+                       ({"what": "readdir", "ident": root[0], "after": "str"}, 2)):
+        req = {"what": "node", **args}
+        with pytest.raises(ZfsrepError) as e:
+            view(**req)
+        assert e.value.exit_code == code, (args, e.value)
+    assert wire.call(addr, "ping")["uptime_s"] > 0  # the server serves on
+    assert m.stop() == 0

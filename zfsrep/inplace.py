@@ -192,6 +192,13 @@ async def _view(server: JournalServer, args: dict) -> Any:
     what = _str(args, "what")
     views = _VIEWS.setdefault((id(server), vpg.name), _Views())
     view = views.get(vol.dir, seq)  # (opening one is quick; the reads go to threads)
+    try:
+        return await _view_read(view, what, args)
+    except OSError as e:  # (reading a directory, readlink of a file, ...)
+        raise UsageError(f"view {what} of {args.get('ident')}: {e.strerror or e}") from None
+
+
+async def _view_read(view: Any, what: str | None, args: dict) -> Any:
     if what == "node":
         ident = args.get("ident")
         ident = view.root if ident is None else _int(args, "ident")

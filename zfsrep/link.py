@@ -303,11 +303,16 @@ class VolumeShipper:
                 answer.update(await self.in_place.commit())
             else:
                 answer.update(await self.in_place.rollback())
-        except (ZfsrepError, OSError) as e:
-            log.error("%s refused: %s", kind, e)
-            answer.update(error=str(e) if isinstance(e, ZfsrepError) else
-                          f"{e.strerror or e} ({getattr(e, 'filename', '')})",
-                          code=e.exit_code if isinstance(e, ZfsrepError) else OSFailure.exit_code)
+        except Exception as e:  # the answer says why; the link goes on
+            if isinstance(e, ZfsrepError):
+                text, code = str(e), e.exit_code
+            elif isinstance(e, OSError):
+                text, code = f"{e.strerror or e} ({e.filename or ''})", OSFailure.exit_code
+            else:
+                log.exception("%s failed", kind)
+                text, code = f"internal error: {type(e).__name__}: {e}", 1
+            log.warning("%s refused: %s", kind, text)
+            answer.update(error=text, code=code)
         await conn.send(answer)
 
     async def _report(self, conn: protocol.MessageStream) -> None:
