@@ -14,6 +14,7 @@ Then, ``--live-repeats`` times, with caches dropped before each: ``failover-live
 failover-live no slower than 1.0x ``cp -a``. Last, ``move`` (then ``rollback-move``) on the
 idle volume and while a 4 KiB write+fdatasync loop runs on it: the time writes are held
 until the volumes are up at the recovery site, and the longest single write of the loop.
+Then ``restore`` in place of the tagged checkpoint and ``rollback-restore`` (no target).
 
     .venv/bin/python bench/bench_operations.py [--sizes 1G,10G] [--repeats 5] [--json]
 """
@@ -140,8 +141,14 @@ def measure(env: Env, size: int, repeats: int, live_repeats: int) -> dict:
                         out, _ = writer.communicate(timeout=120)
                         moves["busy_max_write_s"] = float(out.strip() or "nan")
                 log(f"   move ({load}): writes held {moves[load]:.2f} s")
+            # restore in place of the tagged checkpoint (the mount copies the volume from
+            # the journal, records it, swaps it in), then rolled back (recorded the same way)
+            restore_s = timed_cli(env, "restore", VPG, "data", "--server", srv.address)
+            rollback_s = timed_cli(env, "rollback-restore", VPG, "--server", srv.address)
+            log(f"   restore in place {restore_s:.2f} s, rollback-restore {rollback_s:.2f} s")
             m.stop()
-        return {"size": size, "move_idle_s": moves["idle"], "move_busy_s": moves["busy"],
+        return {"size": size, "restore_s": restore_s, "restore_rollback_s": rollback_s,
+                "move_idle_s": moves["idle"], "move_busy_s": moves["busy"],
                 "move_busy_max_write_s": moves["busy_max_write_s"],
                 "start_s": statistics.median(starts), "start_max_s": max(starts),
                 "stop_s": statistics.median(stops), "repeats": repeats,
@@ -201,6 +208,12 @@ def main() -> int:
     for r in rows:
         print(f"{r['size'] >> 20:>5} MiB  {r['move_idle_s']:>7.2f}  {r['move_busy_s']:>7.2f}  "
               f"{r['move_busy_max_write_s']:>15.2f}")
+    print("\nrestore in place of the tagged checkpoint (copy from the journal, record, swap), "
+          "then rollback-restore")
+    print(f"{'data':>8}  {'restore s':>9}  {'rollback s':>10}")
+    for r in rows:
+        print(f"{r['size'] >> 20:>5} MiB  {r['restore_s']:>9.2f}  "
+              f"{r['restore_rollback_s']:>10.2f}")
     return 0
 
 
