@@ -31,6 +31,7 @@ from zfsrep.wire import (  # noqa: F401  (the wire format, re-exported for the d
     call,
     error_reply,
     pack,
+    pack_parts,
     parse_address,
     raise_for_error,
     server_address,
@@ -75,9 +76,13 @@ class MessageStream:
         self._pool: list[bytearray] = []
 
     async def send(self, msg: Mapping[str, Any]) -> None:
-        data = pack(msg)
+        head, body = pack_parts(msg)
         async with self._send_lock:
-            await self.stream.send_all(data)
+            sock = self._blocking_socket() if len(body) >= _DIRECT_MIN else None
+            if sock is not None:  # a large answer (file data): as send_data does
+                await trio.to_thread.run_sync(_sendall, sock, [head, body])
+                return
+            await self.stream.send_all(head + body)
 
     async def send_data(self, frame: bytes | Sequence[bytes | memoryview]) -> None:
         """Send ``{"t": "data", "frame": frame}`` without copying the frame into a message

@@ -2,24 +2,23 @@
 request of ``zfsrep.inplace``), as a :class:`zfsrep.view.SnapshotView`.
 
 A protected mount restoring its volume in place copies the tree with ``zfsrep.restore``
-from this view, in a worker thread of its trio loop: every call goes over one control
-connection owned by the loop (``trio.from_thread.run``). Whatever the server answers is
-checked before it is used: a node is eight integers, names and contents are bytes.
+from this view, in a worker thread: every call is a request on one blocking control
+connection (``zfsrep.wire``), so the mount's event loop is not involved. Whatever the server
+answers is checked before it is used: a node is eight integers, names and contents are
+bytes.
 """
 
 from __future__ import annotations
 
-import contextlib
+import threading
 from typing import Any
 
-import trio
-
-from zfsrep import protocol
-from zfsrep.errors import CorruptDataError, ZfsrepError
+from zfsrep import wire
+from zfsrep.errors import CorruptDataError
 from zfsrep.view import Node
 
 #: bytes per read request (the server answers at most zfsrep.inplace.MAX_READ)
-READ = 1 << 20
+READ = 4 << 20
 PAGE = 1024
 TIMEOUT = 120.0
 
@@ -38,39 +37,25 @@ class RemoteView:
         self.address = address
         self.seq = seq
         self._args = {"vpg": vpg, "volume": volume, "seq": seq}
-        self._conn: protocol.MessageStream | None = None
+        self._conn: wire.Connection | None = None
+        self._lock = threading.Lock()
         self._xattrs: tuple[int, dict[bytes, bytes]] | None = None
+        #: the last data fetched: (ident, offset, data, bytes asked; fewer means end of file)
+        self._window: tuple[int, int, bytes, int] | None = None
         self.requests = 0
         self.root = _node(self._call("node", ident=None)).ident
 
-    # ---- on the trio loop ------------------------------------------------------------------
-    async def _request(self, args: dict) -> Any:
-        if self._conn is None:
-            self._conn, _ = await protocol.connect(self.address, {"role": "control"})
-        try:
-            with trio.fail_after(TIMEOUT):
-                await self._conn.send({"t": "req", "op": "view", "args": args})
-                reply = await self._conn.receive()
-        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
-                OSError) as e:
-            await self._aclose()
-            raise protocol.ServerUnreachable(
-                f"lost the journal server while reading checkpoint data: "
-                f"{str(e) or type(e).__name__}") from None
-        if reply is None:
-            await self._aclose()
-            raise protocol.ServerUnreachable("the journal server closed the connection")
-        return protocol.raise_for_error(reply).get("result")
-
-    async def _aclose(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.aclose()
-
-    # ---- from the worker thread ------------------------------------------------------------
     def _call(self, what: str, **args: object) -> Any:
-        self.requests += 1
-        return trio.from_thread.run(self._request, {**self._args, "what": what, **args})
+        with self._lock:
+            self.requests += 1
+            if self._conn is None:
+                self._conn = wire.Connection(self.address, timeout=TIMEOUT)
+            try:
+                return self._conn.request("view", {**self._args, "what": what, **args})
+            except wire.ServerUnreachable:
+                self._conn.close()
+                self._conn = None
+                raise
 
     def getattr(self, ident: int) -> Node:
         return _node(self._call("node", ident=ident))
@@ -106,17 +91,19 @@ class RemoteView:
         return target
 
     def read(self, ident: int, offset: int, size: int) -> bytes:
-        parts = []
-        while size > 0:
-            data = self._call("read", ident=ident, offset=offset, size=min(size, READ))
-            if not isinstance(data, bytes) or len(data) > size:
-                raise CorruptDataError("the server sent malformed file data")
-            if not data:
-                break
-            parts.append(data)
-            offset += len(data)
-            size -= len(data)
-        return b"".join(parts)
+        """File data; a read past the window held is answered from READ bytes fetched at
+        once (a file is copied front to back in smaller pieces: fewer round trips)."""
+        held = self._window
+        if held is not None and held[0] == ident and held[1] <= offset and (
+                offset + size <= held[1] + len(held[2]) or len(held[2]) < held[3]):
+            lo = offset - held[1]
+            return held[2][lo:lo + size]
+        want = max(size, READ)
+        data = self._call("read", ident=ident, offset=offset, size=want)
+        if not isinstance(data, bytes) or len(data) > want:
+            raise CorruptDataError("the server sent malformed file data")
+        self._window = (ident, offset, data, want)
+        return data[:size]
 
     def _xattrs_of(self, ident: int) -> dict[bytes, bytes]:
         if self._xattrs is None or self._xattrs[0] != ident:
@@ -134,6 +121,8 @@ class RemoteView:
         return self._xattrs_of(ident).get(name)
 
     def close(self) -> None:
-        with contextlib.suppress(ZfsrepError, trio.RunFinishedError):
-            trio.from_thread.run(self._aclose)
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 

@@ -50,11 +50,17 @@ def server_address(explicit: str | None) -> tuple[str, int]:
     return parse_address(explicit or os.environ.get(SERVER_ENV) or DEFAULT_SERVER)
 
 
-def pack(msg: Mapping[str, Any]) -> bytes:
+def pack_parts(msg: Mapping[str, Any]) -> tuple[bytes, bytes]:
+    """A message as its length prefix and its body (sent back to back, without joining)."""
     body = msgpack.packb(msg, use_bin_type=True)
     if len(body) > MAX_MESSAGE:
         raise ValueError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE}")
-    return LEN.pack(len(body)) + body
+    return LEN.pack(len(body)), body
+
+
+def pack(msg: Mapping[str, Any]) -> bytes:
+    head, body = pack_parts(msg)
+    return head + body
 
 
 def unpack(body: bytes | bytearray | memoryview) -> dict[str, Any]:
@@ -82,16 +88,18 @@ def raise_for_error(msg: dict[str, Any]) -> dict[str, Any]:
 
 
 
-def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> memoryview:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    have = 0
+    while have < n:
         sock.settimeout(max(0.001, deadline - time.monotonic()))
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
+        got = sock.recv_into(view[have:])
+        if not got:
             raise ServerUnreachable("the journal server closed the connection" +
-                                    (" inside a message" if buf else ""))
-        buf += chunk
-    return bytes(buf)
+                                    (" inside a message" if have else ""))
+        have += got
+    return view
 
 
 def _receive(sock: socket.socket, deadline: float) -> dict[str, Any]:
@@ -101,31 +109,60 @@ def _receive(sock: socket.socket, deadline: float) -> dict[str, Any]:
     return unpack(_recv_exact(sock, length, deadline))
 
 
+class Connection:
+    """A blocking control connection: requests answered one at a time (the CLI, and a
+    mount's worker thread reading a checkpoint's tree)."""
+
+    def __init__(self, address: tuple[str, int], *, timeout: float = 60.0,
+                 connect_timeout: float = 10.0) -> None:
+        host, port = self.address = address
+        self.timeout = timeout
+        try:
+            self._sock = socket.create_connection((host, port), timeout=connect_timeout)
+        except OSError as e:
+            raise ServerUnreachable(
+                f"cannot reach the journal server at {host}:{port}: {e.strerror or e} (is "
+                f"`zfsrep serve` running? set --server or ${SERVER_ENV})") from None
+        try:
+            self._exchange({"t": "hello", "proto": PROTOCOL, "role": "control"},
+                           "the handshake", connect_timeout)
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def _exchange(self, msg: Mapping[str, Any], what: str, timeout: float) -> dict[str, Any]:
+        host, port = self.address
+        deadline = time.monotonic() + timeout
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.sendall(pack(msg))
+            return raise_for_error(_receive(self._sock, deadline))
+        except TimeoutError:
+            raise ServerUnreachable(f"the journal server at {host}:{port} did not answer "
+                                    f"{what} within {timeout:g} s") from None
+        except (ConnectionError, OSError) as e:
+            raise ServerUnreachable(f"lost the connection to the journal server at "
+                                    f"{host}:{port}: {e.strerror or e}") from None
+
+    def request(self, op: str, args: Mapping[str, Any] | None = None, *,
+                timeout: float | None = None) -> Any:
+        """The result of one request, or the server's error raised as a ZfsrepError."""
+        return self._exchange({"t": "req", "op": op, "args": dict(args or {})}, repr(op),
+                              self.timeout if timeout is None else timeout).get("result")
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def call(address: tuple[str, int], op: str, args: Mapping[str, Any] | None = None, *,
          timeout: float = 60.0, connect_timeout: float = 10.0) -> Any:
     """One control request on its own connection, blocking: the result, or the server's
     error raised as the ZfsrepError it describes."""
-    host, port = address
-    try:
-        sock = socket.create_connection((host, port), timeout=connect_timeout)
-    except OSError as e:
-        raise ServerUnreachable(
-            f"cannot reach the journal server at {host}:{port}: {e.strerror or e} (is "
-            f"`zfsrep serve` running? set --server or ${SERVER_ENV})") from None
-    try:
-        with sock:
-            deadline = time.monotonic() + connect_timeout
-            sock.settimeout(connect_timeout)
-            sock.sendall(pack({"t": "hello", "proto": PROTOCOL, "role": "control"}))
-            raise_for_error(_receive(sock, deadline))
-            deadline = time.monotonic() + timeout
-            sock.settimeout(timeout)
-            sock.sendall(pack({"t": "req", "op": op, "args": dict(args or {})}))
-            reply = _receive(sock, deadline)
-    except TimeoutError:
-        raise ServerUnreachable(f"the journal server at {host}:{port} did not answer {op!r} "
-                                f"within {timeout:g} s") from None
-    except (ConnectionError, OSError) as e:
-        raise ServerUnreachable(f"lost the connection to the journal server at {host}:{port}: "
-                                f"{e.strerror or e}") from None
-    return raise_for_error(reply).get("result")
+    with Connection(address, timeout=timeout, connect_timeout=connect_timeout) as conn:
+        return conn.request(op, args)
