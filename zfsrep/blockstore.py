@@ -41,6 +41,7 @@ PROBE_EVERY = 16
 #: A new pack file is started once the current one is at least this long.
 PACK_ROTATE = 1 << 30
 PACK_SHIFT = 40
+PACK_MASK = (1 << PACK_SHIFT) - 1
 ZSTD_LEVEL = 1
 ZERO_BLOCK = bytes(BLOCK_SIZE)
 #: Closed groups handed to a compression worker at once (one thread hop per batch).
@@ -364,6 +365,10 @@ class PackReader:
         self._cache_max = cache_groups
         self._dctx = zstandard.ZstdDecompressor()
         self.preads = 0  # number of pread calls (tests and the docs' cost argument use it)
+
+    def fd(self, pack_no: int) -> int:
+        """The reader's descriptor of pack ``pack_no`` (it stays the reader's)."""
+        return self._fd(pack_no)
 
     def _fd(self, pack_no: int) -> int:
         fd = self._fds.get(pack_no)

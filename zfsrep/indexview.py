@@ -20,7 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import quote
 
-from zfsrep.blockstore import PackReader
+from zfsrep.blockstore import GROUP_RAW_MAX, PACK_MASK, PACK_SHIFT, PackReader
 from zfsrep.errors import CorruptDataError, NotFoundError, OSFailure, StateError
 from zfsrep.records import BLOCK_SIZE
 from zfsrep.view import Node
@@ -159,40 +159,82 @@ class IndexView:
             raise OSError(errno.EINVAL, f"object {ident} is not a symlink")
         return target
 
+    def _range(self, ident: int, offset: int, size: int) -> tuple[int, list[tuple]]:
+        """(end, block rows) of a read of ``offset..offset+size`` (clipped to the size)."""
+        node, born, _ = self._node(ident)
+        if stat.S_ISDIR(node.mode):
+            raise OSError(errno.EISDIR, f"object {ident} is a directory")
+        if offset < 0 or size < 0:
+            raise OSError(errno.EINVAL, "negative read range")
+        end = min(node.size, offset + size)
+        if end <= offset:
+            return end, []
+        return end, self._block_rows(ident, born, offset // BS, (end - 1) // BS)
+
+    def _runs(self, rows: list[tuple], offset: int, end: int):
+        """Runs of consecutive whole blocks stored back to back in one group, clipped to
+        ``offset..end``: (file start, file end, gloc, glen, offset in the raw group)."""
+        i, n = 0, len(rows)
+        while i < n:
+            blk, gloc, glen, boff, blen = rows[i]
+            j = i
+            while (j + 1 < n and rows[j][4] == BS and rows[j + 1][0] == rows[j][0] + 1
+                   and rows[j + 1][1] == gloc and rows[j + 1][3] == rows[j][3] + BS):
+                j += 1
+            run_len = (rows[j][0] - blk) * BS + rows[j][4]
+            a = max(offset, blk * BS)
+            b = min(end, blk * BS + run_len)
+            if b > a:
+                if boff + run_len > GROUP_RAW_MAX:
+                    raise CorruptDataError(f"block outside its group at {gloc:#x}")
+                yield a, b, gloc, glen, boff + a - blk * BS
+            i = j + 1
+
     def read(self, ident: int, offset: int, size: int) -> bytes:
         with self._lock:
-            node, born, _ = self._node(ident)
-            if stat.S_ISDIR(node.mode):
-                raise OSError(errno.EISDIR, f"object {ident} is a directory")
-            end = min(node.size, offset + size)
-            if offset < 0 or size < 0:
-                raise OSError(errno.EINVAL, "negative read range")
+            end, rows = self._range(ident, offset, size)
             if end <= offset:
                 return b""
-            first, last = offset // BS, (end - 1) // BS
-            rows = self._block_rows(ident, born, first, last)
             self.packs.prefetch([(r[1], r[2]) for r in rows])
             out = bytearray(end - offset)
             dst = memoryview(out)
-            i, n = 0, len(rows)
-            while i < n:
-                # a run: consecutive whole blocks stored back to back in one group
-                blk, gloc, glen, boff, blen = rows[i]
-                j = i
-                while (j + 1 < n and rows[j][4] == BS and rows[j + 1][0] == rows[j][0] + 1
-                       and rows[j + 1][1] == gloc and rows[j + 1][3] == rows[j][3] + BS):
-                    j += 1
+            for a, b, gloc, glen, lo in self._runs(rows, offset, end):
                 raw = memoryview(self.packs.group(gloc, glen))
-                run_len = (rows[j][0] - blk) * BS + rows[j][4]
-                if boff + run_len > len(raw):
+                if lo + b - a > len(raw):
                     raise CorruptDataError(f"block outside its group at {gloc:#x}")
-                a = max(offset, blk * BS)
-                b = min(end, blk * BS + run_len)
-                if b > a:
-                    lo = boff + a - blk * BS
-                    dst[a - offset:b - offset] = raw[lo:lo + b - a]
-                i = j + 1
+                dst[a - offset:b - offset] = raw[lo:lo + b - a]
             return bytes(out)
+
+    def extents(self, ident: int, offset: int, size: int) -> list[tuple]:
+        """The data of ``offset..offset+size`` as extents, holes left out: ``(file offset,
+        length, pack_no, pack offset)`` for bytes a pack holds as they are (to be copied
+        straight from :meth:`pack_fd`, adjacent ones merged), ``(file offset, length, None,
+        bytes)`` for bytes decompressed here."""
+        with self._lock:
+            end, rows = self._range(ident, offset, size)
+            self.packs.prefetch([(r[1], r[2]) for r in rows if r[2] & 1])
+            out: list[tuple] = []
+            for a, b, gloc, glen, lo in self._runs(rows, offset, end):
+                if glen & 1:
+                    raw = self.packs.group(gloc, glen)
+                    if lo + b - a > len(raw):
+                        raise CorruptDataError(f"block outside its group at {gloc:#x}")
+                    out.append((a, b - a, None, raw[lo:lo + b - a]))
+                    continue
+                if lo + b - a > glen >> 1:
+                    raise CorruptDataError(f"block outside its group at {gloc:#x}")
+                pack_no, at = gloc >> PACK_SHIFT, (gloc & PACK_MASK) + lo
+                last = out[-1] if out else None
+                if (last is not None and last[2] == pack_no and last[0] + last[1] == a
+                        and last[3] + last[1] == at):
+                    out[-1] = (last[0], last[1] + b - a, pack_no, last[3])
+                else:
+                    out.append((a, b - a, pack_no, at))
+            return out
+
+    def pack_fd(self, pack_no: int) -> int:
+        """A descriptor of pack ``pack_no`` (owned by the view: do not close it)."""
+        return self.packs.fd(pack_no)
 
     def _block_rows(self, ident: int, born: int, first: int, last: int) -> list[tuple]:
         """The block rows of ``first..last``. One query fetches a window of MAP_WINDOW

@@ -25,12 +25,13 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from zfsrep.blockhash import zero_blocks
-from zfsrep.errors import NotFoundError, OSFailure, UnsafePathError
+from zfsrep.errors import CorruptDataError, NotFoundError, OSFailure, UnsafePathError
 from zfsrep.records import BLOCK_SIZE
 from zfsrep.syscalls import start_writeback
 from zfsrep.view import Node, SnapshotView
@@ -43,6 +44,8 @@ PIPELINE_MIN = 8 << 20
 PIPELINE_DEPTH = 8
 #: files at least this large are copied by several processes (up to MAX_WORKERS)
 PARALLEL_MIN = 64 << 20
+#: file bytes whose extents one call of the view returns
+EXTENT_SPAN = 16 << 20
 #: a long copy starts the disk writes of every this many bytes at once
 WRITEBACK_STEP = 16 << 20
 MAX_WORKERS = 4
@@ -359,18 +362,30 @@ class _Restorer:
 
 
 def _copy_range(view: SnapshotView, ident: int, fd: int, lo: int, hi: int) -> int:
-    """Copy bytes lo..hi of file ``ident`` to ``fd``, all-zero blocks skipped; the bytes
-    written. A long range is written by a second thread while the next chunk is read."""
-    if hi - lo <= PIPELINE_MIN:
-        written, off = 0, lo
-        while off < hi:
-            data = view.read(ident, off, min(CHUNK, hi - off))
-            if not data:
-                break
-            written += _write_nonzero(fd, data, off)
-            off += len(data)
-        return written
-    chunks: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=PIPELINE_DEPTH)
+    """Copy bytes lo..hi of file ``ident`` to ``fd``, holes left unwritten; the bytes
+    written. A long range is written by a second thread while the next piece is read."""
+    pipelined = hi - lo > PIPELINE_MIN
+    # buffers for the bytes read straight from pack files, reused once written
+    free: queue.Queue[bytearray] = queue.Queue()
+    for _ in range(PIPELINE_DEPTH + 2 if pipelined else 1):
+        free.put(bytearray(CHUNK))
+    if hasattr(view, "extents"):
+        pieces = _extent_pieces(view, ident, lo, hi, free)
+        skip_zeros = False  # (the index stores no all-zero block: they are holes already)
+    else:
+        pieces = _read_pieces(view, ident, lo, hi)
+        skip_zeros = True
+
+    def write(at: int, data: bytes | memoryview) -> int:
+        n = _write_piece(fd, at, data, skip_zeros)
+        if isinstance(data, memoryview) and isinstance(data.obj, bytearray):
+            free.put(data.obj)
+        return n
+
+    if not pipelined:
+        return sum(write(at, data) for at, data in pieces)
+    chunks: queue.Queue[tuple[int, bytes | memoryview] | None] = queue.Queue(
+        maxsize=PIPELINE_DEPTH)
     failed: list[BaseException] = []
     total = [0]
 
@@ -379,24 +394,22 @@ def _copy_range(view: SnapshotView, ident: int, fd: int, lo: int, hi: int) -> in
         while (item := chunks.get()) is not None:
             if not failed:
                 try:
-                    total[0] += _write_nonzero(fd, item[1], item[0])
+                    total[0] += write(*item)
                     done = item[0] + len(item[1])
                     if done - flushed >= WRITEBACK_STEP:  # (as cp's writes get the kernel's
                         start_writeback(fd, flushed, done - flushed)  # background flush)
                         flushed = done
                 except BaseException as e:  # raised by the reading thread
                     failed.append(e)
+                    free.put(bytearray(CHUNK))  # (the reader may wait for a buffer)
 
     writer = threading.Thread(target=write_chunks, name="restore-writer", daemon=True)
     writer.start()
     try:
-        off = lo
-        while off < hi and not failed:
-            data = view.read(ident, off, min(CHUNK, hi - off))
-            if not data:
+        for piece in pieces:
+            if failed:
                 break
-            chunks.put((off, data))
-            off += len(data)
+            chunks.put(piece)
     finally:
         chunks.put(None)
         writer.join()
@@ -405,7 +418,55 @@ def _copy_range(view: SnapshotView, ident: int, fd: int, lo: int, hi: int) -> in
     return total[0]
 
 
-def _write_nonzero(fd: int, data: bytes, off: int) -> int:
+def _read_pieces(view: SnapshotView, ident: int, lo: int, hi: int
+                 ) -> Iterator[tuple[int, bytes]]:
+    off = lo
+    while off < hi:
+        data = view.read(ident, off, min(CHUNK, hi - off))
+        if not data:
+            return
+        yield off, data
+        off += len(data)
+
+
+def _extent_pieces(view: Any, ident: int, lo: int, hi: int, free: queue.Queue[bytearray]
+                   ) -> Iterator[tuple[int, bytes | memoryview]]:
+    """From a view that hands out extents (the journal's index): the bytes a pack holds as
+    they are read straight from the pack file into a free buffer, with no work per block;
+    holes left out."""
+    off = lo
+    while off < hi:
+        n = min(EXTENT_SPAN, hi - off)
+        for at, length, pack_no, src in view.extents(ident, off, n):
+            if pack_no is None:
+                yield at, src
+                continue
+            fd = view.pack_fd(pack_no)
+            while length > 0:
+                buf = free.get()
+                got = os.preadv(fd, [memoryview(buf)[:min(CHUNK, length)]], src)
+                if not got:
+                    raise CorruptDataError("a pack file ends inside a block it should hold")
+                yield at, memoryview(buf)[:got]
+                src, at, length = src + got, at + got, length - got
+        off += n
+
+
+def _write_piece(fd: int, at: int, data: bytes | memoryview, skip_zeros: bool) -> int:
+    if skip_zeros:
+        return _write_nonzero(fd, data, at)
+    _pwrite_all(fd, data, at)
+    return len(data)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, at: int) -> None:
+    view = memoryview(data)
+    while view:
+        w = os.pwrite(fd, view, at)
+        view, at = view[w:], at + w
+
+
+def _write_nonzero(fd: int, data: bytes | memoryview, off: int) -> int:
     """Write the blocks of ``data`` that are not all zeros at ``off``; the bytes written."""
     n = len(data)
     mv = memoryview(data)
