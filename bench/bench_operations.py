@@ -68,6 +68,16 @@ def _busy_writer(path: str, stop_file: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 
 
+def wait_connected(srv, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = srv.call("status", {"vpg": VPG})[0]
+        if all(v["connection"] == "connected" for v in st["volumes"]):
+            return
+        time.sleep(0.2)
+    raise RuntimeError("the protected mount did not reconnect")
+
+
 def timed_cli(env: Env, *args: str) -> float:
     t0 = time.monotonic()
     env.cli(*args, timeout=600)
@@ -127,6 +137,7 @@ def measure(env: Env, size: int, repeats: int, live_repeats: int) -> dict:
                 log(f"   failover-live {lives[-1]:.2f} s, cp -a {copies[-1]:.2f} s")
             moves = {}
             stop_file = os.path.join(base, "stop-busy")
+            wait_connected(srv)  # (after a rollback the mount reconnects within seconds)
             for load in ("idle", "busy"):
                 writer = None
                 if load == "busy":
@@ -143,6 +154,7 @@ def measure(env: Env, size: int, repeats: int, live_repeats: int) -> dict:
                 log(f"   move ({load}): writes held {moves[load]:.2f} s")
             # restore in place of the tagged checkpoint (the mount copies the volume from
             # the journal, records it, swaps it in), then rolled back (recorded the same way)
+            wait_connected(srv)
             restore_s = timed_cli(env, "restore", VPG, "data", "--server", srv.address)
             rollback_s = timed_cli(env, "rollback-restore", VPG, "--server", srv.address)
             log(f"   restore in place {restore_s:.2f} s, rollback-restore {rollback_s:.2f} s")
