@@ -26,7 +26,7 @@ import trio
 
 from zfsrep.control import _str, handler
 from zfsrep.errors import NotFoundError, StateError, UsageError
-from zfsrep.operations import RESTORE, _begin, _each, _expect, _now, _save
+from zfsrep.operations import RESTORE, _begin, _each, _expect, _now, _save, await_connected
 
 if TYPE_CHECKING:
     from zfsrep.server import JournalServer, VpgRuntime
@@ -53,6 +53,8 @@ def _connected(vpg: VpgRuntime, what: str) -> None:
 async def _restore_start(server: JournalServer, args: dict) -> dict:
     """Put every protected volume back to the checkpoint, keeping the pre-restore state."""
     vpg = server.vpg(args.get("vpg"))
+    if vpg.operation is None:
+        await await_connected(vpg)
     async with vpg.lock:
         if vpg.operation is None:
             _connected(vpg, "a restore in place")
@@ -116,6 +118,8 @@ async def _restore_rollback(server: JournalServer, args: dict) -> dict:
 async def _finish(server: JournalServer, args: dict, phase: str, allowed: tuple[str, ...],
                   ask: str) -> dict:
     vpg = server.vpg(args.get("vpg"))
+    if vpg.operation is not None and vpg.operation.get("op") == RESTORE:
+        await await_connected(vpg)
     async with vpg.lock:
         op = _expect(vpg, RESTORE, allowed)
         if phase == "committing" and op.get("needs_rollback"):

@@ -51,6 +51,8 @@ RESTORE = "restore"
 #: phases of a move in which the protected mounts are held (quiesced)
 MOVE_HOLDS = ("starting", "before-commit", "committing")
 RESULTS = ("pass", "fail")
+#: how long an operation that needs every mount waits for one that is reconnecting
+CONNECT_WAIT = 10.0
 MAX_NOTE = 1000
 
 
@@ -256,10 +258,20 @@ async def _each(vpg: VpgRuntime, kind: str, timeout: float = 60.0,
     return answers
 
 
+async def await_connected(vpg: VpgRuntime, wait: float = CONNECT_WAIT) -> None:
+    """Give mounts that are reconnecting (after a rollback, a server restart) a few seconds
+    before an operation that needs every one of them refuses."""
+    with trio.move_on_after(wait):
+        while vpg.volumes and any(v.conn is None for v in vpg.volumes.values()):
+            await trio.sleep(0.1)
+
+
 @handler("move.start")
 async def _move_start(server: JournalServer, args: dict) -> dict:
     """Quiesce every mount, drain, record the final checkpoint, resolve it for bringing up."""
     vpg = server.vpg(args.get("vpg"))
+    if vpg.operation is None:
+        await await_connected(vpg)
     if (args.get("checkpoint") or "latest") != "latest":
         raise UsageError("a move brings the volumes up at its own final checkpoint, which "
                          "equals the directories: give latest (or nothing)")
