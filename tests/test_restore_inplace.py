@@ -218,3 +218,31 @@ def test_the_view_request_answers_bad_requests_with_errors(journal_server, mount
         assert e.value.exit_code == code, (args, e.value)
     assert wire.call(addr, "ping")["uptime_s"] > 0  # the server serves on
     assert m.stop() == 0
+
+
+def test_restore_in_place_of_a_large_sparse_file(journal_server, mount_factory,
+                                                 tmp_path: Path) -> None:
+    """A file larger than a read window, with a hole, restored in place exactly."""
+    journal_server.cli("vpg", "create", VPG, "--checkpoint-interval", "1s")
+    from test_replication import replicated
+
+    m = replicated(mount_factory, journal_server)
+    m.start()
+    data = os.urandom(9 << 20)
+    with open(m.mnt / "big", "wb") as f:
+        f.write(data)
+        f.seek(20 << 20)
+        f.write(data[:12345])
+    (m.mnt / "small").write_bytes(b"x" * 100)
+    tag(journal_server, "t")
+    oracle = tree_snapshot(m.mnt)
+    with open(m.mnt / "big", "r+b") as f:
+        f.seek(4 << 20)
+        f.write(b"damage" * 100000)
+    (m.mnt / "small").unlink()
+    journal_server.cli("restore", VPG, "t")
+    assert_tree(oracle, m.mnt, "the restored volume")
+    assert os.lstat(m.source / "big").st_blocks * 512 < 12 << 20  # the hole stayed one
+    journal_server.cli("commit-restore", VPG)
+    assert_tree(oracle, m.mnt, "the committed volume")
+    assert m.stop() == 0

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESOLVE_WAIT = 120.0
+#: how long a tag waits for a mount that has just connected to report its initial sync
+SETTLE_S = 3.0
 
 Handler = Callable[["JournalServer", dict], Awaitable[Any]]
 HANDLERS: dict[str, Handler] = {}
@@ -147,6 +149,7 @@ async def _tag(server: JournalServer, args: dict) -> dict:
 
     vpg = server.vpg(args.get("vpg"))
     tag = validate_tag(_str(args, "name"))  # type: ignore[arg-type]
+    await _settle(vpg)
     cp = await server.take_checkpoint(vpg, "tagged", tag)
     return cp.to_json()
 
@@ -165,6 +168,19 @@ async def _checkpoints(server: JournalServer, args: dict) -> list[dict]:
                 for cp in select(log_.all(), selector, now)]
 
     return await trio.to_thread.run_sync(listing)
+
+
+async def _settle(vpg: VpgRuntime) -> None:
+    """A mount that connected a moment ago reports its (empty or finished) initial sync
+    right after: give it that moment, so `protect` then `tag` does not fail."""
+    def fresh() -> bool:
+        now = time.time()
+        return any(v.conn is not None and not v.meta.synced_seq
+                   and now - v.conn.since < SETTLE_S for v in vpg.volumes.values())
+
+    with trio.move_on_after(SETTLE_S):
+        while fresh():
+            await trio.sleep(0.05)
 
 
 def _opt_age(args: dict, key: str) -> int | None:
