@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -187,11 +188,11 @@ class InPlaceRestore:
                 raise StateError(f"capture stopped on {self.source}: {self.recorder.failed}")
             await self._hold()
             try:
-                self._make_dir()
+                await trio.to_thread.run_sync(self._make_dir)
                 self._hide(True)
                 state = {"phase": "fetching", "what": "restore", "seq": seq,
                          "checkpoint": checkpoint}
-                self._save(state)
+                await trio.to_thread.run_sync(self._save, state)
                 t0 = time.monotonic()
                 stats = await trio.to_thread.run_sync(self._fetch, seq)
                 log.info("restore in place: checkpoint %s copied (%d files, %d MiB) in %.1f s",
@@ -228,7 +229,8 @@ class InPlaceRestore:
             await self._hold()
             try:
                 old = self.dir / "old"
-                os.makedirs(old, exist_ok=True)
+                await trio.to_thread.run_sync(functools.partial(os.makedirs, old,
+                                                                exist_ok=True))
                 state = dict(state, what="rollback", swap={
                     "keep": "discard", "bring": "old", "stage": "a",
                     "attrs": state["pre_root"]}, then="cleanup")
@@ -247,7 +249,7 @@ class InPlaceRestore:
             if state.get("phase") not in ("before-commit", "cleanup"):
                 raise StateError(f"the restore in place of {self.source} is "
                                  f"{state.get('phase')}")
-            self._save(dict(state, phase="cleanup"))
+            await trio.to_thread.run_sync(self._save, dict(state, phase="cleanup"))
             for sub in ("old", "new", "discard"):  # the bulk, while the volume is in use
                 await trio.to_thread.run_sync(_rmtree, self.dir / sub)
             await self.gate.quiesce()  # (no change of the root between its stat and utime)
@@ -303,7 +305,8 @@ class InPlaceRestore:
     async def _record(self, state: dict, bring: Path) -> None:
         """Record the swap in the stream, make it durable in the spool, then do it."""
         self.recorder.flush()
-        self._save(dict(state, phase="recording", start_seq=self.recorder.last_seq))
+        await trio.to_thread.run_sync(self._save, dict(state, phase="recording",
+                                                       start_seq=self.recorder.last_seq))
         self.recording = True
         try:
             await self._emit(bring, state["swap"]["attrs"])
@@ -325,7 +328,7 @@ class InPlaceRestore:
         finally:
             self.recording = False
         state = dict(state, phase="recorded", end_seq=end)
-        self._save(state)
+        await trio.to_thread.run_sync(self._save, state)
         names = await trio.to_thread.run_sync(self._swap, state)
         await trio.to_thread.run_sync(self._after_swap, state)
         await trio.to_thread.run_sync(self._invalidate, names)

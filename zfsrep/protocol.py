@@ -231,24 +231,3 @@ async def connect(address: tuple[str, int], hello: Mapping[str, Any], *,
     assert scope.cancelled_caught
     raise ServerUnreachable(f"the journal server at {host}:{port} did not answer within "
                             f"{timeout:g} s")
-
-
-async def request(address: tuple[str, int], op: str, args: Mapping[str, Any] | None = None,
-                  *, timeout: float = 60.0) -> Any:
-    """One control request on its own connection: the result, or the server's error raised."""
-    conn, _welcome = await connect(address, {"role": "control"})
-    try:
-        with trio.fail_after(timeout):
-            await conn.send({"t": "req", "op": op, "args": dict(args or {})})
-            reply = await conn.receive()
-    except trio.TooSlowError:
-        raise ServerUnreachable(f"the journal server did not answer {op!r} within "
-                                f"{timeout:g} s") from None
-    except (trio.BrokenResourceError, OSError) as e:
-        raise ServerUnreachable(f"lost the connection to the journal server: {e}") from None
-    finally:
-        await conn.aclose()
-    if reply is None:
-        raise ServerUnreachable("the journal server closed the connection without answering")
-    return raise_for_error(reply).get("result")
-

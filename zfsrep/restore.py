@@ -474,11 +474,9 @@ def _write_nonzero(fd: int, data: bytes | memoryview, off: int) -> int:
     start = 0  # first block of the current run
     for z in (*zero_blocks(data, BLOCK_SIZE), -(-n // BLOCK_SIZE)):
         if z > start:
-            chunk, at = mv[start * BLOCK_SIZE:min(z * BLOCK_SIZE, n)], off + start * BLOCK_SIZE
+            chunk = mv[start * BLOCK_SIZE:min(z * BLOCK_SIZE, n)]
+            _pwrite_all(fd, chunk, off + start * BLOCK_SIZE)
             written += len(chunk)
-            while chunk:
-                w = os.pwrite(fd, chunk, at)
-                chunk, at = chunk[w:], at + w
         start = z + 1
     return written
 
