@@ -71,14 +71,15 @@ async def _restore_start(server: JournalServer, args: dict) -> dict:
               for name, vol in op["volumes"].items()}
     try:
         try:
-            answers = await _each(vpg, "restore", RESTORE_TIMEOUT, fields)
+            answers = await _ask_all(vpg, "restore", RESTORE_TIMEOUT, fields)
         finally:
             _close_views(server, vpg.name)
         _raise_refusals(answers)
     except BaseException:
         with trio.CancelScope(shield=True):  # undo what any mount did; nothing changed then
-            try:
-                _raise_refusals(await _each(vpg, "restore-rollback", 600.0))
+            try:  # (a mount not connected now may still finish: it needs its rollback)
+                _connected(vpg, "undoing the failed restore")
+                _raise_refusals(await _ask_all(vpg, "restore-rollback", 600.0))
             except Exception as e:
                 async with vpg.lock:
                     await _save(server, vpg, dict(op, phase="rolling-back", since=_now(),
@@ -91,6 +92,19 @@ async def _restore_start(server: JournalServer, args: dict) -> dict:
         op = dict(op, phase="before-commit", since=_now(), restored=answers)
         await _save(server, vpg, op)
     return op
+
+
+async def _ask_all(vpg: VpgRuntime, kind: str, timeout: float,
+                   fields: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Every volume's answer to ``kind``; one that was not connected to be asked is an
+    error too (its mount still has to do this step)."""
+    answers = await _each(vpg, kind, timeout, fields)
+    missing = sorted(set(vpg.volumes) - set(answers))
+    if missing:
+        raise StateError(f"volume {', '.join(missing)} disconnected before it could be "
+                         f"asked to {kind.replace('-', ' ')}; give the command again once "
+                         "it is back")
+    return answers
 
 
 def _raise_refusals(answers: dict[str, dict]) -> None:
@@ -128,7 +142,7 @@ async def _finish(server: JournalServer, args: dict, phase: str, allowed: tuple[
         _connected(vpg, "finishing a restore in place")
         op = dict(op, phase=phase, since=_now())
         await _save(server, vpg, op)
-    _raise_refusals(await _each(vpg, ask, 3600.0))
+    _raise_refusals(await _ask_all(vpg, ask, 3600.0))
     async with vpg.lock:
         await _save(server, vpg, None)
     done = "committed" if phase == "committing" else "rolled_back"
