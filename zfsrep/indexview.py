@@ -191,18 +191,25 @@ class IndexView:
             i = j + 1
 
     def read(self, ident: int, offset: int, size: int) -> bytes:
+        """File content (short at the end, holes as zeros). Bytes a pack holds as they are
+        are read from it straight into the answer; compressed ones come from the cache."""
         with self._lock:
             end, rows = self._range(ident, offset, size)
             if end <= offset:
                 return b""
-            self.packs.prefetch([(r[1], r[2]) for r in rows])
             out = bytearray(end - offset)
             dst = memoryview(out)
-            for a, b, gloc, glen, lo in self._runs(rows, offset, end):
-                raw = memoryview(self.packs.group(gloc, glen))
-                if lo + b - a > len(raw):
-                    raise CorruptDataError(f"block outside its group at {gloc:#x}")
-                dst[a - offset:b - offset] = raw[lo:lo + b - a]
+            for at, length, pack_no, src in self._extents(rows, offset, end):
+                piece = dst[at - offset:at - offset + length]
+                if pack_no is None:
+                    piece[:] = src
+                    continue
+                fd = self.packs.fd(pack_no)
+                while piece:
+                    got = os.preadv(fd, [piece], src)
+                    if not got:
+                        raise CorruptDataError(f"pack {pack_no} ends inside a block")
+                    piece, src = piece[got:], src + got
             return bytes(out)
 
     def extents(self, ident: int, offset: int, size: int) -> list[tuple]:
@@ -212,25 +219,28 @@ class IndexView:
         bytes)`` for bytes decompressed here."""
         with self._lock:
             end, rows = self._range(ident, offset, size)
-            self.packs.prefetch([(r[1], r[2]) for r in rows if r[2] & 1])
-            out: list[tuple] = []
-            for a, b, gloc, glen, lo in self._runs(rows, offset, end):
-                if glen & 1:
-                    raw = self.packs.group(gloc, glen)
-                    if lo + b - a > len(raw):
-                        raise CorruptDataError(f"block outside its group at {gloc:#x}")
-                    out.append((a, b - a, None, raw[lo:lo + b - a]))
-                    continue
-                if lo + b - a > glen >> 1:
+            return self._extents(rows, offset, end)
+
+    def _extents(self, rows: list[tuple], offset: int, end: int) -> list[tuple]:
+        self.packs.prefetch([(r[1], r[2]) for r in rows if r[2] & 1])
+        out: list[tuple] = []
+        for a, b, gloc, glen, lo in self._runs(rows, offset, end):
+            if glen & 1:
+                raw = self.packs.group(gloc, glen)
+                if lo + b - a > len(raw):
                     raise CorruptDataError(f"block outside its group at {gloc:#x}")
-                pack_no, at = gloc >> PACK_SHIFT, (gloc & PACK_MASK) + lo
-                last = out[-1] if out else None
-                if (last is not None and last[2] == pack_no and last[0] + last[1] == a
-                        and last[3] + last[1] == at):
-                    out[-1] = (last[0], last[1] + b - a, pack_no, last[3])
-                else:
-                    out.append((a, b - a, pack_no, at))
-            return out
+                out.append((a, b - a, None, raw[lo:lo + b - a]))
+                continue
+            if lo + b - a > glen >> 1:
+                raise CorruptDataError(f"block outside its group at {gloc:#x}")
+            pack_no, at = gloc >> PACK_SHIFT, (gloc & PACK_MASK) + lo
+            last = out[-1] if out else None
+            if (last is not None and last[2] == pack_no and last[0] + last[1] == a
+                    and last[3] + last[1] == at):
+                out[-1] = (last[0], last[1] + b - a, pack_no, last[3])
+            else:
+                out.append((a, b - a, pack_no, at))
+        return out
 
     def pack_fd(self, pack_no: int) -> int:
         """A descriptor of pack ``pack_no`` (owned by the view: do not close it)."""
