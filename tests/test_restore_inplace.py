@@ -13,8 +13,11 @@ import pytest
 from conftest import JournalServerProcess
 from test_capture_workload import RandomWorkload
 from test_operations import _status, _vpg_of_two, _wait_connected
-from test_replication import VPG, assert_tree, tag
+from test_replication import VPG, assert_tree, replicated, resolve, tag
 from treesnap import tree_snapshot
+
+from zfsrep import wire
+from zfsrep.errors import ZfsrepError
 
 pytestmark = pytest.mark.mount
 
@@ -25,6 +28,14 @@ def _checkpoint_equals(server: JournalServerProcess, cp: str, volume: str, oracl
                        dest: Path) -> None:
     server.cli("restore-file", VPG, cp, volume, "/", "--to", str(dest))
     assert_tree(oracle, dest, f"checkpoint {cp} of {volume}")
+
+
+def _one_volume(server: JournalServerProcess, mount_factory):
+    """A VPG (checkpoints every second) with one started mount."""
+    server.cli("vpg", "create", VPG, "--checkpoint-interval", "1s")
+    m = replicated(mount_factory, server)
+    m.start()
+    return m
 
 
 def _build(mounts: list, seed: int, steps: int) -> None:
@@ -181,14 +192,7 @@ def test_restore_in_place_survives_a_server_restart_and_a_mount_restart(
 
 def test_the_view_request_answers_bad_requests_with_errors(journal_server, mount_factory,
                                                            tmp_path: Path) -> None:
-    from test_replication import replicated, resolve
-
-    from zfsrep import wire
-    from zfsrep.errors import ZfsrepError
-
-    journal_server.cli("vpg", "create", VPG, "--checkpoint-interval", "1s")
-    m = replicated(mount_factory, journal_server)
-    m.start()
+    m = _one_volume(journal_server, mount_factory)
     (m.mnt / "d").mkdir()
     (m.mnt / "f").write_bytes(b"0123456789" * 1000)
     tag(journal_server, "t")
@@ -223,11 +227,7 @@ def test_the_view_request_answers_bad_requests_with_errors(journal_server, mount
 def test_restore_in_place_of_a_large_sparse_file(journal_server, mount_factory,
                                                  tmp_path: Path) -> None:
     """A file larger than a read window, with a hole, restored in place exactly."""
-    journal_server.cli("vpg", "create", VPG, "--checkpoint-interval", "1s")
-    from test_replication import replicated
-
-    m = replicated(mount_factory, journal_server)
-    m.start()
+    m = _one_volume(journal_server, mount_factory)
     data = os.urandom(9 << 20)
     with open(m.mnt / "big", "wb") as f:
         f.write(data)
