@@ -70,11 +70,25 @@ def check_options(opts: ProtectOptions) -> None:
                          "directory for both to mount over it)")
 
 
-def _raise_fd_limit() -> None:
-    """Every object the kernel knows is held by a descriptor, as in libfuse's passthrough_ll."""
+def _raise_fd_limit() -> int:
+    """Every object the kernel knows is held by a descriptor, as in libfuse's passthrough_ll,
+    so the limit on descriptors bounds the files in use: raise it as far as the system lets
+    root (``fs.nr_open``), else to the hard limit. Returns the limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            most = int(f.read())
+    except (OSError, ValueError):
+        most = hard
+    for limit in (max(most, hard), hard):
+        if limit <= soft:
+            return soft
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            return limit
+        except (ValueError, OSError):  # not root: the hard limit is as far as it goes
+            continue
+    return soft
 
 
 async def _report_killpriv(hook: SessionHook) -> None:
@@ -102,7 +116,9 @@ def _initial_sync_state(spool: SpoolWriter) -> tuple[bool, int]:
 async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -> None:
     """Serve the protected mount until it is unmounted or the process is told to stop."""
     check_options(opts)
-    _raise_fd_limit()
+    fd_limit = _raise_fd_limit()
+    log.info("descriptor limit %d (one per file or directory the kernel has looked up)",
+             fd_limit)
     keep_large_buffers()
     os.umask(0)  # modes are computed per request from the caller's umask
     source = str(opts.source.resolve())

@@ -49,13 +49,15 @@ def log_problems(path: Path, expected: list[str]) -> list[str]:
 class ProtectedMount:
     """A `zfsrep protect --foreground` daemon over a backing directory, for one test."""
 
-    def __init__(self, base: Path, *, capture: bool = True, extra: tuple[str, ...] = ()):
+    def __init__(self, base: Path, *, capture: bool = True, extra: tuple[str, ...] = (),
+                 prefix: tuple[str, ...] = ()):
         self.source = base / "source"
         self.mnt = base / "mnt"
         self.spool = base / "spool"
         self.log = base / "mountd.log"
         self.capture = capture
         self.extra = extra
+        self.prefix = prefix  # a command the daemon runs under (e.g. prlimit ... --)
         self.proc: subprocess.Popen | None = None
         self.returncode: int | None = None  # of the last daemon that stopped
         self.expected_log: list[str] = []
@@ -63,8 +65,8 @@ class ProtectedMount:
             d.mkdir(exist_ok=True)
 
     def start(self, timeout: float = 30.0) -> None:
-        args = [sys.executable, "-m", "zfsrep.cli", "protect", str(self.mnt), "--source",
-                str(self.source), "--foreground", *self.extra]
+        args = [*self.prefix, sys.executable, "-m", "zfsrep.cli", "protect", str(self.mnt),
+                "--source", str(self.source), "--foreground", *self.extra]
         args += ["--spool", str(self.spool)] if self.capture else ["--no-capture"]
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=logf,

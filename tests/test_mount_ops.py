@@ -919,3 +919,31 @@ def test_file_written_by_another_process_is_read_here(protected):
     expected = b"".join(b"line %03d\n" % i for i in range(50))
     assert data == expected
     assert (protected.source / "shared").read_bytes() == expected
+
+
+def test_more_files_in_use_than_the_inherited_descriptor_limit(mount_factory):
+    """The daemon holds a descriptor per object the kernel knows: it raises its own limit
+    (as root up to fs.nr_open), so a directory of many files works under a low limit."""
+    with open("/proc/self/status") as f:
+        caps = int(next(ln for ln in f if ln.startswith("CapEff:")).split()[1], 16)
+    if not caps & (1 << 24):  # CAP_SYS_RESOURCE
+        pytest.skip("raising a hard limit needs CAP_SYS_RESOURCE, which this container lacks")
+    m = mount_factory("lowfd", prefix=("prlimit", "--nofile=256:256", "--"))
+    m.start()
+    d = m.mnt / "many"
+    d.mkdir()
+    for i in range(1500):
+        (d / f"f{i}").write_bytes(b"x")
+    assert len(os.listdir(d)) == 1500
+    assert sum(os.stat(d / f"f{i}").st_size for i in range(1500)) == 1500
+    assert m.stop() == 0
+    assert "descriptor limit" in m.log.read_text()
+
+
+def test_the_daemon_raises_its_descriptor_limit_as_far_as_it_may():
+    code = ("from zfsrep.mountd.protect import _raise_fd_limit; import resource; "
+            "n = _raise_fd_limit(); print(n, *resource.getrlimit(resource.RLIMIT_NOFILE))")
+    r = subprocess.run(["prlimit", "--nofile=256:4096", "--", sys.executable, "-c", code],
+                       capture_output=True, text=True, check=True)
+    limit, soft, hard = map(int, r.stdout.split())
+    assert limit == soft == hard and limit >= 4096  # fs.nr_open with CAP_SYS_RESOURCE
