@@ -329,7 +329,11 @@ class InPlaceRestore:
             self.recording = False
         state = dict(state, phase="recorded", end_seq=end)
         await trio.to_thread.run_sync(self._save, state)
-        names = await trio.to_thread.run_sync(self._swap, state)
+        # on the event loop, so that no request runs between the renames and the moment the
+        # objects of the old tree turn stale (a few renames and two fsyncs)
+        names = self._swap(state)
+        if self.volume is not None:
+            self.volume.retire_tree()
         await trio.to_thread.run_sync(self._after_swap, state)
         await trio.to_thread.run_sync(self._invalidate, names)
 

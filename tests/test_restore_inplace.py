@@ -246,3 +246,36 @@ def test_restore_in_place_of_a_large_sparse_file(journal_server, mount_factory,
     journal_server.cli("commit-restore", VPG)
     assert_tree(oracle, m.mnt, "the committed volume")
     assert m.stop() == 0
+
+
+def test_a_directory_held_open_in_the_replaced_tree_goes_stale(journal_server, mount_factory,
+                                                              tmp_path: Path) -> None:
+    """A process whose working directory was in the pre-restore tree cannot change the
+    restored one (nor put records of the old tree in the stream): ESTALE."""
+    import errno
+
+    m = _one_volume(journal_server, mount_factory)
+    (m.mnt / "d").mkdir()
+    (m.mnt / "d" / "f").write_text("at the tag\n")
+    tag(journal_server, "t")
+    (m.mnt / "d" / "f").write_text("later\n")
+    held = os.open(m.mnt / "d", os.O_RDONLY | os.O_DIRECTORY)  # as a shell's cwd
+    try:
+        journal_server.cli("restore", VPG, "t")
+        for attempt in (lambda: os.mkdir("x", dir_fd=held),
+                        lambda: os.open("g", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=held),
+                        lambda: os.unlink("f", dir_fd=held)):
+            with pytest.raises(OSError) as e:
+                attempt()
+            assert e.value.errno == errno.ESTALE
+    finally:
+        os.close(held)
+    assert (m.mnt / "d" / "f").read_text() == "at the tag\n"  # from the root: the new tree
+    (m.mnt / "d" / "new").write_text("written after the restore\n")
+    tag(journal_server, "after")
+    dest = tmp_path / "after"
+    journal_server.cli("restore-file", VPG, "after", "vol", "/", "--to", str(dest))
+    assert_tree(tree_snapshot(m.mnt), dest, "the checkpoint after the restore")
+    assert _status(journal_server)["volumes"][0]["error"] is None
+    journal_server.cli("commit-restore", VPG)
+    assert m.stop() == 0

@@ -38,10 +38,11 @@ class Recorder(Protocol):
 class Inode:
     """An object of the backing tree known to the kernel, held by an O_PATH descriptor."""
 
-    __slots__ = ("node", "ident", "fd", "nlookup", "is_symlink", "proc")
+    __slots__ = ("node", "ident", "fd", "nlookup", "is_symlink", "proc", "gen")
 
-    def __init__(self, node: int, ident: int, fd: int, is_symlink: bool) -> None:
+    def __init__(self, node: int, ident: int, fd: int, is_symlink: bool, gen: int = 0) -> None:
         self.node = node
+        self.gen = gen  # the volume's generation when the kernel last reached it
         self.ident = ident
         self.fd = fd
         self.nlookup = 0
@@ -89,20 +90,38 @@ class BackingVolume:
         #: a name in the root that the mount does not show (a restore in place keeps its
         #: trees there: mountd.inplace); None when there is none
         self.hidden: bytes | None = None
+        #: bumped when a restore in place replaces the tree (retire_tree): objects the kernel
+        #: reached before then answer ESTALE until reached again from the root
+        self.generation = 0
 
     # ---- inode table -------------------------------------------------------------------
     def inode(self, node: int) -> Inode:
         return self._nodes[node]
+
+    def _live(self, node: int) -> Inode:
+        """The object ``node``, unless a restore in place replaced the tree it was in."""
+        inode = self._nodes[node]
+        if inode.gen != self.generation:
+            raise OSError(errno.ESTALE, "the tree was replaced by a restore in place")
+        return inode
+
+    def retire_tree(self) -> None:
+        """The backing tree was swapped (mountd.inplace): every object the kernel reached
+        before is stale (a process's working directory in the old tree must not change the
+        new one) until a lookup from the root reaches it again."""
+        self.generation += 1
+        self.root.gen = self.generation
 
     def _remember(self, fd: int, st: os.stat_result) -> Inode:
         """Take ownership of ``fd`` (O_PATH) for the object ``st`` and count one lookup."""
         node = node_of(st.st_ino) if st.st_ino != self.root.ident else ROOT_NODE
         inode = self._nodes.get(node)
         if inode is None:
-            inode = Inode(node, st.st_ino, fd, stat.S_ISLNK(st.st_mode))
+            inode = Inode(node, st.st_ino, fd, stat.S_ISLNK(st.st_mode), self.generation)
             self._nodes[node] = inode
         else:
             os.close(fd)
+            inode.gen = self.generation  # reached again (through a live parent)
         inode.nlookup += 1
         return inode
 
@@ -146,20 +165,20 @@ class BackingVolume:
             raise FileNotFoundError(errno.ENOENT, "no such entry")
 
     def lookup(self, parent_node: int, name: bytes) -> tuple[Inode, os.stat_result]:
-        parent = self._nodes[parent_node]
+        parent = self._live(parent_node)
         if name == b".." and parent is self.root:
             name = b"."
         self._visible(parent, name)
         return self._enter(parent, name)
 
     def getattr(self, node: int) -> os.stat_result:
-        return os.fstat(self._nodes[node].fd)
+        return os.fstat(self._live(node).fd)
 
     def setattr(self, node: int, fh: int | None, *, size: int | None = None,
                 mode: int | None = None, uid: int | None = None, gid: int | None = None,
                 atime_ns: int | None = None, mtime_ns: int | None = None,
                 caller_uid: int = 0) -> os.stat_result:
-        inode = self._nodes[node]
+        inode = self._live(node)
         of = self._files.get(fh) if fh is not None else None
         rec = self.recorder
         if size is not None:
@@ -192,7 +211,7 @@ class BackingVolume:
         return st
 
     def readlink(self, node: int) -> bytes:
-        return os.readlink(b"", dir_fd=self._nodes[node].fd)
+        return os.readlink(b"", dir_fd=self._live(node).fd)
 
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(self.root.proc)
@@ -231,7 +250,7 @@ class BackingVolume:
 
     def mkdir(self, parent_node: int, name: bytes, mode: int, uid: int, gid: int,
               umask: int) -> tuple[Inode, os.stat_result]:
-        parent = self._nodes[parent_node]
+        parent = self._live(parent_node)
         self._visible(parent, name, True)
         mode = stat.S_IMODE(mode) & ~umask
         os.mkdir(name, mode, dir_fd=parent.fd)
@@ -239,7 +258,7 @@ class BackingVolume:
 
     def mknod(self, parent_node: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
               umask: int) -> tuple[Inode, os.stat_result]:
-        parent = self._nodes[parent_node]
+        parent = self._live(parent_node)
         self._visible(parent, name, True)
         mode = stat.S_IFMT(mode) | (stat.S_IMODE(mode) & ~umask)
         os.mknod(name, mode, rdev, dir_fd=parent.fd)
@@ -247,14 +266,14 @@ class BackingVolume:
 
     def symlink(self, parent_node: int, name: bytes, target: bytes, uid: int,
                 gid: int) -> tuple[Inode, os.stat_result]:
-        parent = self._nodes[parent_node]
+        parent = self._live(parent_node)
         self._visible(parent, name, True)
         os.symlink(target, name, dir_fd=parent.fd)
         return self._new(parent, name, None, stat.S_IFLNK | 0o777, uid, gid, 0, target)
 
     def create(self, parent_node: int, name: bytes, mode: int, flags: int, uid: int, gid: int,
                umask: int) -> tuple[int, Inode, os.stat_result]:
-        parent = self._nodes[parent_node]
+        parent = self._live(parent_node)
         self._visible(parent, name, True)
         mode = stat.S_IMODE(mode) & ~umask
         flags = self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
@@ -269,8 +288,8 @@ class BackingVolume:
 
     def link(self, node: int, new_parent_node: int, new_name: bytes
              ) -> tuple[Inode, os.stat_result]:
-        inode = self._nodes[node]
-        parent = self._nodes[new_parent_node]
+        inode = self._live(node)
+        parent = self._live(new_parent_node)
         self._visible(parent, new_name, True)
         os.link(inode.proc, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
         inode.nlookup += 1
@@ -280,7 +299,7 @@ class BackingVolume:
         return inode, st
 
     def _remove(self, parent_node: int, name: bytes, is_dir: bool) -> None:
-        parent = self._nodes[parent_node]
+        parent = self._live(parent_node)
         self._visible(parent, name)
         ident = os.stat(name, dir_fd=parent.fd, follow_symlinks=False).st_ino
         if is_dir:
@@ -298,8 +317,8 @@ class BackingVolume:
 
     def rename(self, old_parent_node: int, old_name: bytes, new_parent_node: int,
                new_name: bytes, flags: int) -> None:
-        old = self._nodes[old_parent_node]
-        new = self._nodes[new_parent_node]
+        old = self._live(old_parent_node)
+        new = self._live(new_parent_node)
         self._visible(old, old_name)
         self._visible(new, new_name, True)
         ident = os.stat(old_name, dir_fd=old.fd, follow_symlinks=False).st_ino
@@ -330,7 +349,7 @@ class BackingVolume:
         return flags | os.O_CLOEXEC
 
     def open(self, node: int, flags: int, uid: int = 0) -> int:
-        inode = self._nodes[node]
+        inode = self._live(node)
         fd = os.open(inode.proc, self._open_flags(flags))
         self._files[fd] = OpenFile(fd, inode, uid)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
@@ -398,7 +417,7 @@ class BackingVolume:
     def opendir(self, node: int) -> int:
         handle = self._next_dir_handle
         self._next_dir_handle += 1
-        self._dirs[handle] = OpenDir(self._nodes[node])
+        self._dirs[handle] = OpenDir(self._live(node))
         return handle
 
     def dir_names(self, handle: int, start: int) -> tuple[Inode, list[bytes]]:
@@ -422,26 +441,26 @@ class BackingVolume:
 
     # ---- extended attributes -----------------------------------------------------------
     def getxattr(self, node: int, name: bytes) -> bytes:
-        inode = self._nodes[node]
+        inode = self._live(node)
         if inode.is_symlink:
             raise OSError(95, "extended attributes of symbolic links are not supported")
         return os.getxattr(inode.proc, name)
 
     def listxattr(self, node: int) -> list[bytes]:
-        inode = self._nodes[node]
+        inode = self._live(node)
         if inode.is_symlink:
             return []
         return [os.fsencode(n) for n in os.listxattr(inode.proc)]
 
     def setxattr(self, node: int, name: bytes, value: bytes) -> None:
-        inode = self._nodes[node]
+        inode = self._live(node)
         if inode.is_symlink:
             raise OSError(1, "extended attributes of symbolic links are not supported")
         os.setxattr(inode.proc, name, value)
         self.recorder.emit(Op.SETXATTR, inode.ident, name, value)
 
     def removexattr(self, node: int, name: bytes) -> None:
-        inode = self._nodes[node]
+        inode = self._live(node)
         if inode.is_symlink:
             raise OSError(1, "extended attributes of symbolic links are not supported")
         os.removexattr(inode.proc, name)
