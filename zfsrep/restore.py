@@ -14,6 +14,13 @@ itself with ``O_NOFOLLOW | O_DIRECTORY``. Special files and symlinks are changed
 without ``force``: a first pass checks the whole tree against DEST before anything is written
 (UnsafePathError, nothing changed). Even with ``force`` an existing directory is never replaced
 by a non-directory. Directory attributes are set after their children.
+
+File data: from a view that hands out extents (the journal's index), bytes a pack stores as
+they are are read straight from the pack file and compressed ones decoded, holes skipped;
+from any other view (``zfsrep.remoteview``) through ``read``, all-zero blocks skipped. A long
+range is written by a second thread while the next piece is read, with the disk writes
+started as it goes; a file of PARALLEL_MIN or more from a view that can be reopened is split
+between forked processes, each with its own view and range of the same descriptor.
 """
 
 from __future__ import annotations
