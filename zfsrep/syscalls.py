@@ -8,10 +8,11 @@ changed without following it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The interpreter is linked against libc: its own symbol table has these calls (ctypes.util
+# would cost every command 10 ms of imports and an ldconfig run to find the same library).
+_libc = ctypes.CDLL(None, use_errno=True)
 
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
