@@ -668,3 +668,41 @@ def test_small_reads_in_any_order_equal_the_file_at_every_position(tmp_path: Pat
                 off = rng.randrange(0, len(want) + 4096)
                 size = rng.choice((1, 100, 4096, 4097, 30000, 131072))
                 assert v.read(ident, off, size) == want[off:off + size], (seq, ident, off)
+
+
+
+def test_pack_compression_backs_off_on_random_data_and_resumes_on_text() -> None:
+    """Group compression on the indexer's workers: a long run of random groups is tried only
+    at probes that grow further apart (almost no compression time), and compressible groups
+    after it are compressed again within PROBE_MAX groups."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from zfsrep import blockstore
+
+    tried = []
+
+    class Counting:
+        def __init__(self, real) -> None:
+            self.real = real
+
+        def compress(self, raw):
+            tried.append(len(raw))
+            return self.real.compress(raw)
+
+    def run() -> None:
+        blockstore._compress_all([b"x"])  # this thread's compressor and state
+        blockstore._local.cctx = Counting(blockstore._local.cctx)
+        rng = random.Random(7)
+        groups = [rng.randbytes(blockstore.GROUP_RAW_MAX) for _ in range(72)]
+        for i in range(500):
+            blockstore._compress_all(groups[i % 64:i % 64 + 8])
+        assert len(tried) < 40, len(tried)  # of 4000 (a fixed 1 in 17 would try 235)
+        line = b"the quick brown fox jumps over the lazy dog\n"
+        text = (line * (blockstore.GROUP_RAW_MAX // len(line) + 1))[:blockstore.GROUP_RAW_MAX]
+        outs = [blockstore._compress_all([text])[0] for _ in range(blockstore.PROBE_MAX + 8)]
+        first = next(i for i, o in enumerate(outs) if len(o) < len(text) // 2)
+        assert first <= blockstore.PROBE_MAX
+        assert all(len(o) < len(text) // 2 for o in outs[first:])  # compressing again
+
+    with ThreadPoolExecutor(1) as pool:  # fresh thread-local state, as a worker has
+        pool.submit(run).result()

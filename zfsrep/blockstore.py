@@ -37,7 +37,11 @@ GROUP_RAW_MAX = GROUP_BLOCKS * BLOCK_SIZE
 #: Store a group compressed only when that saves at least this fraction of its raw size.
 MIN_SAVING = 1 / 32
 SKIP_STREAK = 8
+#: After such a streak one group in PROBE_EVERY is tried; every probe that does not compress
+#: doubles the gap, up to PROBE_MAX groups (4 MiB of data): a long run of random data costs
+#: almost no compression time, and compressible data is noticed again within PROBE_MAX.
 PROBE_EVERY = 16
+PROBE_MAX = 256
 #: A new pack file is started once the current one is at least this long.
 PACK_ROTATE = 1 << 30
 PACK_SHIFT = 40
@@ -65,21 +69,29 @@ _local = threading.local()
 def _compress_all(raws: list[bytes | memoryview]) -> list[bytes | memoryview]:
     """Compressed forms of ``raws``. After SKIP_STREAK groups in a row that did not compress
     (random or already compressed data), groups are returned as they are (the caller then
-    stores them raw) except one probe in PROBE_EVERY, so incompressible data costs no
-    compression time and compressible data is noticed again."""
+    stores them raw) except for probes, PROBE_EVERY groups apart at first and twice as far
+    after every probe that fails, so incompressible data costs almost no compression time
+    and compressible data is noticed again."""
     c = getattr(_local, "cctx", None)
     if c is None:
         c = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
         _local.streak = _local.skipped = 0
+        _local.gap = PROBE_EVERY
     out: list[bytes | memoryview] = []
     for raw in raws:
-        if _local.streak >= SKIP_STREAK and _local.skipped < PROBE_EVERY:
+        if _local.streak >= SKIP_STREAK and _local.skipped < _local.gap:
             _local.skipped += 1
             out.append(raw)
             continue
+        probe = _local.streak >= SKIP_STREAK
         _local.skipped = 0
         comp = c.compress(raw)
-        _local.streak = _local.streak + 1 if len(comp) > len(raw) * (1 - MIN_SAVING) else 0
+        if len(comp) > len(raw) * (1 - MIN_SAVING):
+            _local.streak += 1
+            if probe:
+                _local.gap = min(PROBE_MAX, _local.gap * 2)
+        else:
+            _local.streak, _local.gap = 0, PROBE_EVERY
         out.append(comp)
     return out
 
