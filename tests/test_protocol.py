@@ -128,3 +128,32 @@ def test_the_blocking_call_times_out_and_refuses_malformed_answers() -> None:
                 wire.call(listener.getsockname(), "ping", timeout=0.5, connect_timeout=0.5)
             assert e.value.exit_code == code and text in str(e.value), e.value
             t.join(5)
+
+
+async def test_a_frame_in_a_file_is_sent_by_the_kernel_as_a_data_message(tmp_path) -> None:
+    """send_file_data over a real socket: the bytes at the offset arrive as one data message
+    (the sender waits while the peer's small buffer is full), and the file's own position
+    is left where it was."""
+    import os
+    import socket
+
+    frame = frames.encode_frame([[1, 0, 5, 7, 0, os.urandom(3_000_000), None, 0]])
+    path = tmp_path / "segment"
+    path.write_bytes(b"x" * 1000 + frame + b"y" * 10)
+    a, b = socket.socketpair()
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    left = protocol.MessageStream(trio.SocketStream(trio.socket.from_stdlib_socket(a)))
+    right = protocol.MessageStream(trio.SocketStream(trio.socket.from_stdlib_socket(b)))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, 7, os.SEEK_SET)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(left.send_file_data, fd, 1000, len(frame))
+            await trio.sleep(0.2)  # the sender fills the buffers and waits for the reader
+            got = await right.receive()
+        assert got is not None and got["t"] == "data" and bytes(got["frame"]) == frame
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 7
+    finally:
+        os.close(fd)
+        await left.aclose()
+        await right.aclose()

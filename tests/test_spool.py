@@ -278,3 +278,43 @@ def test_incomplete_spool_is_refused_by_readers_and_writers(spool: Path):
     assert [r[0] for r in iter_records(spool, allow_incomplete=True)] == [1, 2]
     with pytest.raises(StateError, match="incomplete"):
         SpoolWriter(spool, IDENT)
+
+
+def test_the_link_reader_hands_large_frames_out_as_file_ranges(spool: Path):
+    """SpoolReader.read: small frames as bytes, frames of SENDFILE_MIN or more as ranges of
+    their segment (own descriptors, closed by close_frames), across a segment boundary; a
+    range the segment does not hold whole is refused before anything is handed out."""
+    from zfsrep.spool import SENDFILE_MIN, FileRange, SpoolReader, close_frames
+
+    big = [[seq, 0, Op.WRITE, 7, 0, os.urandom(SENDFILE_MIN), None, 0] for seq in (2, 3)]
+    frames_in = [_frame(1, 1), frames.encode_frame([big[0]]), frames.encode_frame([big[1]]),
+                 _frame(4, 2)]
+    w = SpoolWriter(spool, IDENT, segment_bytes=2 * SENDFILE_MIN)
+    for f, (first, last) in zip(frames_in, [(1, 1), (2, 2), (3, 3), (4, 5)], strict=True):
+        w.write_frame(f, first, last)
+    w.close()
+    assert len(segment_paths(spool)) == 2
+    reader = SpoolReader(spool)
+    got = reader.read(1, 5, 1 << 30)
+    assert [(g[0], g[1]) for g in got] == [(1, 1), (2, 2), (3, 3), (4, 5)]
+    kinds = [type(g[2]) for g in got]
+    assert kinds == [bytes, FileRange, FileRange, bytes]
+    for (_first, _last, frame), want in zip(got, frames_in, strict=True):
+        data = frame if isinstance(frame, bytes) else os.pread(frame.fd, frame.length,
+                                                              frame.offset)
+        assert data == want
+    fds = [g[2].fd for g in got if isinstance(g[2], FileRange)]
+    close_frames(got)
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    reader.close()
+    # a segment cut inside a large frame: refused, no descriptor left open
+    seg = segment_paths(spool)[0]
+    os.truncate(seg, seg.stat().st_size - 100)
+    before = len(os.listdir("/proc/self/fd"))
+    reader = SpoolReader(spool)
+    with pytest.raises(CorruptDataError, match="truncated"):
+        reader.read(1, 5, 1 << 30)
+    reader.close()
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -38,7 +38,7 @@ GROUP_RAW_MAX = GROUP_BLOCKS * BLOCK_SIZE
 MIN_SAVING = 1 / 32
 SKIP_STREAK = 8
 #: After such a streak one group in PROBE_EVERY is tried; every probe that does not compress
-#: doubles the gap, up to PROBE_MAX groups (4 MiB of data): a long run of random data costs
+#: doubles the gap, up to PROBE_MAX groups (16 MiB of data): a long run of random data costs
 #: almost no compression time, and compressible data is noticed again within PROBE_MAX.
 PROBE_EVERY = 16
 PROBE_MAX = 256

@@ -31,7 +31,7 @@ from zfsrep import protocol
 from zfsrep.barrier import CompletionGate
 from zfsrep.errors import OSFailure, StateError, ZfsrepError
 from zfsrep.scan import ScanProgress
-from zfsrep.spool import SpoolReader, SpoolWriter
+from zfsrep.spool import FileRange, SpoolReader, SpoolWriter, close_frames
 
 log = logging.getLogger(__name__)
 
@@ -227,19 +227,27 @@ class VolumeShipper:
                     await trio.sleep(POLL)
                 continue
             held = self.spool.recent(seq, written, READ_BYTES)
-            if held is None:  # behind what memory holds: read the spool
-                batch = [(first, last, [memoryview(data)]) for first, last, data in
-                         await trio.to_thread.run_sync(reader.read, seq, written, READ_BYTES)]
+            if held is None:  # behind what memory holds: from the spool's files
+                batch: list = await trio.to_thread.run_sync(reader.read, seq, written,
+                                                            READ_BYTES)
             else:
                 batch = held
-            for _first, last, parts in batch:
-                size = sum(p.nbytes for p in parts)
-                await conn.send_data(parts)
-                self._inflight.append((last, size))
-                self._inflight_bytes += size
-                self.state.sent_frames += 1
-                self.state.sent_bytes += size
-                seq = last + 1
+            try:
+                for _first, last, frame in batch:
+                    if isinstance(frame, FileRange):
+                        size = frame.length
+                        await conn.send_file_data(frame.fd, frame.offset, size)
+                    else:
+                        parts = [memoryview(frame)] if isinstance(frame, bytes) else frame
+                        size = sum(p.nbytes for p in parts)
+                        await conn.send_data(parts)
+                    self._inflight.append((last, size))
+                    self._inflight_bytes += size
+                    self.state.sent_frames += 1
+                    self.state.sent_bytes += size
+                    seq = last + 1
+            finally:
+                close_frames(batch if held is None else ())
 
     async def _quiesce(self, conn: protocol.MessageStream, answer_id: object) -> None:
         if self.recorder.failed is None and self.synced_seq:

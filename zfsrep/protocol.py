@@ -10,7 +10,9 @@ connection and nothing else.
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import socket
 import struct
 from collections.abc import Mapping, Sequence
@@ -51,6 +53,34 @@ _DATA_PREFIX = b"\x82\xa1t\xa4data\xa5frame\xc6"
 def _sendall(sock: socket.socket, parts: list) -> None:
     for part in parts:
         sock.sendall(part)
+
+
+def _sendfile_all(sock: socket.socket, head: bytes, fd: int, offset: int, size: int) -> None:
+    """``head``, then ``size`` bytes of ``fd`` from ``offset`` (sendfile with an explicit
+    offset: the file's own position is not moved). The socket has a timeout, so its
+    descriptor is non-blocking: wait until it takes more, up to that timeout."""
+    sock.sendall(head)
+    out = sock.fileno()
+    while size > 0:
+        try:
+            n = os.sendfile(out, fd, offset, min(size, 1 << 30))
+        except BlockingIOError:
+            poller = select.poll()
+            poller.register(out, select.POLLOUT)
+            if not poller.poll(SEND_TIMEOUT * 1000):
+                raise TimeoutError(f"the peer took nothing for {SEND_TIMEOUT:.0f} s") from None
+            continue
+        if n == 0:  # (the caller checked the file's length; it shrank since)
+            raise OSError(errno.EIO, "the file ended before the frame did")
+        offset += n
+        size -= n
+
+
+def _pread_all(fd: int, offset: int, size: int) -> bytes:
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise OSError(errno.EIO, "the file ended before the frame did")
+    return data
 
 
 def _unpack_data(body: bytes | memoryview) -> dict[str, Any] | None:
@@ -103,6 +133,21 @@ class MessageStream:
             await self.stream.send_all(head)
             for part in parts:
                 await self.stream.send_all(part)
+
+    async def send_file_data(self, fd: int, offset: int, size: int) -> None:
+        """:meth:`send_data` of a frame that lies in a file (``size`` bytes at ``offset`` of
+        ``fd``): the kernel copies it from the page cache to the socket (sendfile), with no
+        copy through this process."""
+        if size + len(_DATA_PREFIX) + 4 > MAX_MESSAGE:
+            raise ValueError(f"frame of {size} bytes exceeds the message limit")
+        head = LEN.pack(len(_DATA_PREFIX) + 4 + size) + _DATA_PREFIX + struct.pack(">I", size)
+        async with self._send_lock:
+            sock = self._blocking_socket()
+            if sock is None:  # not a socket (tests): read it and send it
+                data = await trio.to_thread.run_sync(_pread_all, fd, offset, size)
+                await self.stream.send_all(head + data)
+                return
+            await trio.to_thread.run_sync(_sendfile_all, sock, head, fd, offset, size)
 
     def _blocking_socket(self) -> socket.socket | None:
         """A second socket object on a duplicate of the connection's descriptor, used from

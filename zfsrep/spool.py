@@ -471,38 +471,79 @@ class SpoolReader:
         return total
 
     def read(self, start_seq: int, upto_seq: int, max_bytes: int
-             ) -> list[tuple[int, int, bytes]]:
-        """Frames (first_seq, last_seq, bytes) from ``start_seq`` through at most ``upto_seq``,
-        at least one and about ``max_bytes`` in all."""
-        out: list[tuple[int, int, bytes]] = []
+             ) -> list[tuple[int, int, bytes | FileRange]]:
+        """Frames (first_seq, last_seq, frame) from ``start_seq`` through at most
+        ``upto_seq``, at least one and about ``max_bytes`` in all. A frame of SENDFILE_MIN
+        bytes or more is not read: it comes as a :class:`FileRange` (its own descriptor of
+        the segment, which the caller closes) for the kernel to send from the page cache."""
+        out: list[tuple[int, int, bytes | FileRange]] = []
         if start_seq > upto_seq:
             return out
         if self._f is None or self._next != start_seq:
             self._open_at(start_seq)
         total = 0
-        while self._next <= upto_seq and (not out or total < max_bytes):
-            f = self._f
-            assert f is not None
-            head = f.read(frames.HEADER_SIZE)
-            if not head:  # end of this segment: the next one starts at the next seq
-                nxt = self.path / SEGMENTS / _segment_name(self._next)
-                f.close()
-                try:
-                    self._f = open(nxt, "rb")  # noqa: SIM115
-                except FileNotFoundError:
-                    self._f = None
-                    raise CorruptDataError(f"spool {self.path}: segment {nxt.name} is "
-                                           "missing") from None
-                continue
-            header = frames.parse_header(head)
-            if header.first_seq != self._next:
-                raise CorruptDataError(f"spool {self.path}: expected record {self._next}, "
-                                       f"found a frame starting at {header.first_seq}")
-            payload = f.read(header.comp_len)
-            if len(payload) != header.comp_len:
-                raise CorruptDataError(f"spool {self.path}: frame {header.first_seq} is "
-                                       "truncated")
-            out.append((header.first_seq, header.last_seq, head + payload))
-            total += header.frame_len
-            self._next = header.last_seq + 1
+        try:
+            while self._next <= upto_seq and (not out or total < max_bytes):
+                f = self._f
+                assert f is not None
+                head = f.read(frames.HEADER_SIZE)
+                if not head:  # end of this segment: the next one starts at the next seq
+                    nxt = self.path / SEGMENTS / _segment_name(self._next)
+                    f.close()
+                    try:
+                        self._f = open(nxt, "rb")  # noqa: SIM115
+                    except FileNotFoundError:
+                        self._f = None
+                        raise CorruptDataError(f"spool {self.path}: segment {nxt.name} is "
+                                               "missing") from None
+                    continue
+                header = frames.parse_header(head)
+                if header.first_seq != self._next:
+                    raise CorruptDataError(f"spool {self.path}: expected record {self._next},"
+                                           f" found a frame starting at {header.first_seq}")
+                frame: bytes | FileRange
+                if header.frame_len >= SENDFILE_MIN:
+                    at = f.tell() - frames.HEADER_SIZE
+                    if os.fstat(f.fileno()).st_size < at + header.frame_len:
+                        raise CorruptDataError(f"spool {self.path}: frame "
+                                               f"{header.first_seq} is truncated")
+                    f.seek(header.comp_len, os.SEEK_CUR)
+                    frame = FileRange(os.dup(f.fileno()), at, header.frame_len)
+                else:
+                    payload = f.read(header.comp_len)
+                    if len(payload) != header.comp_len:
+                        raise CorruptDataError(f"spool {self.path}: frame "
+                                               f"{header.first_seq} is truncated")
+                    frame = head + payload
+                out.append((header.first_seq, header.last_seq, frame))
+                total += header.frame_len
+                self._next = header.last_seq + 1
+        except BaseException:
+            close_frames(out)
+            raise
         return out
+
+
+#: Frames at least this large are handed out by :meth:`SpoolReader.read` as file ranges.
+SENDFILE_MIN = 256 << 10
+
+
+@dataclass
+class FileRange:
+    """``length`` bytes at ``offset`` of the open file ``fd`` (owned: :meth:`close` it)."""
+
+    fd: int
+    offset: int
+    length: int
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def close_frames(frames_read: Sequence[tuple[int, int, bytes | FileRange]]) -> None:
+    """Close the descriptors of the file ranges in a :meth:`SpoolReader.read` answer."""
+    for _first, _last, frame in frames_read:
+        if isinstance(frame, FileRange):
+            frame.close()
