@@ -157,3 +157,17 @@ async def test_a_frame_in_a_file_is_sent_by_the_kernel_as_a_data_message(tmp_pat
         os.close(fd)
         await left.aclose()
         await right.aclose()
+
+
+def test_a_link_session_that_ends_as_expected_is_one_line_not_a_traceback() -> None:
+    """The replication link's session tasks fail together (an exception group): a server
+    that went away is logged by its message; anything unexpected keeps its traceback."""
+    from zfsrep.link import _cause
+
+    gone = protocol.ServerUnreachable("the journal server closed the connection")
+    assert _cause(ExceptionGroup("session", [gone])) is gone
+    assert _cause(ExceptionGroup("outer", [ExceptionGroup("inner", [gone]),
+                                           ConnectionResetError()])) is gone
+    assert _cause(ExceptionGroup("session", [gone, KeyError("bug")])) is None
+    assert _cause(KeyError("bug")) is None
+    assert _cause(BrokenPipeError()) is not None

@@ -164,10 +164,11 @@ class VolumeShipper:
                 delay = 0.2
                 reported = None
                 await self._session(conn, welcome)
-            except Exception as e:  # the link never takes the mount down with it
-                if not isinstance(e, ZfsrepError | trio.BrokenResourceError |
-                                  trio.ClosedResourceError | OSError):
+            except Exception as exc:  # the link never takes the mount down with it
+                e = _cause(exc)
+                if e is None:
                     log.exception("replication link failed")
+                    e = exc
                 text = str(e) or type(e).__name__
                 if text != reported:
                     level = logging.ERROR if isinstance(e, ZfsrepError) and not isinstance(
@@ -349,6 +350,20 @@ class VolumeShipper:
         if self._reader is None:
             return self.spool.bytes
         return self._inflight_bytes + self._reader.unread_bytes()
+
+
+_EXPECTED = (ZfsrepError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+def _cause(exc: BaseException) -> BaseException | None:
+    """The first of the failures in ``exc`` (a session's tasks fail together, as an
+    exception group) when all are what a link expects (the server went away, refused,
+    answered badly): logged as one line. None for anything else (a bug: logged with its
+    traceback)."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_cause(e) for e in exc.exceptions]
+        return None if not leaves or None in leaves else leaves[0]
+    return exc if isinstance(exc, _EXPECTED) else None
 
 
 def default_spool(vpg: str, volume: str) -> Path:
