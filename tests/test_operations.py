@@ -312,6 +312,41 @@ def test_move_holds_writes_and_rollback_and_commit_lose_nothing(
         journal_server.cli("vpg", "list", "--json").stdout)]
 
 
+def test_commit_move_with_a_protected_host_gone_needs_force_and_leaves_it_alone(
+        journal_server, mount_factory, tmp_path: Path) -> None:
+    """A protected host lost after the move brought the volumes up: commit-move is refused
+    (exit 4, naming the volume and --force); with --force the connected mount is retired,
+    the lost one's directory is left as it was, and the moved copies are the live ones."""
+    recovery = tmp_path / "recovery"
+    mounts = _vpg_of_two(journal_server, mount_factory, recovery)
+    for i, m in enumerate(mounts):
+        m.expected_log.append("the move of VPG")
+        m.start()
+        (m.mnt / "f").write_text(f"volume {i}\n")
+    _wait_connected(journal_server)
+    journal_server.cli("move", VPG)
+    oracles = [tree_snapshot(m.source) for m in mounts]
+    assert mounts[1].stop() == 0  # its host goes away for good
+    deadline = time.monotonic() + 10
+    while any(v["name"] == "vol1" and v["connection"] == "connected"
+              for v in _status(journal_server)["volumes"]):
+        assert time.monotonic() < deadline, "the stopped mount still shows as connected"
+        time.sleep(0.1)
+    r = journal_server.cli("commit-move", VPG, check=False)
+    assert r.returncode == 4 and "vol1 is not connected" in r.stderr and "--force" in r.stderr
+    assert (mounts[0].source / "f").exists()  # a refused commit changed nothing
+    journal_server.expected_log.append("without retiring volume vol1")
+    res = json.loads(journal_server.cli("commit-move", VPG, "--force", "--json").stdout)
+    assert res["moved"] == VPG and res["left"] == ["vol1"]
+    mounts[0].proc.wait(timeout=30)  # the connected mount retired itself
+    assert list(mounts[0].source.iterdir()) == []
+    assert_tree(oracles[1], mounts[1].source, "the lost host's directory, untouched")
+    for v, oracle in enumerate(oracles):
+        assert_tree(oracle, recovery / "live" / f"vol{v}", f"committed move of vol{v}")
+    assert VPG not in [v["name"] for v in json.loads(
+        journal_server.cli("vpg", "list", "--json").stdout)]
+
+
 def test_move_refusals(journal_server, mount_factory, tmp_path: Path) -> None:
     journal_server.cli("vpg", "create", VPG, "--recovery-dir", str(tmp_path / "rec"))
     r = journal_server.cli("move", VPG, check=False)

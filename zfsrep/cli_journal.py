@@ -164,6 +164,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                      "directory and spool, and delete the VPG; the moved "
                                      "volumes in RECOVERY_DIR/live are the live copy now.")
     cmv.add_argument("vpg", metavar="VPG")
+    cmv.add_argument("--force", action="store_true",
+                     help="commit although some protected mounts are not connected (their "
+                          "host is gone for good): those are not retired, their directories "
+                          "and spools are left as they are (stop such a mount and remove its "
+                          "data by hand if its host comes back: it can no longer reconnect)")
     rmv = sub.add_parser("rollback-move", help="undo a move before commit: nothing is lost",
                          description="Delete the moved copies and let the protected mounts "
                                      "go on (held writes proceed).")
@@ -434,8 +439,12 @@ def cmd_commit_move(args: argparse.Namespace) -> int:
     from zfsrep.recovery import commit_move
 
     res = commit_move(args)
+    left = res.get("left") or []
     return _output(args, res, lambda: f"VPG {args.vpg}: move committed; the protected side "
-                                      "is retired and the VPG deleted")
+                                      "is retired and the VPG deleted" + (
+                                          f" (not retired, not connected: {', '.join(left)}; "
+                                          "their directories and spools are untouched)"
+                                          if left else ""))
 
 
 def cmd_rollback_move(args: argparse.Namespace) -> int:

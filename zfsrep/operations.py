@@ -31,6 +31,7 @@ Operation record::
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,8 @@ import trio
 from zfsrep.checkpoints import Checkpoint
 from zfsrep.control import _resolve_checkpoint, _str, handler, wait_indexed
 from zfsrep.errors import StateError, UsageError, ZfsrepError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from zfsrep.server import JournalServer, VpgRuntime
@@ -336,19 +339,30 @@ async def _move_phase(server: JournalServer, args: dict) -> dict:
 
 @handler("move.commit")
 async def _move_commit(server: JournalServer, args: dict) -> dict:
-    """Retire every protected mount (it unmounts and removes its data), delete the VPG."""
+    """Retire every protected mount (it unmounts and removes its data), delete the VPG.
+    ``force``: commit although some mounts are not connected (their host is gone): those
+    are left as they are, and named in the answer (``left``)."""
     vpg = server.vpg(args.get("vpg"))
+    force = args.get("force", False)
+    if not isinstance(force, bool):
+        raise UsageError("force must be true or false")
     async with vpg.lock:
         op = _expect(vpg, MOVE, ("before-commit", "committing"))
         if op.get("needs_rollback"):
             raise StateError(f"VPG {vpg.name}: the move needs a rollback: "
                              f"{op['needs_rollback']}")
         down = sorted(n for n, v in vpg.volumes.items() if v.conn is None)
-        if down:
+        if down and not force:
             raise StateError(f"volume {', '.join(down)} is not connected: its protected data "
-                             "cannot be removed; reconnect it, or roll the move back")
-        op = dict(op, phase="committing", since=_now())
+                             "cannot be removed; reconnect it, roll the move back, or commit "
+                             "with --force if its host is gone for good (its directory and "
+                             "spool are then left as they are)")
+        op = dict(op, phase="committing", since=_now(), left=down)
         await _save(server, vpg, op)
+    if op["left"]:
+        log.warning("VPG %s: the move is committed without retiring volume %s (not "
+                    "connected): its protected directory and spool are left as they are",
+                    vpg.name, ", ".join(op["left"]))
     await _each(vpg, "retire")
     with trio.move_on_after(60):
         while any(v.conn is not None for v in vpg.volumes.values()):
@@ -357,7 +371,8 @@ async def _move_commit(server: JournalServer, args: dict) -> dict:
         op = dict(op, phase="committed", since=_now())
         await _save(server, vpg, op)
     await server.delete_vpg(vpg.name, force=True)
-    return {"moved": vpg.name, "checkpoint": op["checkpoint"], "volumes": op["volumes"]}
+    return {"moved": vpg.name, "checkpoint": op["checkpoint"], "volumes": op["volumes"],
+            "left": op["left"]}
 
 
 @handler("move.rolled-back")

@@ -285,7 +285,7 @@ def rollback(args: argparse.Namespace, kind: str = "live") -> dict:
 
 
 def commit_move(args: argparse.Namespace) -> dict:
-    return _call(args, "move.commit", {"vpg": args.vpg}, timeout=300)
+    return _call(args, "move.commit", {"vpg": args.vpg, "force": args.force}, timeout=300)
 
 
 # ---- restore in place ------------------------------------------------------------------------
