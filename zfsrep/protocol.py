@@ -40,7 +40,11 @@ from zfsrep.wire import (  # noqa: F401  (the wire format, re-exported for the d
     unpack,
 )
 
-_READ_CHUNK = 1 << 20
+#: What one receive asks the socket for while a message is incomplete. Not more: Python's
+#: recv(n) allocates n bytes before it knows what arrived, and a 1 MiB allocation for a
+#: 40-byte acknowledgement cost 18 us against 3 us (large messages are read straight into
+#: their own buffer, see _receive_direct).
+_READ_CHUNK = 64 << 10
 _DIRECT_MIN = 64 << 10
 SEND_TIMEOUT = 60.0
 _POOL_BUFFER = (4 << 20) + (64 << 10)  # a capture frame of the default size and its message
