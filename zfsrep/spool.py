@@ -501,27 +501,29 @@ class SpoolReader:
                 if header.first_seq != self._next:
                     raise CorruptDataError(f"spool {self.path}: expected record {self._next},"
                                            f" found a frame starting at {header.first_seq}")
-                frame: bytes | FileRange
-                if header.frame_len >= SENDFILE_MIN:
-                    at = f.tell() - frames.HEADER_SIZE
-                    if os.fstat(f.fileno()).st_size < at + header.frame_len:
-                        raise CorruptDataError(f"spool {self.path}: frame "
-                                               f"{header.first_seq} is truncated")
-                    f.seek(header.comp_len, os.SEEK_CUR)
-                    frame = FileRange(os.dup(f.fileno()), at, header.frame_len)
-                else:
-                    payload = f.read(header.comp_len)
-                    if len(payload) != header.comp_len:
-                        raise CorruptDataError(f"spool {self.path}: frame "
-                                               f"{header.first_seq} is truncated")
-                    frame = head + payload
-                out.append((header.first_seq, header.last_seq, frame))
+                out.append((header.first_seq, header.last_seq, self._body(f, head, header)))
                 total += header.frame_len
                 self._next = header.last_seq + 1
         except BaseException:
             close_frames(out)
             raise
         return out
+
+
+    def _body(self, f: BinaryIO, head: bytes, header: frames.FrameHeader) -> bytes | FileRange:
+        """The frame whose header ``f`` was just read: as bytes, or as the range it holds
+        in the segment, past which ``f`` is moved."""
+        at = f.tell() - frames.HEADER_SIZE
+        if header.frame_len < SENDFILE_MIN:
+            payload = f.read(header.comp_len)
+        elif os.fstat(f.fileno()).st_size >= at + header.frame_len:
+            f.seek(header.comp_len, os.SEEK_CUR)
+            return FileRange(os.dup(f.fileno()), at, header.frame_len)
+        else:
+            payload = b""
+        if len(payload) != header.comp_len:
+            raise CorruptDataError(f"spool {self.path}: frame {header.first_seq} is truncated")
+        return head + payload
 
 
 #: Frames at least this large are handed out by :meth:`SpoolReader.read` as file ranges.
