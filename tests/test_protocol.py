@@ -171,3 +171,27 @@ def test_a_link_session_that_ends_as_expected_is_one_line_not_a_traceback() -> N
     assert _cause(ExceptionGroup("session", [gone, KeyError("bug")])) is None
     assert _cause(KeyError("bug")) is None
     assert _cause(BrokenPipeError()) is not None
+
+
+def test_sending_a_file_frame_to_a_peer_that_reads_nothing_times_out(tmp_path, monkeypatch
+                                                                      ) -> None:
+    """A stalled peer does not hold the link's sending thread for ever: sendfile waits up to
+    SEND_TIMEOUT for room, then the send fails (the link reconnects)."""
+    import os
+    import socket
+
+    monkeypatch.setattr(protocol, "SEND_TIMEOUT", 0.5)
+    path = tmp_path / "segment"
+    path.write_bytes(os.urandom(8 << 20))
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        a.settimeout(protocol.SEND_TIMEOUT)  # as the link's blocking socket is
+        with pytest.raises(TimeoutError):
+            protocol._sendfile_all(a, b"head", fd, 0, 8 << 20)
+    finally:
+        os.close(fd)
+        a.close()
+        b.close()
