@@ -195,3 +195,24 @@ def test_sending_a_file_frame_to_a_peer_that_reads_nothing_times_out(tmp_path, m
         os.close(fd)
         a.close()
         b.close()
+
+
+async def test_a_frame_in_a_file_goes_over_a_stream_without_a_socket_too(tmp_path) -> None:
+    """send_file_data on a stream that has no socket (read, then sent) gives the same data
+    message; a file shorter than the frame is an error, not a short message."""
+    import os
+
+    frame = frames.encode_frame([[1, 0, 5, 7, 0, os.urandom(300_000), None, 0]])
+    path = tmp_path / "segment"
+    path.write_bytes(b"x" * 10 + frame)
+    left, right = _pair()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(left.send_file_data, fd, 10, len(frame))
+            got = await right.receive()
+        assert got is not None and bytes(got["frame"]) == frame
+        with pytest.raises(OSError, match="ended before the frame"):
+            await left.send_file_data(fd, 11, len(frame))
+    finally:
+        os.close(fd)

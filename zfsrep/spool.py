@@ -514,16 +514,17 @@ class SpoolReader:
         """The frame whose header ``f`` was just read: as bytes, or as the range it holds
         in the segment, past which ``f`` is moved."""
         at = f.tell() - frames.HEADER_SIZE
-        if header.frame_len < SENDFILE_MIN:
-            payload = f.read(header.comp_len)
-        elif os.fstat(f.fileno()).st_size >= at + header.frame_len:
-            f.seek(header.comp_len, os.SEEK_CUR)
-            return FileRange(os.dup(f.fileno()), at, header.frame_len)
+        if header.frame_len >= SENDFILE_MIN:
+            whole = os.fstat(f.fileno()).st_size >= at + header.frame_len
+            if whole:
+                f.seek(header.comp_len, os.SEEK_CUR)
+                return FileRange(os.dup(f.fileno()), at, header.frame_len)
         else:
-            payload = b""
-        if len(payload) != header.comp_len:
-            raise CorruptDataError(f"spool {self.path}: frame {header.first_seq} is truncated")
-        return head + payload
+            payload = f.read(header.comp_len)
+            whole = len(payload) == header.comp_len
+            if whole:
+                return head + payload
+        raise CorruptDataError(f"spool {self.path}: frame {header.first_seq} is truncated")
 
 
 #: Frames at least this large are handed out by :meth:`SpoolReader.read` as file ranges.
