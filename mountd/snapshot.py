@@ -162,6 +162,7 @@ class SnapshotOperations(pyfuse3.Operations):
         self.inodes = InodeNumbers(view.root)
         self._dirs: dict[int, DirStream] = {}
         self._next_dir = 1
+        self._rbuf = bytearray()  # the answer of every read (see read)
         #: set once the kernel's INIT request is answered (its reply is written before the
         #: session loop next yields to other tasks)
         self.initialized = trio.Event()
@@ -222,7 +223,17 @@ class SnapshotOperations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         # One call per request, on the event loop's thread: the view batches the whole range
         # (and need not be thread-safe); see READAHEAD_KIB for the size of requests.
-        return self.view.read(fh, off, size)
+        read_into = getattr(self.view, "read_into", None)
+        if read_into is None:
+            return self.view.read(fh, off, size)
+        # Every answer comes from the same buffer: pyfuse3 copies it to the kernel as soon
+        # as this returns, before any other task runs (nothing here or in translate_errors
+        # awaits after the read), so no answer can be overwritten before it is sent.
+        # Measured reading 1 GiB with caches dropped: 2.8 s of the daemon's CPU, 40% of it
+        # allocating, zeroing and copying two new 1 MiB buffers per request.
+        if len(self._rbuf) < size:
+            self._rbuf = bytearray(size)
+        return memoryview(self._rbuf)[:read_into(fh, off, size, self._rbuf)]
 
     async def flush(self, fh):
         raise pyfuse3.FUSEError(errno.ENOSYS)  # nothing to flush; the kernel stops asking
