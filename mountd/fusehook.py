@@ -38,6 +38,7 @@ class SessionHook:
         self.active = False
         self.capture = False
         self._recs = _fusehook.ffi.new("zf_rec[]", _TAKE) if _fusehook is not None else None
+        self._fhs = _fusehook.ffi.new("uint64_t[]", _TAKE) if _fusehook is not None else None
 
     def install(self, eventfd: int, *, fast: bool, capture: bool, limit: int) -> bool:
         if _fusehook is None:
@@ -64,14 +65,32 @@ class SessionHook:
         if self.active:
             _fusehook.lib.zf_unregister(fh)
 
-    def register_node(self, node: int, path_fd: int) -> None:
-        """Let the fast path read the xattrs of regular file ``node`` (via its O_PATH fd)."""
+    def register_node(self, node: int, path_fd: int, is_dir: bool = False) -> None:
+        """Let the fast path use ``node`` through its O_PATH descriptor: read the xattrs of
+        a regular file, answer lookups of absent names in a directory."""
         if self.active:
-            _fusehook.lib.zf_register_node(node, path_fd)
+            lib = _fusehook.lib
+            lib.zf_register_node(node, path_fd, lib.ZF_NODE_DIR if is_dir else lib.ZF_NODE_FILE)
 
     def unregister_node(self, node: int) -> None:
         if self.active:
             _fusehook.lib.zf_unregister_node(node)
+
+    def unregister_dirs(self, keep: int) -> None:
+        """Forget every directory but ``keep`` (a restore in place replaced the tree)."""
+        if self.active:
+            _fusehook.lib.zf_unregister_dirs(keep)
+
+    def take_released(self) -> list[int]:
+        """The handles whose RELEASE the fast path answered, still to be closed."""
+        if not self.active:
+            return []
+        out: list[int] = []
+        while True:
+            n = _fusehook.lib.zf_take_released(self._fhs, _TAKE)
+            out.extend(self._fhs[0:n])
+            if n < _TAKE:
+                return out
 
     # ---- the capture stream's view (zfsrep.capture.ExternalWrites) -----------------------
     def pending(self) -> bool:
@@ -124,7 +143,8 @@ class SessionHook:
         """Requests answered by the fast path, by kind."""
         if _fusehook is None:
             return dict.fromkeys(("reads", "writes", "fsyncs", "setattrs", "getxattrs",
-                                  "fallocates"), 0)
+                                  "fallocates", "lookups", "releases"), 0)
         c = _fusehook.lib.zf_counts()
         return {"reads": c.reads, "writes": c.writes, "fsyncs": c.fsyncs,
-                "setattrs": c.setattrs, "getxattrs": c.getxattrs, "fallocates": c.fallocates}
+                "setattrs": c.setattrs, "getxattrs": c.getxattrs, "fallocates": c.fallocates,
+                "lookups": c.lookups, "releases": c.releases}

@@ -108,9 +108,12 @@ class PassthroughOperations(pyfuse3.Operations):
         return entry_attributes(self.vol.inode(node), st)
 
     def _entry(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        """Attributes of an entry the kernel now knows; its xattrs may be read in C."""
+        """Attributes of an entry the kernel now knows; the C fast path may read the xattrs
+        of a file, and answer lookups of absent names in a directory."""
         if stat.S_ISREG(st.st_mode):
             self.hook.register_node(inode.node, inode.fd)
+        elif stat.S_ISDIR(st.st_mode):
+            self.hook.register_node(inode.node, inode.fd, is_dir=True)
         return entry_attributes(inode, st)
 
     @translate_errors

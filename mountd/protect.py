@@ -28,12 +28,14 @@ from zfsrep.records import BLOCK_SIZE
 from zfsrep.scan import ScanProgress, count_tree, scan_tree
 from zfsrep.spool import SpoolWriter, VolumeIdentity, read_initial_sync, write_initial_sync
 from zfsrep.syscalls import keep_large_buffers
-from zfsrep.volume import BackingVolume
+from zfsrep.volume import ROOT_NODE, BackingVolume
 
 log = logging.getLogger(__name__)
 
 #: Recently spooled frames kept in memory so the replication link need not read them back.
 RECENT_FRAMES_BYTES = 64 << 20
+#: Files whose RELEASE the fast path answered are closed at least this often (seconds).
+RELEASE_CLOSE_S = 0.5
 
 
 @dataclass
@@ -239,6 +241,15 @@ async def _drain_fast_writes(eventfd: int, recorder: CaptureStream) -> None:
         recorder.take_external()
 
 
+async def _close_released(volume: BackingVolume) -> None:
+    """Close the files whose RELEASE the fast path answered, at least every RELEASE_CLOSE_S
+    (they are also closed before anything opens a file): an unlinked file's space comes
+    back soon after its last close, as on the backing directory."""
+    while True:
+        await trio.sleep(RELEASE_CLOSE_S)
+        volume.collect_released()
+
+
 async def _serve(opts: ProtectOptions, source: str, recorder, hook: SessionHook,
                  ready: Callable[[], None], gate: CompletionGate | None,
                  in_place: InPlaceRestore | None) -> None:
@@ -256,11 +267,17 @@ async def _serve(opts: ProtectOptions, source: str, recorder, hook: SessionHook,
     eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     capture = isinstance(recorder, CaptureStream)
     hook.install(eventfd, fast=opts.fast_path, capture=capture, limit=opts.memory_limit)
+    if hook.active:
+        hook.register_node(ROOT_NODE, volume.root.fd, is_dir=True)
+        volume.released = hook.take_released
+        volume.on_retire = lambda: hook.unregister_dirs(ROOT_NODE)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stop_on_signals)
             if capture:
                 nursery.start_soon(_drain_fast_writes, eventfd, recorder)
+            if hook.active:
+                nursery.start_soon(_close_released, volume)
             log.info("protecting %s at %s", source, opts.mountpoint)
             if in_place is not None:
                 in_place.serving = True

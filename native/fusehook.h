@@ -27,7 +27,11 @@ typedef struct {
     uint64_t setattrs;
     uint64_t getxattrs;
     uint64_t fallocates;
+    uint64_t lookups;  /* negative ones */
+    uint64_t releases;
 } zf_counters;
+
+enum { ZF_NODE_FILE = 1, ZF_NODE_DIR = 2 };
 
 /* Hook the session pyfuse3.init() created: 0 on success. eventfd (or -1) is signalled when
  * queued writes should be drained; fast enables the READ/WRITE fast path; limit bounds the
@@ -37,9 +41,16 @@ int zf_install(int eventfd, int fast, size_t limit);
 int zf_killpriv_v2(void);
 int zf_register(uint64_t fh, uint64_t ident, uint32_t uid, int capture);
 void zf_unregister(uint64_t fh);
-/* Let the fast path read xattrs of kernel node ``node`` through O_PATH descriptor ``fd``. */
-int zf_register_node(uint64_t node, int fd);
+/* Let the fast path use kernel node ``node`` through its O_PATH descriptor ``fd``: read the
+ * xattrs of a regular file (ZF_NODE_FILE), answer LOOKUPs of absent names in a directory
+ * (ZF_NODE_DIR). */
+int zf_register_node(uint64_t node, int fd, int kind);
 void zf_unregister_node(uint64_t node);
+/* Forget every directory but ``keep`` (the tree was replaced by a restore in place). */
+void zf_unregister_dirs(uint64_t keep);
+/* The handles whose RELEASE the fast path answered, for Python to close; at most max, the
+ * number returned. */
+size_t zf_take_released(uint64_t *out, size_t max);
 size_t zf_pending(void);
 size_t zf_take(zf_rec *out, size_t max);
 /* Captured bytes held outside the queue (batched, encoding, being written) grow or shrink by

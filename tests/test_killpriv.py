@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import struct
@@ -93,3 +94,86 @@ def test_fallocate_through_the_mount_is_captured_and_replayed(protected, tmp_pat
     replayed = (tmp_path / "replayed" / "sparse").read_bytes()
     assert replayed == (protected.source / "sparse").read_bytes()
     assert len(replayed) == 1 << 20 and replayed[4096:12288] == bytes(8192)
+
+
+def _fast_counts(protected) -> dict[str, int]:
+    line = [ln for ln in protected.log.read_text().splitlines() if "fast path answered" in ln]
+    return {k: int(v) for k, v in
+            (reversed(c.split()) for c in line[-1].split("answered ")[1].split(", "))}
+
+
+def test_lookups_of_absent_names_are_answered_in_c_as_the_backing_dir_would(
+        protected) -> None:
+    """Absent names are answered ENOENT by the fast path, in the root and in directories
+    made, renamed and removed through the mount; everything else reaches Python, which
+    keeps its errno (a name too long, a file used as a directory) and its objects."""
+    mnt = protected.mnt
+    for path in (mnt / "absent", mnt / "d" / "x"):
+        with pytest.raises(FileNotFoundError):
+            os.stat(path)
+    (mnt / "d").mkdir()
+    with pytest.raises(FileNotFoundError):
+        os.stat(mnt / "d" / "x")
+    (mnt / "d" / "x").write_bytes(b"1")
+    assert (mnt / "d" / "x").read_bytes() == b"1"  # cached as absent nowhere
+    os.rename(mnt / "d", mnt / "e")
+    with pytest.raises(FileNotFoundError):
+        os.stat(mnt / "d" / "x")
+    assert (mnt / "e" / "x").read_bytes() == b"1"
+    with pytest.raises(FileNotFoundError):
+        os.stat(mnt / "e" / "y")
+    with pytest.raises(OSError) as long_name:
+        os.stat(mnt / "e" / ("n" * 300))
+    assert long_name.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(NotADirectoryError):
+        os.stat(mnt / "e" / "x" / "y")
+    os.unlink(mnt / "e" / "x")
+    os.rmdir(mnt / "e")
+    for path in (mnt / "e", mnt / "e" / "x"):
+        with pytest.raises(FileNotFoundError):
+            os.stat(path)
+    (mnt / "e").mkdir()  # the name comes back as a new directory
+    (mnt / "e" / "z").write_bytes(b"2")
+    os.sync()
+    assert (protected.source / "e" / "z").read_bytes() == b"2"
+    assert protected.stop() == 0
+    assert _fast_counts(protected)["lookups"] >= 5
+
+
+def _open_backing_files(pid: int, source: Path) -> list[str]:
+    """The daemon's descriptors of files in ``source`` opened for I/O (not O_PATH)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            flags = next(int(ln.split()[1], 8) for ln in
+                         Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines()
+                         if ln.startswith("flags:"))
+            if target.startswith(str(source) + "/") and not flags & os.O_PATH:
+                out.append(target)
+    return out
+
+
+def test_releases_answered_in_c_close_the_backing_files_soon(protected) -> None:
+    """RELEASE is answered by the fast path; the daemon closes the backing descriptors
+    within RELEASE_CLOSE_S (and before it opens another file or counts open files), so an
+    unlinked file's space comes back soon after its last close, as on the backing dir."""
+    pid = protected.proc.pid
+    names = [protected.mnt / f"f{i}" for i in range(50)]
+    for p in names:
+        p.write_bytes(b"x" * 100)
+    with open(protected.mnt / "doomed", "wb") as doomed:
+        doomed.write(b"y" * 4096)
+        doomed.flush()
+        os.unlink(protected.mnt / "doomed")
+        assert any("doomed (deleted)" in t
+                   for t in _open_backing_files(pid, protected.source))
+    deadline = time.monotonic() + 10
+    while _open_backing_files(pid, protected.source) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _open_backing_files(pid, protected.source) == []
+    with open(names[7], "rb") as f:  # opening collects whatever is left, then goes on
+        assert f.read() == b"x" * 100
+        assert len(_open_backing_files(pid, protected.source)) == 1
+    assert protected.stop() == 0
+    assert _fast_counts(protected)["releases"] >= 50

@@ -264,7 +264,9 @@ def test_a_directory_held_open_in_the_replaced_tree_goes_stale(journal_server, m
         journal_server.cli("restore", VPG, "t")
         for attempt in (lambda: os.mkdir("x", dir_fd=held),
                         lambda: os.open("g", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=held),
-                        lambda: os.unlink("f", dir_fd=held)):
+                        lambda: os.unlink("f", dir_fd=held),
+                        # an absent name: the fast path forgot the old directories too
+                        lambda: os.stat("absent", dir_fd=held)):
             with pytest.raises(OSError) as e:
                 attempt()
             assert e.value.errno == errno.ESTALE

@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from zfsrep import syscalls
@@ -93,6 +93,12 @@ class BackingVolume:
         #: bumped when a restore in place replaces the tree (retire_tree): objects the kernel
         #: reached before then answer ESTALE until reached again from the root
         self.generation = 0
+        #: Handles released outside Python (the mount's C fast path answers RELEASE and
+        #: leaves the closing to this side): a callable returning them, or None. They are
+        #: closed before anything opens or counts open files (collect_released).
+        self.released: Callable[[], list[int]] | None = None
+        #: Called when the tree is replaced (retire_tree), or None.
+        self.on_retire: Callable[[], None] | None = None
 
     # ---- inode table -------------------------------------------------------------------
     def inode(self, node: int) -> Inode:
@@ -111,6 +117,8 @@ class BackingVolume:
         new one) until a lookup from the root reaches it again."""
         self.generation += 1
         self.root.gen = self.generation
+        if self.on_retire is not None:
+            self.on_retire()
 
     def _remember(self, fd: int, st: os.stat_result) -> Inode:
         """Take ownership of ``fd`` (O_PATH) for the object ``st`` and count one lookup."""
@@ -150,6 +158,7 @@ class BackingVolume:
         return dropped
 
     def close(self) -> None:
+        self.collect_released()
         for fh in list(self._files):
             self.release(fh)
         for inode in self._nodes.values():
@@ -273,6 +282,7 @@ class BackingVolume:
 
     def create(self, parent_node: int, name: bytes, mode: int, flags: int, uid: int, gid: int,
                umask: int) -> tuple[int, Inode, os.stat_result]:
+        self.collect_released()
         parent = self._live(parent_node)
         self._visible(parent, name, True)
         mode = stat.S_IMODE(mode) & ~umask
@@ -348,7 +358,14 @@ class BackingVolume:
             flags &= ~os.O_APPEND
         return flags | os.O_CLOEXEC
 
+    def collect_released(self) -> None:
+        """Close the handles released outside Python (see ``released``)."""
+        if self.released is not None:
+            for fh in self.released():
+                self.release(fh)
+
     def open(self, node: int, flags: int, uid: int = 0) -> int:
+        self.collect_released()
         inode = self._live(node)
         fd = os.open(inode.proc, self._open_flags(flags))
         self._files[fd] = OpenFile(fd, inode, uid)
@@ -374,6 +391,7 @@ class BackingVolume:
 
     def open_files(self) -> int:
         """How many files are open through the mount."""
+        self.collect_released()
         return len(self._files)
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
