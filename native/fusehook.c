@@ -74,6 +74,7 @@ static uint32_t zf_offered, zf_added;
 static int zf_fast;                 /* fast path enabled */
 static int zf_frozen;               /* checkpoint barrier: mutating requests go to Python */
 static int zf_eventfd = -1;         /* signalled when the queue should be drained */
+static int zf_fd = -1;              /* the session's /dev/fuse descriptor (non-blocking) */
 static struct zf_file *zf_files;    /* indexed by file handle (= backing fd) */
 static size_t zf_files_cap;
 static zf_rec *zf_queue;
@@ -612,6 +613,12 @@ static ssize_t read_and_serve(int fd, void *buf, size_t len)
     for (;;) {
         uint8_t *mem = request_buffer(buf, len);
         ssize_t n = read(fd, mem, len);
+        if (n < 0 && errno == EAGAIN) {
+            /* The descriptor is non-blocking (zf_install): another reader took the request
+             * this one was woken for. libfuse passes EINTR on as "try again". */
+            errno = EINTR;
+            return -1;
+        }
         if (n < (ssize_t)sizeof(struct fuse_in_header)) {
             if (mem != buf && n > 0)
                 memcpy(buf, mem, (size_t)n);
@@ -702,8 +709,13 @@ int zf_install(int eventfd, int fast, size_t limit)
     memset(&io, 0, sizeof io);
     io.read = zf_read;
     io.writev = zf_writev;
-    int rc = fuse_session_custom_io(zf_session, &io, fuse_session_fd(zf_session));
+    int fd = fuse_session_fd(zf_session);
+    int rc = fuse_session_custom_io(zf_session, &io, fd);
     if (rc == 0) {
+        int fl = fcntl(fd, F_GETFL);
+        if (fl >= 0)
+            (void)fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+        zf_fd = fd;
         zf_eventfd = eventfd;
         zf_fast = fast;
         zf_limit = limit;
@@ -712,6 +724,19 @@ int zf_install(int eventfd, int fast, size_t limit)
 }
 
 int zf_killpriv_v2(void) { return zf_added != 0; }
+
+int zf_wait_request(int timeout_us)
+{
+    if (zf_fd < 0 || zf_signalled)
+        return 0; /* a frame's worth of writes waits for the event loop */
+    struct pollfd p = {.fd = zf_fd, .events = POLLIN};
+    const struct timespec t = {0, (long)timeout_us * 1000};
+    return ppoll(&p, 1, &t, NULL) == 1 && (p.revents & POLLIN);
+}
+
+int zf_session_fd(void) { return zf_fd; }
+
+int zf_exited(void) { return zf_session == NULL || fuse_session_exited(zf_session); }
 
 int zf_register(uint64_t fh, uint64_t ident, uint32_t uid, int capture)
 {

@@ -39,6 +39,12 @@ enum { ZF_NODE_FILE = 1, ZF_NODE_DIR = 2 };
 int zf_install(int eventfd, int fast, size_t limit);
 /* 1 once the kernel accepted FUSE_HANDLE_KILLPRIV_V2 (after the INIT exchange). */
 int zf_killpriv_v2(void);
+/* 1 if a request arrives on the session's descriptor within timeout_us (0: at once) and
+ * the queue does not wait for the event loop. */
+int zf_wait_request(int timeout_us);
+int zf_session_fd(void);
+/* 1 once the session was told to exit (or there is none). */
+int zf_exited(void);
 int zf_register(uint64_t fh, uint64_t ident, uint32_t uid, int capture);
 void zf_unregister(uint64_t fh);
 /* Let the fast path use kernel node ``node`` through its O_PATH descriptor ``fd``: read the

@@ -177,3 +177,25 @@ def test_releases_answered_in_c_close_the_backing_files_soon(protected) -> None:
         assert len(_open_backing_files(pid, protected.source)) == 1
     assert protected.stop() == 0
     assert _fast_counts(protected)["releases"] >= 50
+
+
+def test_other_tasks_run_while_python_requests_follow_each_other(protected) -> None:
+    """pyfuse3 takes requests that follow each other without trio's scheduler
+    (mountd.fusehook: SessionHook._wait_less), but only so many in a row: while an
+    application keeps the Python handlers busy without a pause, the capture stream's
+    periodic flush (a trio task) still writes its records to the spool."""
+    f = protected.mnt / "f"
+    f.write_bytes(b"x")
+    segments = protected.spool / "segments"
+
+    def spooled() -> int:
+        return sum(p.stat().st_size for p in segments.iterdir())
+
+    before = spooled()
+    deadline = time.monotonic() + 10
+    mode = 0o600
+    while spooled() == before and time.monotonic() < deadline:
+        for _ in range(50):  # chmod: SETATTR of the mode, always answered in Python
+            mode ^= 0o044
+            os.chmod(f, mode)
+    assert spooled() > before
