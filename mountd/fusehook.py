@@ -139,10 +139,11 @@ class SessionHook:
         if self.active:
             _fusehook.lib.zf_unregister_node(node)
 
-    def unregister_dirs(self, keep: int) -> None:
-        """Forget every directory but ``keep`` (a restore in place replaced the tree)."""
+    def unregister_nodes(self, keep: int) -> None:
+        """Forget every node but ``keep`` (a restore in place replaced the tree: requests
+        about objects of the old one go to Python, which answers ESTALE)."""
         if self.active:
-            _fusehook.lib.zf_unregister_dirs(keep)
+            _fusehook.lib.zf_unregister_nodes(keep)
 
     def take_released(self) -> list[int]:
         """The handles whose RELEASE the fast path answered, still to be closed."""

@@ -270,7 +270,7 @@ async def _serve(opts: ProtectOptions, source: str, recorder, hook: SessionHook,
     if hook.active:
         hook.register_node(ROOT_NODE, volume.root.fd, is_dir=True)
         volume.released = hook.take_released
-        volume.on_retire = lambda: hook.unregister_dirs(ROOT_NODE)
+        volume.on_retire = lambda: hook.unregister_nodes(ROOT_NODE)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stop_on_signals)

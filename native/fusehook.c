@@ -441,11 +441,11 @@ void zf_unregister_node(uint64_t node)
     }
 }
 
-void zf_unregister_dirs(uint64_t keep)
+void zf_unregister_nodes(uint64_t keep)
 {
     for (size_t i = 0; i < zf_nodes_cap; i++) {
         struct zf_node *e = &zf_nodes[i];
-        if (e->state == 1 && e->kind == ZF_NODE_DIR && e->node != keep) {
+        if (e->state == 1 && e->node != keep) {
             e->state = 2;
             zf_nodes_used--;
             zf_nodes_dead++;

@@ -52,8 +52,8 @@ void zf_unregister(uint64_t fh);
  * (ZF_NODE_DIR). */
 int zf_register_node(uint64_t node, int fd, int kind);
 void zf_unregister_node(uint64_t node);
-/* Forget every directory but ``keep`` (the tree was replaced by a restore in place). */
-void zf_unregister_dirs(uint64_t keep);
+/* Forget every node but ``keep`` (the tree was replaced by a restore in place). */
+void zf_unregister_nodes(uint64_t keep);
 /* The handles whose RELEASE the fast path answered, for Python to close; at most max, the
  * number returned. */
 size_t zf_take_released(uint64_t *out, size_t max);

@@ -262,6 +262,9 @@ def test_a_directory_held_open_in_the_replaced_tree_goes_stale(journal_server, m
     held = os.open(m.mnt / "d", os.O_RDONLY | os.O_DIRECTORY)  # as a shell's cwd
     try:
         journal_server.cli("restore", VPG, "t")
+        with pytest.raises(OSError) as e:  # the old file (the kernel still knows its name):
+            os.getxattr(f"/proc/self/fd/{held}/f", "user.none")  # not read by the fast path
+        assert e.value.errno == errno.ESTALE
         for attempt in (lambda: os.mkdir("x", dir_fd=held),
                         lambda: os.open("g", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=held),
                         lambda: os.unlink("f", dir_fd=held),
