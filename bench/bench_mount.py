@@ -145,10 +145,10 @@ class Env:
 
         ``keep``: the files are moved aside (renamed, same file system) instead of deleted,
         and deleted at the end of the benchmark. On ext4 without a journal, as here, the
-        inode allocator skips inodes freed in the last 30-60 s and looks each candidate up
-        first: right after 10,000 files are deleted, creating a file takes ~400 us instead
-        of ~15 us, in every config alike, and the create figures measured that instead of
-        the file system under test."""
+        inode allocator skips inodes freed in the last 60 s (360 s while their inode table
+        block is dirty) and looks each candidate up first: right after 10,000 files are
+        deleted, creating a file takes ~400 us instead of ~15 us, in every config alike, and
+        the create figures measured that instead of the file system under test."""
         self.seq += 1
         base = os.path.join(self.root, cfg)
         if cfg == "native":

@@ -202,44 +202,37 @@ class IndexView:
     def read(self, ident: int, offset: int, size: int) -> bytes:
         """File content (short at the end, holes as zeros). Bytes a pack holds as they are
         are read from it straight into the answer; compressed ones come from the cache."""
-        with self._lock:
-            end, rows = self._range(ident, offset, size)
-            if end <= offset:
-                return b""
-            out = bytearray(end - offset)  # zeros: the holes
-            self._fill(memoryview(out), rows, offset, end, zero_holes=False)
-            return bytes(out)
+        buf = bytearray(size)
+        return bytes(memoryview(buf)[:self.read_into(ident, offset, size, buf)])
 
     def read_into(self, ident: int, offset: int, size: int, buf: bytearray) -> int:
         """:meth:`read` into ``buf`` (at least ``size`` bytes, reused by the caller: the
         snapshot mount answers every request from one buffer instead of allocating, zeroing
-        and copying two new ones per MiB); returns the length read."""
+        and copying two new ones per MiB); returns the length read. Holes are zeroed here,
+        since the buffer may hold an earlier answer."""
         with self._lock:
             end, rows = self._range(ident, offset, size)
             if end <= offset:
                 return 0
-            self._fill(memoryview(buf)[:end - offset], rows, offset, end, zero_holes=True)
+            dst = memoryview(buf)[:end - offset]
+            pos = offset  # first byte not yet filled
+            for at, length, pack_no, src in self._extents(rows, offset, end):
+                if at > pos:
+                    _zero(dst[pos - offset:at - offset])
+                pos = at + length
+                piece = dst[at - offset:at - offset + length]
+                if pack_no is None:
+                    piece[:] = src
+                    continue
+                fd = self.packs.fd(pack_no)
+                while piece:
+                    got = os.preadv(fd, [piece], src)
+                    if not got:
+                        raise CorruptDataError(f"pack {pack_no} ends inside a block")
+                    piece, src = piece[got:], src + got
+            if pos < end:
+                _zero(dst[pos - offset:])
             return end - offset
-
-    def _fill(self, dst: memoryview, rows: list[tuple], offset: int, end: int, *,
-              zero_holes: bool) -> None:
-        pos = offset  # first byte not yet filled
-        for at, length, pack_no, src in self._extents(rows, offset, end):
-            if zero_holes and at > pos:
-                _zero(dst[pos - offset:at - offset])
-            pos = at + length
-            piece = dst[at - offset:at - offset + length]
-            if pack_no is None:
-                piece[:] = src
-                continue
-            fd = self.packs.fd(pack_no)
-            while piece:
-                got = os.preadv(fd, [piece], src)
-                if not got:
-                    raise CorruptDataError(f"pack {pack_no} ends inside a block")
-                piece, src = piece[got:], src + got
-        if zero_holes and pos < end:
-            _zero(dst[pos - offset:])
 
     def extents(self, ident: int, offset: int, size: int) -> list[tuple]:
         """The data of ``offset..offset+size`` as extents, holes left out: ``(file offset,
