@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from zfsrep import frames, protocol
+from zfsrep import frames, protocol, wire
 from zfsrep.errors import ZfsrepError
 
 
@@ -44,6 +44,10 @@ async def test_malformed_input_is_a_protocol_error(raw: bytes, match: str) -> No
     with pytest.raises(protocol.ProtocolError, match=match):
         await protocol.MessageStream(b).receive()
 
+
+
+def test_the_largest_message_holds_the_largest_frame() -> None:
+    assert wire.MAX_FRAME == frames.HEADER_SIZE + frames.MAX_COMP_LEN
 
 def test_error_replies_carry_the_exit_code() -> None:
     with pytest.raises(ZfsrepError, match="no VPG") as e:

@@ -27,11 +27,6 @@ try:
 except ImportError:
     _ffi = _lib = None
 
-try:  # only the reference implementation needs xxhash; it is a test dependency
-    import xxhash as _xxhash
-except ImportError:
-    _xxhash = None  # type: ignore[assignment]
-
 log = logging.getLogger(__name__)
 
 #: Anything with a C-contiguous buffer: bytes, bytearray, memoryview, mmap, ...
@@ -70,9 +65,11 @@ def _byte_view(buf: Buffer) -> memoryview:
 
 
 def _xxh3(data: Buffer) -> bytes:
-    if _xxhash is None:
-        raise RuntimeError("pure-Python block hashing needs the xxhash package")
-    return _xxhash.xxh3_128_digest(data)
+    try:  # only the reference implementation needs xxhash (a test dependency): imported
+        import xxhash  # when it is used, not by every command that hashes natively
+    except ImportError:
+        raise RuntimeError("pure-Python block hashing needs the xxhash package") from None
+    return xxhash.xxh3_128_digest(data)
 
 
 class reference:

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from zfsrep import __version__
 from zfsrep.errors import ExitCode, NotFoundError, OSFailure, UsageError, ZfsrepError
+
+
+def _dumps(obj: object) -> str:
+    import json  # (here: most commands print no JSON, and every import slows each start)
+
+    return json.dumps(obj)
 
 log = logging.getLogger("zfsrep")
 
@@ -236,6 +240,8 @@ def spawn_daemon(args: argparse.Namespace, argv: list[str], log_path: Path,
                  ready_timeout: float, *, module: str = "zfsrep.cli") -> int:
     """Start ``python -m MODULE ARGV`` in its own session, logging to ``log_path``, and
     return its pid once it reports ready; its error line becomes this command's error."""
+    import subprocess
+
     cmd = [sys.executable, "-m", module]
     if module == "zfsrep.cli":
         if args.log_level:
@@ -286,7 +292,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     count = replayer.apply_all(iter_records(args.spool))
     elapsed = time.monotonic() - started
     if args.json:
-        print(json.dumps({"records": count, "dest": str(dest), "seconds": round(elapsed, 3)}))
+        print(_dumps({"records": count, "dest": str(dest), "seconds": round(elapsed, 3)}))
     else:
         print(f"replayed {count} records into {dest} in {elapsed:.2f} s")
     return 0
@@ -327,7 +333,7 @@ def cmd_spool(args: argparse.Namespace) -> int:
     if args.json:
         out = dict(stats, source=identity.source, root_ident=identity.root_ident,
                    block_size=identity.block_size, incomplete=incomplete)
-        print(json.dumps(out))
+        print(_dumps(out))
         return 0
     print(f"spool {args.spool}: volume {identity.source} (root inode {identity.root_ident})")
     if incomplete is not None:

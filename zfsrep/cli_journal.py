@@ -5,16 +5,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 from zfsrep.errors import NotFoundError, ScriptError, StateError, UsageError
+
+
+def _dumps(obj: object) -> str:
+    import json  # (here: most commands print no JSON, and every import slows each start)
+
+    return json.dumps(obj)
 
 SNAPSHOT_FSNAME = "zfsrep-snapshot:"
 
@@ -254,6 +257,8 @@ def _call(args: argparse.Namespace, op: str, req: dict | None = None, timeout: f
 def _iso(ts: float | None) -> str:
     if ts is None:
         return "-"
+    from datetime import UTC, datetime
+
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
@@ -316,7 +321,7 @@ def cmd_vpg(args: argparse.Namespace) -> int:
     if args.vpg_command == "list":
         res = _call(args, "vpg.list")
         if args.json:
-            print(json.dumps(res))
+            print(_dumps(res))
             return 0
         print(f"{'VPG':<20} {'volumes':<30} {'history':>8} {'RPO':>6} {'interval':>8}")
         for v in res:
@@ -339,6 +344,8 @@ def _abs(path: str | None) -> str | None:
 # ---- checkpoints ---------------------------------------------------------------------------
 def _run_script(which: str, cmd: str, timeout: float) -> None:
     """Run an administrator's command through the shell; its output goes to ours."""
+    import subprocess
+
     try:
         proc = subprocess.run(cmd, shell=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
@@ -370,7 +377,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 def _output(args: argparse.Namespace, res: object, text: Callable[[], str]) -> int:
     """Print ``res`` as JSON with --json, else the line ``text()`` makes of it."""
-    print(json.dumps(res) if args.json else text())
+    print(_dumps(res) if args.json else text())
     return 0
 
 
@@ -498,7 +505,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
         req[key] = parse_duration(value) if key != "vpg" else value
     res = _call(args, "checkpoints", {k: v for k, v in req.items() if v is not None})
     if args.json:
-        print(json.dumps(res))
+        print(_dumps(res))
         return 0
     print(f"{'VPG':<16} {'id':>7}  {'time (UTC)':<24} {'kind':<7} tag")
     for cp in res:
@@ -511,7 +518,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     res = _call(args, "status", {"vpg": args.vpg} if args.vpg else {})
     if args.json:
-        print(json.dumps(res))
+        print(_dumps(res))
         return 0
     for v in res:
         rpo = "-" if v["rpo_s"] is None else f"{v['rpo_s']:.1f} s"
@@ -599,6 +606,8 @@ def _mount_fsname(mountpoint: Path) -> str | None:
 
 
 def _snapshot_umount(mountpoint: Path) -> int:
+    import subprocess
+
     fsname = _mount_fsname(mountpoint)
     if fsname is None:
         raise NotFoundError(f"{mountpoint} is not a mount point")
@@ -641,22 +650,14 @@ def cmd_restore_file(args: argparse.Namespace) -> int:
             print(file=sys.stderr)
     cp = res["checkpoint"]
     out = {"vpg": res["vpg"], "volume": res["volume"], "checkpoint": cp, "path": args.path,
-           "dest": str(args.dest), **_stats_dict(stats)}
+           "dest": str(args.dest), **vars(stats)}
     if args.json:
-        print(json.dumps(out))
+        print(_dumps(out))
     else:
         print(f"restored {args.path} of {res['vpg']}/{res['volume']} at checkpoint {cp['id']} "
               f"({cp['time']}) to {args.dest}: {out.get('files', 0)} files, "
               f"{_size(out.get('bytes'))}")
     return 0
-
-
-def _stats_dict(stats) -> dict:
-    from dataclasses import asdict, is_dataclass
-
-    if is_dataclass(stats) and not isinstance(stats, type):
-        return asdict(stats)
-    return dict(vars(stats))
 
 
 COMMANDS = {"serve": cmd_serve, "vpg": cmd_vpg, "tag": cmd_tag, "checkpoints": cmd_checkpoints,

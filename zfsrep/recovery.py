@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import stat
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +40,12 @@ def _call(args: argparse.Namespace, op: str, req: dict, timeout: float = 60.0):
     from zfsrep import wire
 
     return wire.call(wire.server_address(args.server), op, req, timeout=timeout)
+
+
+def _run(cmd: list[str]):
+    import subprocess  # (not at the top: every recovery command imports this module)
+
+    return subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
 
 def _work(op: dict, volume: str) -> Path:
@@ -106,8 +110,7 @@ def _bring_up(args: argparse.Namespace, op: dict, name: str, vol: dict) -> None:
     os.chmod(upper, stat.S_IMODE(st.st_mode))
     os.utime(upper, ns=(st.st_atime_ns, st.st_mtime_ns))
     opts = f"lowerdir={lower},upperdir={upper},workdir={scratch}"
-    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(path)],
-                       capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    r = _run(["mount", "-t", "overlay", "overlay", "-o", opts, str(path)])
     if r.returncode != 0:
         raise OSFailure(f"cannot mount the test copy at {path}: "
                         f"{r.stderr.strip() or 'mount failed'}")
@@ -126,21 +129,21 @@ def stop_test(args: argparse.Namespace) -> dict:
 def _take_down(op: dict, name: str) -> None:
     path, work = Path(op["volumes"][name]["path"]), _work(op, name)
     if _mounted(path):
-        r = subprocess.run(["umount", str(path)], capture_output=True, text=True,
-                           stdin=subprocess.DEVNULL)
+        r = _run(["umount", str(path)])
         if r.returncode != 0:
             raise StateError(f"cannot unmount the test copy at {path}: "
                              f"{r.stderr.strip() or 'busy'} (close what uses it, then run "
                              "stop-test again)")
     lower = work / "lower"
     if _mounted(lower):
-        r = subprocess.run(["fusermount3", "-u", str(lower)], capture_output=True, text=True,
-                           stdin=subprocess.DEVNULL)
+        r = _run(["fusermount3", "-u", str(lower)])
         if r.returncode != 0:
             raise StateError(f"cannot unmount {lower}: {r.stderr.strip()}")
         deadline = time.monotonic() + 10
         while _mounted(lower) and time.monotonic() < deadline:
             time.sleep(0.05)
+    import shutil
+
     for d in (work / "upper", work / "work"):
         try:
             shutil.rmtree(d)
@@ -222,6 +225,8 @@ def _materialise(args: argparse.Namespace, name: str, vol: dict, dest: Path) -> 
 
 
 def _remove_tree(path: Path) -> None:
+    import shutil
+
     try:
         shutil.rmtree(path)
     except FileNotFoundError:
@@ -262,7 +267,7 @@ def commit(args: argparse.Namespace) -> dict:
                "--server", where, "--source", path, path]
         if args.reverse_spool_dir is not None:
             cmd += ["--spool", str(args.reverse_spool_dir / volume)]
-        r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        r = _run(cmd)
         if r.returncode != 0:
             why = r.stderr.strip().removeprefix("zfsrep: ") or f"exit {r.returncode}"
             raise ZfsrepError(

@@ -33,7 +33,6 @@ import queue
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +59,17 @@ PAGE = 1024  # readdir page size
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-@dataclass
 class RestoreStats:
-    files: int = 0
-    dirs: int = 0
-    symlinks: int = 0
-    hardlinks: int = 0
-    specials: int = 0
-    bytes: int = 0  # file data written (holes excluded)
-    owners_skipped: int = 0  # chown refused (not running as root)
+    """What a restore wrote (``vars()`` of it is its JSON)."""
+
+    def __init__(self) -> None:
+        self.files = 0
+        self.dirs = 0
+        self.symlinks = 0
+        self.hardlinks = 0
+        self.specials = 0
+        self.bytes = 0  # file data written (holes excluded)
+        self.owners_skipped = 0  # chown refused (not running as root)
 
 
 def safe_name(name: object) -> bytes:

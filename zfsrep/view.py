@@ -9,13 +9,11 @@ recovery copies. Identities are the captured ones (backing inode numbers, docs/r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
-@dataclass(frozen=True, slots=True)
-class Node:
+class Node(NamedTuple):
     """One object's attributes at the view's checkpoint."""
 
     ident: int
