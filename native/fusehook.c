@@ -48,7 +48,8 @@
 
 #include "fusehook.h"
 
-/* Attribute cache timeout in replies (seconds): mountd/passthrough.py CACHE_TIMEOUT. */
+/* Attribute and entry cache timeout in replies (seconds): mountd/passthrough.py
+ * CACHE_TIMEOUT. */
 #define ZF_ATTR_TIMEOUT 10
 
 #ifndef FUSE_HANDLE_KILLPRIV_V2
@@ -453,10 +454,15 @@ void zf_unregister_nodes(uint64_t keep)
     }
 }
 
-/* LOOKUP of a name that does not exist in a registered directory: ENOENT, as the Python
- * path answers (BackingVolume.lookup). Only the answer "no such entry" is given here, and
- * only when the backing directory itself gives it; a name that exists (or any other error)
- * goes to Python, which keeps the table of objects the kernel knows. Creating a file costs a
+/* LOOKUP of a name that does not exist in a registered directory: "no such entry", as the
+ * Python path answers (BackingVolume.lookup), but as an entry of node 0 with the entry
+ * timeout, which the kernel keeps as a negative entry: the next lookups of the name (a PATH
+ * search, an interpreter probing for modules) do not come back until then. That is safe
+ * because the mount is the only writer of the backing directory (names it creates replace
+ * the kernel's negative entries), and a restore in place, which renames behind the kernel,
+ * invalidates every name it moves in. Only this answer is given here, and only when the
+ * backing directory itself gives it; a name that exists (or any other error) goes to
+ * Python, which keeps the table of objects the kernel knows. Creating a file costs a
  * negative LOOKUP first, so this saves one trip through Python per file created. */
 static int fast_lookup(int fd, const struct fuse_in_header *in, size_t n)
 {
@@ -469,7 +475,10 @@ static int fast_lookup(int fd, const struct fuse_in_header *in, size_t n)
     struct stat st;
     if (fstatat(e->fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 || errno != ENOENT)
         return 0;
-    reply(fd, in->unique, ENOENT, NULL, 0);
+    struct fuse_entry_out out;
+    memset(&out, 0, sizeof out);  /* nodeid 0: no such entry, for entry_valid seconds */
+    out.entry_valid = ZF_ATTR_TIMEOUT;
+    reply(fd, in->unique, 0, &out, sizeof out);
     zf_count.lookups++;
     return 1;
 }

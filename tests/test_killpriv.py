@@ -140,6 +140,25 @@ def test_lookups_of_absent_names_are_answered_in_c_as_the_backing_dir_would(
     assert _fast_counts(protected)["lookups"] >= 5
 
 
+def test_absent_names_stay_absent_in_the_kernel_until_created(protected) -> None:
+    """The fast path's "no such name" is a negative entry the kernel keeps (for the entry
+    timeout): looking the name up again does not reach the daemon; creating it through the
+    mount replaces it at once."""
+    mnt = protected.mnt
+    for _ in range(50):
+        with pytest.raises(FileNotFoundError):
+            os.stat(mnt / "absent")
+    (mnt / "absent").write_bytes(b"now")
+    assert (mnt / "absent").read_bytes() == b"now"
+    os.unlink(mnt / "absent")
+    with pytest.raises(FileNotFoundError):
+        os.stat(mnt / "absent")
+    os.mkdir(mnt / "absent")
+    assert (mnt / "absent").is_dir()
+    assert protected.stop() == 0
+    assert 1 <= _fast_counts(protected)["lookups"] <= 3
+
+
 def _open_backing_files(pid: int, source: Path) -> list[str]:
     """The daemon's descriptors of files in ``source`` opened for I/O (not O_PATH)."""
     out = []

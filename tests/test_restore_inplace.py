@@ -53,6 +53,7 @@ def test_restore_in_place_rolls_back_exactly_and_commits(journal_server, mount_f
     _build(mounts, 100, 60)
     for m in mounts:
         os.setxattr(m.mnt, "user.root", b"at the tag")
+        (m.mnt / "comes-back").write_text("deleted after the tag\n")
     tag(journal_server, "good")
     at_tag = [tree_snapshot(m.source) for m in mounts]
     _build(mounts, 200, 60)  # the "damage" a restore undoes
@@ -60,6 +61,10 @@ def test_restore_in_place_rolls_back_exactly_and_commits(journal_server, mount_f
         (m.mnt / "damage").write_bytes(os.urandom(300_000))
         os.removexattr(m.mnt, "user.root")
         os.chmod(m.mnt, 0o750)
+        (m.mnt / "comes-back").unlink()
+        for _ in range(2):  # the kernel now keeps "no such name" (a negative entry)...
+            with pytest.raises(FileNotFoundError):
+                os.stat(m.mnt / "comes-back")
     before = [tree_snapshot(m.source) for m in mounts]
     assert before != at_tag
 
@@ -69,6 +74,8 @@ def test_restore_in_place_rolls_back_exactly_and_commits(journal_server, mount_f
     st = _status(journal_server)
     assert (st["status"], st["substatus"]) == ("Restoring", "Before Commit")
     for m, oracle in zip(mounts, at_tag, strict=True):
+        # ...which the restore, renaming behind the kernel, invalidated
+        assert (m.mnt / "comes-back").read_text() == "deleted after the tag\n"
         assert_tree(oracle, m.mnt, f"{m.mnt} restored")
         assert HIDDEN not in os.listdir(m.mnt)
         assert not (m.mnt / HIDDEN).exists()
