@@ -12,13 +12,8 @@ import time
 from pathlib import Path
 
 from zfsrep import __version__
+from zfsrep.cli_journal import json_text
 from zfsrep.errors import ExitCode, NotFoundError, OSFailure, UsageError, ZfsrepError
-
-
-def _dumps(obj: object) -> str:
-    import json  # (here: most commands print no JSON, and every import slows each start)
-
-    return json.dumps(obj)
 
 log = logging.getLogger("zfsrep")
 
@@ -292,7 +287,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     count = replayer.apply_all(iter_records(args.spool))
     elapsed = time.monotonic() - started
     if args.json:
-        print(_dumps({"records": count, "dest": str(dest), "seconds": round(elapsed, 3)}))
+        print(json_text({"records": count, "dest": str(dest), "seconds": round(elapsed, 3)}))
     else:
         print(f"replayed {count} records into {dest} in {elapsed:.2f} s")
     return 0
@@ -333,7 +328,7 @@ def cmd_spool(args: argparse.Namespace) -> int:
     if args.json:
         out = dict(stats, source=identity.source, root_ident=identity.root_ident,
                    block_size=identity.block_size, incomplete=incomplete)
-        print(_dumps(out))
+        print(json_text(out))
         return 0
     print(f"spool {args.spool}: volume {identity.source} (root inode {identity.root_ident})")
     if incomplete is not None:

@@ -14,10 +14,13 @@ from pathlib import Path
 from zfsrep.errors import NotFoundError, ScriptError, StateError, UsageError
 
 
-def _dumps(obj: object) -> str:
-    import json  # (here: most commands print no JSON, and every import slows each start)
+def json_text(obj: object) -> str:
+    """``--json`` output (json is imported here: most commands print none, and every
+    import slows each command's start)."""
+    import json
 
     return json.dumps(obj)
+
 
 SNAPSHOT_FSNAME = "zfsrep-snapshot:"
 
@@ -321,7 +324,7 @@ def cmd_vpg(args: argparse.Namespace) -> int:
     if args.vpg_command == "list":
         res = _call(args, "vpg.list")
         if args.json:
-            print(_dumps(res))
+            print(json_text(res))
             return 0
         print(f"{'VPG':<20} {'volumes':<30} {'history':>8} {'RPO':>6} {'interval':>8}")
         for v in res:
@@ -377,7 +380,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 def _output(args: argparse.Namespace, res: object, text: Callable[[], str]) -> int:
     """Print ``res`` as JSON with --json, else the line ``text()`` makes of it."""
-    print(_dumps(res) if args.json else text())
+    print(json_text(res) if args.json else text())
     return 0
 
 
@@ -505,7 +508,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
         req[key] = parse_duration(value) if key != "vpg" else value
     res = _call(args, "checkpoints", {k: v for k, v in req.items() if v is not None})
     if args.json:
-        print(_dumps(res))
+        print(json_text(res))
         return 0
     print(f"{'VPG':<16} {'id':>7}  {'time (UTC)':<24} {'kind':<7} tag")
     for cp in res:
@@ -518,7 +521,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     res = _call(args, "status", {"vpg": args.vpg} if args.vpg else {})
     if args.json:
-        print(_dumps(res))
+        print(json_text(res))
         return 0
     for v in res:
         rpo = "-" if v["rpo_s"] is None else f"{v['rpo_s']:.1f} s"
@@ -652,7 +655,7 @@ def cmd_restore_file(args: argparse.Namespace) -> int:
     out = {"vpg": res["vpg"], "volume": res["volume"], "checkpoint": cp, "path": args.path,
            "dest": str(args.dest), **vars(stats)}
     if args.json:
-        print(_dumps(out))
+        print(json_text(out))
     else:
         print(f"restored {args.path} of {res['vpg']}/{res['volume']} at checkpoint {cp['id']} "
               f"({cp['time']}) to {args.dest}: {out.get('files', 0)} files, "
