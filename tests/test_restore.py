@@ -222,6 +222,29 @@ def test_progress_is_reported(tmp_path: Path):
     assert seen and seen[-1] == 2
 
 
+@pytest.mark.parametrize("parallel", [True, False])
+def test_progress_is_reported_inside_a_large_file(tmp_path: Path, monkeypatch,
+                                                  parallel: bool):
+    """A long copy reports the bytes copied so far as it goes (by every copying process),
+    not only when the file is done; the final count is the exact one."""
+    from zfsrep import restore
+
+    monkeypatch.setattr(restore, "PIPELINE_MIN", 1 << 20)
+    monkeypatch.setattr(restore, "PROGRESS_STEP", 1 << 20)
+    monkeypatch.setattr(restore, "PARALLEL_MIN", (4 << 20) if parallel else (1 << 40))
+    s = Stream().add(Op.SETATTR, ROOT, DIR | 0o755, 0, 0, T)
+    s.new(ROOT, b"big", 20, REG | 0o644)
+    s.write(20, 0, __import__("random").Random(7).randbytes(16 << 20))
+    view = stored(tmp_path, s)
+    seen: list[int] = []
+    stats = restore_tree(view, b"/", tmp_path / "dest", progress=lambda st: seen.append(st.bytes))
+    during = seen[:-1]
+    assert len(during) >= 3 and during == sorted(during) and 0 < during[0] < 16 << 20
+    monkeypatch.setattr(restore, "PARALLEL_MIN", 1 << 40)
+    assert stats.bytes == restore_tree(view, b"/", tmp_path / "again").bytes
+    assert (tmp_path / "dest" / "big").read_bytes() == (tmp_path / "again" / "big").read_bytes()
+
+
 def test_a_large_file_is_copied_by_several_processes_holes_kept(tmp_path: Path, monkeypatch):
     from zfsrep import restore
 

@@ -20,7 +20,9 @@ they are are read straight from the pack file and compressed ones decoded, holes
 from any other view (``zfsrep.remoteview``) through ``read``, all-zero blocks skipped. A long
 range is written by a second thread while the next piece is read, with the disk writes
 started as it goes; a file of PARALLEL_MIN or more from a view that can be reopened is split
-between forked processes, each with its own view and range of the same descriptor.
+between forked processes, each with its own view and range of the same descriptor. Progress
+is reported inside a large file too (every PROGRESS_STEP; the forked copiers count theirs in
+memory shared with the parent), so a failover or restore of one big file is not silent.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import queue
 import stat
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,6 +58,9 @@ PARALLEL_MIN = 64 << 20
 EXTENT_SPAN = 16 << 20
 #: a long copy starts the disk writes of every this many bytes at once
 WRITEBACK_STEP = 16 << 20
+#: ... and reports its progress every this many bytes
+PROGRESS_STEP = 64 << 20
+_COUNT = struct.Struct("<Q")  # a forked copier's bytes so far, in memory shared with it
 MAX_WORKERS = 4
 PAGE = 1024  # readdir page size
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -282,17 +289,34 @@ class _Restorer:
         if size >= PARALLEL_MIN and hasattr(self.view, "reopen"):
             workers = max(1, min(MAX_WORKERS, 2 * (os.cpu_count() or 1),
                                  size // PARALLEL_MIN * 2))
+        base = self.stats.bytes
         if workers > 1:
             self._copy_parallel(node, fd, workers)
         else:
-            self.stats.bytes += _copy_range(self.view, node.ident, fd, 0, size)
+            written = _copy_range(self.view, node.ident, fd, 0, size,
+                                  lambda n: self._tick_within(base + n))
+            self.stats.bytes = base + written
         os.ftruncate(fd, size)
+
+    def _tick_within(self, nbytes: int) -> None:
+        """Progress inside a large file: ``stats.bytes`` counts what is copied of it so far
+        (the exact count is set when the file is done)."""
+        self.stats.bytes = nbytes
+        self._tick()
 
     def _copy_parallel(self, node: Node, fd: int, workers: int) -> None:
         step = -(-node.size // workers // CHUNK) * CHUNK
         children: list[tuple[int, int]] = []
+        base = self.stats.bytes
+        # each child's bytes copied so far, in memory shared with it, for progress
+        counts = mmap.mmap(-1, 8 * workers)
+
+        def progress(n: int) -> None:  # (this process's own range, the first)
+            self._tick_within(base + n + sum(_COUNT.unpack_from(counts, 8 * i)[0]
+                                             for i in range(1, workers)))
+
         try:
-            for lo in range(step, node.size, step):
+            for i, lo in enumerate(range(step, node.size, step), 1):
                 r, w = os.pipe()
                 pid = os.fork()
                 if pid == 0:  # the child copies lo..lo+step with its own view, then exits
@@ -300,7 +324,8 @@ class _Restorer:
                     try:
                         os.close(r)
                         view = self.view.reopen()  # type: ignore[attr-defined]
-                        n = _copy_range(view, node.ident, fd, lo, min(node.size, lo + step))
+                        n = _copy_range(view, node.ident, fd, lo, min(node.size, lo + step),
+                                        lambda n, at=8 * i: _COUNT.pack_into(counts, at, n))
                         os.write(w, b"%d" % n)
                         code = 0
                     except BaseException as e:
@@ -310,7 +335,7 @@ class _Restorer:
                         os._exit(code)
                 os.close(w)
                 children.append((pid, r))
-            self.stats.bytes += _copy_range(self.view, node.ident, fd, 0, step)
+            copied = _copy_range(self.view, node.ident, fd, 0, step, progress)
         finally:
             problems = []
             for pid, r in children:
@@ -318,11 +343,13 @@ class _Restorer:
                 with os.fdopen(r, "rb") as f:
                     said = f.read()
                 if status == 0 and said.isdigit():
-                    self.stats.bytes += int(said)
+                    base += int(said)
                 else:
                     problems.append(said[1:].decode(errors="replace") or f"status {status}")
+            counts.close()
             if problems:
                 raise OSFailure(f"copying {node.ident} failed: {problems[0]}")
+        self.stats.bytes = base + copied
 
     def write_tree(self, dfd: int, name: bytes | None, node: Node,
                    rel: tuple[bytes, ...]) -> None:
@@ -369,9 +396,11 @@ class _Restorer:
                 os.close(frame[0])
 
 
-def _copy_range(view: SnapshotView, ident: int, fd: int, lo: int, hi: int) -> int:
+def _copy_range(view: SnapshotView, ident: int, fd: int, lo: int, hi: int,
+                progress: Callable[[int], None] | None = None) -> int:
     """Copy bytes lo..hi of file ``ident`` to ``fd``, holes left unwritten; the bytes
-    written. A long range is written by a second thread while the next piece is read."""
+    written. A long range is written by a second thread while the next piece is read;
+    ``progress(n)`` is told the bytes handed to it so far, every PROGRESS_STEP."""
     pipelined = hi - lo > PIPELINE_MIN
     # buffers for the bytes read straight from pack files, reused once written
     free: queue.Queue[bytearray] = queue.Queue()
@@ -413,11 +442,16 @@ def _copy_range(view: SnapshotView, ident: int, fd: int, lo: int, hi: int) -> in
 
     writer = threading.Thread(target=write_chunks, name="restore-writer", daemon=True)
     writer.start()
+    handed = told = 0
     try:
         for piece in pieces:
             if failed:
                 break
             chunks.put(piece)
+            handed += len(piece[1])
+            if progress is not None and handed - told >= PROGRESS_STEP:
+                progress(handed)
+                told = handed
     finally:
         chunks.put(None)
         writer.join()
