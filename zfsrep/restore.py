@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import mmap
 import os
@@ -325,7 +326,7 @@ class _Restorer:
                         os.close(r)
                         view = self.view.reopen()  # type: ignore[attr-defined]
                         n = _copy_range(view, node.ident, fd, lo, min(node.size, lo + step),
-                                        lambda n, at=8 * i: _COUNT.pack_into(counts, at, n))
+                                        functools.partial(_COUNT.pack_into, counts, 8 * i))
                         os.write(w, b"%d" % n)
                         code = 0
                     except BaseException as e:
