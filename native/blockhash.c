@@ -24,8 +24,11 @@
  */
 #include "blockhash.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 /* x86_64 only: there SSE2 is the baseline that XXH_X86DISPATCH's code assumes. */
 #if !defined(ZB_SHARED_LIBXXHASH) && !defined(ZB_NO_DISPATCH) && defined(__x86_64__) \
@@ -227,4 +230,85 @@ void zb_digest_parts(const uint8_t *const *ptrs, const size_t *lens, size_t n, u
     for (size_t i = 0; i < n; i++)
         zb_update(&state, ptrs[i], lens[i]);
     XXH128_canonicalFromHash((XXH128_canonical_t *)(void *)out, XXH3_128bits_digest(&state));
+}
+
+/* Pieces waiting to be written, and where the next byte goes. */
+struct zb_out {
+    int fd;
+    off_t at;
+    int count;
+    size_t bytes;
+    struct iovec iov[64];
+};
+
+static int zb_flush(struct zb_out *o)
+{
+    struct iovec *iov = o->iov;
+    int count = o->count;
+    while (count > 0) {
+        ssize_t done = pwritev(o->fd, iov, count, o->at);
+        if (done < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (done == 0)
+            return EIO;
+        o->at += done;
+        while (count > 0 && (size_t)done >= iov->iov_len) {
+            done -= (ssize_t)iov->iov_len;
+            iov++;
+            count--;
+        }
+        if (count > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + done;
+            iov->iov_len -= (size_t)done;
+        }
+    }
+    o->count = 0;
+    o->bytes = 0;
+    return 0;
+}
+
+/* Queue a piece; write what is queued once a piece's worth (or 64 pieces) is waiting. */
+static int zb_queue(struct zb_out *o, const uint8_t *p, size_t len, size_t piece)
+{
+    if (len == 0)
+        return 0;
+    o->iov[o->count].iov_base = (void *)p;
+    o->iov[o->count].iov_len = len;
+    o->count++;
+    o->bytes += len;
+    if (o->bytes >= piece || o->count == (int)(sizeof o->iov / sizeof o->iov[0]))
+        return zb_flush(o);
+    return 0;
+}
+
+int zb_write_parts(int fd, int64_t offset, const uint8_t *const *ptrs, const size_t *lens,
+                   uint8_t *const *digests, size_t n, size_t block_size, size_t piece,
+                   uint8_t out[16])
+{
+    if (block_size == 0 || piece == 0 || piece % block_size)
+        return EINVAL;
+    XXH3_state_t state;
+    XXH3_INITSTATE(&state);
+    XXH3_128bits_reset(&state);
+    struct zb_out o = {.fd = fd, .at = (off_t)offset};
+    for (size_t i = 0; i < n; i++) {
+        for (size_t at = 0; at < lens[i]; at += piece) {
+            size_t len = lens[i] - at < piece ? lens[i] - at : piece;
+            const uint8_t *p = ptrs[i] + at;
+            if (digests != NULL && digests[i] != NULL)
+                zb_hash_blocks(p, len, block_size, digests[i] + at / block_size * ZB_DIGEST_SIZE);
+            zb_update(&state, p, len);
+            int err = zb_queue(&o, p, len, piece);
+            if (err)
+                return err;
+        }
+    }
+    int err = zb_flush(&o);
+    if (err)
+        return err;
+    XXH128_canonicalFromHash((XXH128_canonical_t *)(void *)out, XXH3_128bits_digest(&state));
+    return 0;
 }

@@ -38,6 +38,19 @@ void zb_digest(const uint8_t *buf, size_t len, uint8_t out[16]);
  * equal to zb_digest of the joined bytes, without joining them. */
 void zb_digest_parts(const uint8_t *const *ptrs, const size_t *lens, size_t n, uint8_t out[16]);
 
+/* Writes the concatenation of n parts (ptrs[i], lens[i]) to file descriptor fd from
+ * byte offset on (pwritev, short writes continued) and puts their canonical XXH3-128,
+ * equal to zb_digest_parts of the same parts, in out. Where digests[i] is not NULL,
+ * part i is also hashed block by block (block_size) into digests[i] (room for
+ * ceil(lens[i] / block_size) digests), and a later part may be that digest buffer.
+ * Parts are taken in pieces of `piece` bytes (a multiple of block_size), each hashed,
+ * checksummed and handed to the kernel while still in the CPU's cache: one pass over the
+ * data from memory instead of three. Returns 0, or the errno of a failed write (then
+ * how much was written is unknown) or EINVAL for a bad piece size. */
+int zb_write_parts(int fd, int64_t offset, const uint8_t *const *ptrs, const size_t *lens,
+                   uint8_t *const *digests, size_t n, size_t block_size, size_t piece,
+                   uint8_t out[16]);
+
 /* Name of the XXH3 kernel chosen at load time: "avx512", "avx2" or "default"
  * (the header's compile-time choice: SSE2 on x86_64, NEON on aarch64, ...),
  * or "shared"/"shared-dispatch" when built against libxxhash.so. The

@@ -256,3 +256,65 @@ def test_digest_parts_equals_the_digest_of_the_joined_bytes(sizes: list[int]) ->
     assert blockhash.digest_parts(parts) == blockhash.digest(joined)
     assert blockhash.reference.digest_parts(parts) == blockhash.digest(joined)
     assert blockhash.digest_parts([memoryview(p) for p in parts]) == blockhash.digest(joined)
+
+
+def _write_parts_case(impl, parts: list, hashed: set[int], offset: int, piece: int,
+                      tmp_path: Path) -> tuple[bytes, bytes, list]:
+    """(file bytes after ``offset``, returned digest, digest targets) of one write_parts."""
+    targets = [bytearray(blockhash.block_count(len(parts[i]), 4096) * DIGEST_SIZE)
+               if i in hashed else None for i in range(len(parts))]
+    # a part right after a hashed one may be its digest buffer (filled before it is reached)
+    parts = [targets[i - 1] if p is None else p for i, p in enumerate(parts)]
+    path = tmp_path / f"out-{impl.__name__ if hasattr(impl, '__name__') else 'native'}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        got = impl(fd, offset, parts, targets, 4096, piece)
+    finally:
+        os.close(fd)
+    return path.read_bytes()[offset:], got, targets
+
+
+@pytest.mark.parametrize("sizes", [
+    [0], [1], [4096], [4097], [256 << 10], [(1 << 20) + 123, 0, 5],
+    [10] * 200,  # more parts than one pwritev takes at once
+])
+@pytest.mark.parametrize("piece", [4096, 256 << 10])
+def test_write_parts_writes_hashes_and_checksums_like_the_separate_calls(
+        sizes: list[int], piece: int, tmp_path: Path) -> None:
+    rng = random.Random(len(sizes) * 7 + piece)
+    datas = [rng.randbytes(n) for n in sizes]
+    parts: list = []
+    hashed: set[int] = set()
+    for d in datas:
+        if len(d) >= 4096:  # hashed, its digests follow it as the next part
+            hashed.add(len(parts))
+            parts += [d, None]
+        else:
+            parts.append(d)
+    expected = b"".join(
+        blockhash.hash_blocks(parts[i - 1], 4096) if p is None else p
+        for i, p in enumerate(parts))
+    for impl in (blockhash.write_parts, reference.write_parts):
+        body, got, targets = _write_parts_case(impl, parts, hashed, 100, piece, tmp_path)
+        assert body == expected
+        assert got == blockhash.digest(expected)
+        for i in hashed:
+            assert targets[i] == blockhash.hash_blocks(parts[i], 4096)
+
+
+def test_write_parts_reports_a_failed_write_and_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(OSError) as e:
+        blockhash.write_parts(-1, 0, [b"x" * 5000], [None], 4096)
+    assert e.value.errno == 9  # EBADF
+    fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(OSError):
+            blockhash.write_parts(fd, 0, [b"x"], [None], 4096)
+        with pytest.raises(ValueError, match="multiple"):
+            blockhash.write_parts(fd, 0, [b"x"], [None], 4096, piece=1000)
+        with pytest.raises(ValueError, match="digest target"):
+            blockhash.write_parts(fd, 0, [b"x" * 5000], [bytearray(16)], 4096)
+        with pytest.raises(ValueError, match="targets"):
+            blockhash.write_parts(fd, 0, [b"x"], [], 4096)
+    finally:
+        os.close(fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -418,3 +419,78 @@ async def test_a_failing_sink_stops_capture_without_blocking_writers(caplog) -> 
     assert "No space left" in sink.marked[1]
     assert not stream.over_limit
     assert any("capture stopped after record 1" in r.message for r in caplog.records)
+
+
+class _PendingSink(ListSink):
+    """A sink that takes stored frames as frames.PendingFrame and writes them to a file the
+    way the spool does (digests computed on the way), or fails from a given frame on."""
+
+    accepts_pending = True
+
+    def __init__(self, path, *, fail_from: int | None = None) -> None:
+        super().__init__()
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.at = 0
+        self.pending = 0
+        self.fail_from = fail_from
+        self.marked: tuple[int, str] | None = None
+
+    def write_frame(self, frame, first_seq: int, last_seq: int) -> None:
+        if self.fail_from is not None and first_seq >= self.fail_from:
+            raise OSError(28, "No space left on device")
+        if isinstance(frame, frames.PendingFrame):
+            self.pending += 1
+            parts = frame.write_at(self.fd, self.at)
+        else:
+            parts = list(frame)
+            os.pwritev(self.fd, parts, self.at)
+        data = b"".join(bytes(memoryview(p)) for p in parts)
+        assert os.pread(self.fd, len(data), self.at) == data
+        self.at += len(data)
+        self.frames.append((data, first_seq, last_seq))
+
+    def mark_incomplete(self, last_seq: int, reason: str) -> None:
+        self.marked = (last_seq, reason)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        super().close()
+
+
+async def test_stored_frames_get_their_digests_as_they_are_written_in_order(tmp_path):
+    sink = _PendingSink(tmp_path / "spool")
+    stream = CaptureStream(sink, frame_bytes=1 << 20, flush_interval=60)
+    datas = [os.urandom(n) for n in (300_000, 1 << 20, 70_000, 5, (1 << 20) + 1)] * 6
+
+    async def work():
+        for i, data in enumerate(datas):
+            stream.emit_write(3, i << 21, data, i)
+            if i % 7 == 0:
+                stream.emit(Op.TRUNCATE, 3, i, i)
+
+    await _run_and_close(stream, work)
+    assert sink.pending > 1  # frames went through the one-pass write, several encoders
+    recs = sink.records()
+    assert [r[0] for r in recs] == list(range(1, stream.last_seq + 1))
+    writes = [r for r in recs if r[2] == Op.WRITE]
+    assert [r[5] for r in writes] == datas
+    for rec in writes:
+        assert rec[6] == blockhash.hash_blocks(rec[5], BLOCK_SIZE)
+    assert (tmp_path / "spool").read_bytes() == b"".join(f for f, _, _ in sink.frames)
+
+
+async def test_after_a_pending_frame_fails_later_frames_are_not_written(tmp_path):
+    sink = _PendingSink(tmp_path / "spool", fail_from=3)
+    stream = CaptureStream(sink, frame_bytes=1, flush_interval=60)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(stream.run)
+        for i in range(8):
+            stream.emit_write(1, i << 20, os.urandom(1 << 20), 0)
+        with trio.fail_after(10):
+            while stream.failed is None:
+                await trio.sleep(0.01)
+        await stream.aclose()
+    assert [f for _, f, _ in sink.frames] == [1, 2]
+    assert sink.marked is not None and sink.marked[0] == 2
+    assert "No space left" in (stream.failed or "")
+    assert stream.stats.last_seq_sunk == 2

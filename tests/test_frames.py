@@ -684,3 +684,49 @@ def test_encode_frame_iov_with_known_large_records_and_runs_between() -> None:
         parts = encode_frame_iov(records, large=large)
         assert b"".join(bytes(memoryview(p)) for p in parts) == encode_frame(records)
     assert len(encode_frame_iov(records[:1], large=[])) == 2  # header and one payload
+
+
+@pytest.mark.parametrize("datas", [
+    [os.urandom(1 << 20) for _ in range(4)],                       # stored: written in pieces
+    [os.urandom(70_000), b"small", os.urandom(300_000), b""],      # mixed sizes
+    [os.urandom(300_000), os.urandom((1 << 20) + 1)],              # a partial last block
+    [b"compressible " * 40_000, b"x" * 100_000],                   # compressed: digests first
+    [os.urandom(1000) for _ in range(10)],                         # below IOV_MIN
+])
+def test_a_pending_frame_written_gives_the_bytes_of_the_frame_with_its_digests(
+        datas: list[bytes], tmp_path) -> None:
+    from zfsrep import blockhash
+    from zfsrep.frames import BlockDigests, PendingFrame, prepare_frame
+
+    def records(deferred: bool) -> list[list]:
+        return [[5 + i, 7, 5, 42, i << 20, d,
+                 BlockDigests(d, 4096) if deferred and len(d) >= frames.IOV_MIN
+                 else blockhash.hash_blocks(d, 4096), 9] for i, d in enumerate(datas)]
+
+    expected = encode_frame(records(False))
+    frame = prepare_frame(records(True))
+    if isinstance(frame, PendingFrame):
+        assert frame.size == len(expected)
+        fd = os.open(tmp_path / "spool", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            parts = frame.write_at(fd, 1000)
+        finally:
+            os.close(fd)
+        assert (tmp_path / "spool").read_bytes()[1000:] == expected
+        assert b"".join(bytes(memoryview(p)) for p in parts) == expected
+    else:  # not stored, or too small: digests computed before packing, as before
+        assert b"".join(bytes(memoryview(p)) for p in frame) == expected
+    again = prepare_frame(records(True))
+    finished = again.finish() if isinstance(again, PendingFrame) else again
+    assert b"".join(bytes(memoryview(p)) for p in finished) == expected
+    assert decode_frame(expected)[1] == records(False)
+
+
+def test_block_digests_must_follow_their_own_large_value() -> None:
+    from zfsrep.frames import BlockDigests, prepare_frame
+
+    data, other = os.urandom(1 << 20), os.urandom(1 << 20)
+    with pytest.raises(ValueError, match="block digests"):
+        prepare_frame([[1, 7, 5, 42, 0, data, BlockDigests(other, 4096), 9]])
+    with pytest.raises(ValueError, match="block digests"):
+        prepare_frame([[1, 7, 5, 42, 0, BlockDigests(data, 4096), data, 9]])

@@ -318,3 +318,56 @@ def test_the_link_reader_hands_large_frames_out_as_file_ranges(spool: Path):
         reader.read(1, 5, 1 << 30)
     reader.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def _pending(first: int, datas: list[bytes]) -> tuple[frames.PendingFrame, list[list]]:
+    """A stored frame of WRITE records whose digests are computed as it is written, and the
+    records as they read back."""
+    from zfsrep import blockhash
+
+    recs = [[first + i, 7, Op.WRITE, 42, i << 20, d, frames.BlockDigests(d, 4096), 9]
+            for i, d in enumerate(datas)]
+    frame = frames.prepare_frame(recs)
+    assert isinstance(frame, frames.PendingFrame)
+    return frame, [[*r[:6], blockhash.hash_blocks(r[5], 4096), 9] for r in recs]
+
+
+def test_pending_frames_are_written_with_their_digests_between_ordinary_frames(spool: Path):
+    w = SpoolWriter(spool, IDENT)
+    w.keep_recent = 64 << 20
+    _write(w, 1, 2)
+    frame, expected = _pending(3, [os.urandom(1 << 20), os.urandom(300_000)])
+    w.write_frame(frame, 3, 4)
+    _write(w, 5, 1)
+    frame2, expected2 = _pending(6, [os.urandom((1 << 20) + 5)])
+    w.write_frame(frame2, 6, 6)
+    # the link's in-memory copy is the frame as written, digests included
+    recent = w.recent(3, 3, 1 << 30)
+    assert recent is not None
+    assert frames.decode_frame(b"".join(bytes(p) for p in recent[0][2]))[1] == expected
+    w.close()
+    assert list(iter_records(spool)) == [*_records(1, 2), *expected, *_records(5, 1),
+                                         *expected2]
+
+
+def test_a_pending_frame_whose_header_never_reached_the_disk_is_a_torn_tail(spool: Path,
+                                                                             caplog):
+    """The payload goes first and the header last: a crash between the two leaves zeros
+    where the header belongs, which reopening cuts like any torn tail."""
+    w = SpoolWriter(spool, IDENT)
+    _write(w, 1, 2)
+    frame, _expected = _pending(3, [os.urandom(1 << 20)])
+    w.write_frame(frame, 3, 3)
+    w.close()
+    last = segment_paths(spool)[-1]
+    size = last.stat().st_size
+    with open(last, "r+b") as f:  # as if the header had not been written
+        f.seek(size - frame.size)
+        f.write(bytes(frames.HEADER_SIZE))
+    caplog.set_level(logging.WARNING, logger="zfsrep.spool")
+    w = SpoolWriter(spool, IDENT)
+    assert any("cutting invalid tail" in r.getMessage() for r in caplog.records)
+    assert w.next_seq == 3
+    assert last.stat().st_size == size - frame.size
+    w.close()
+    assert _seqs(spool) == [1, 2]

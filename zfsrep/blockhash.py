@@ -17,6 +17,7 @@ The native calls release the GIL. They are meant for worker threads: hashing
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from itertools import compress
 from typing import Any, TypeAlias, cast
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
 DIGEST_SIZE = 16
+#: :func:`write_parts` hashes, checksums and writes its data in pieces of this size, each
+#: still in the CPU's cache from the step before (a core's L2 holds several).
+WRITE_PIECE = 256 * 1024
+IOV_MAX = 1024
 
 #: True when the compiled extension is in use, False for the pure-Python fallback.
 NATIVE: bool = _lib is not None
@@ -49,6 +54,25 @@ def block_count(length: int, block_size: int) -> int:
 def _check_block_size(block_size: int) -> None:
     if block_size <= 0:
         raise ValueError(f"block_size must be > 0, not {block_size}")
+
+
+def _check_piece(block_size: int, piece: int) -> None:
+    _check_block_size(block_size)
+    if piece <= 0 or piece % block_size:
+        raise ValueError(f"piece must be a positive multiple of {block_size}, not {piece}")
+
+
+def _pwritev_all(fd: int, offset: int, parts: list[memoryview]) -> None:
+    """pwritev until every byte of ``parts`` is written at ``offset`` on."""
+    parts = [p for p in parts if p.nbytes]
+    while parts:
+        written = os.pwritev(fd, parts[:IOV_MAX], offset)
+        offset += written
+        while parts and written >= parts[0].nbytes:
+            written -= parts[0].nbytes
+            parts = parts[1:]
+        if parts and written:
+            parts = [parts[0][written:], *parts[1:]]
 
 
 def _check_digests(digests: Buffer) -> int:
@@ -114,6 +138,17 @@ class reference:
     @staticmethod
     def digest_parts(parts: Sequence[Buffer]) -> bytes:
         return _xxh3(b"".join(_byte_view(p) for p in parts))
+
+    @staticmethod
+    def write_parts(fd: int, offset: int, parts: Sequence[Buffer],
+                    digests: Sequence[bytearray | None], block_size: int,
+                    piece: int = WRITE_PIECE) -> bytes:
+        _check_piece(block_size, piece)
+        for part, out in zip(parts, digests, strict=True):
+            if out is not None:
+                out[:] = reference.hash_blocks(part, block_size)
+        _pwritev_all(fd, offset, [_byte_view(p) for p in parts])
+        return reference.digest_parts(parts)
 
     @staticmethod
     def kernel() -> str:
@@ -185,6 +220,40 @@ def digest_parts(parts: Sequence[Buffer]) -> bytes:
     out = _ffi.new("uint8_t[]", DIGEST_SIZE)
     _lib.zb_digest_parts(ptrs, lens, len(srcs), out)
     return cast(bytes, _ffi.buffer(out, DIGEST_SIZE)[:])
+
+
+def write_parts(fd: int, offset: int, parts: Sequence[Buffer],
+                digests: Sequence[bytearray | None], block_size: int,
+                piece: int = WRITE_PIECE) -> bytes:
+    """Write the concatenation of ``parts`` to ``fd`` from ``offset`` on and return its
+    digest (that of :func:`digest_parts`). Where ``digests[i]`` is a bytearray, part ``i``
+    is also hashed block by block into it (it must hold ``block_count`` digests), and a
+    later part may be that bytearray: it is filled before it is reached. One pass over the
+    data, ``piece`` bytes at a time, each hashed, checksummed and written while in the CPU's
+    cache. OSError if a write fails (how much was written is then unknown)."""
+    _check_piece(block_size, piece)
+    if len(digests) != len(parts):
+        raise ValueError(f"{len(parts)} parts but {len(digests)} digest targets")
+    if _lib is None:
+        return reference.write_parts(fd, offset, parts, digests, block_size, piece)
+    srcs = [_cbuf(p) for p in parts]
+    outs = []
+    for src, out in zip(srcs, digests, strict=True):
+        if out is None:
+            outs.append(_ffi.NULL)
+            continue
+        if len(out) != block_count(len(src), block_size) * DIGEST_SIZE:
+            raise ValueError(f"digest target of {len(out)} bytes for {len(src)} bytes of data")
+        outs.append(_ffi.from_buffer("uint8_t[]", out, require_writable=True))
+    ptrs = _ffi.new("uint8_t *[]", srcs)
+    lens = _ffi.new("size_t[]", [len(b) for b in srcs])
+    targets = _ffi.new("uint8_t *[]", outs)
+    result = _ffi.new("uint8_t[]", DIGEST_SIZE)
+    err = _lib.zb_write_parts(fd, offset, ptrs, lens, targets, len(srcs), block_size, piece,
+                              result)
+    if err:
+        raise OSError(err, os.strerror(err))
+    return cast(bytes, _ffi.buffer(result, DIGEST_SIZE)[:])
 
 
 def kernel() -> str:

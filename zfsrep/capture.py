@@ -4,9 +4,10 @@ path, and hands the frames to a sink, with bounded memory.
 The request path (``emit``/``emit_write``, called on the event loop right after each backing
 system call) only appends a record to the current batch. A batch is handed on when it holds
 ``frame_bytes`` of data or ``flush_interval`` has passed; an encoder thread adds the per-block
-digests, packs and compresses the batch into a frame; the sink thread writes the frames in
-order. Neither waits for the event loop. Memory held for captured data (batched, encoding or
-being written) is bounded by ``memory_limit``: when the sink is slower than the application,
+digests, packs and compresses the batch into a frame and writes it to the sink when the frame
+before it is written; the sink thread reports the frames in order. None of them waits for the
+event loop. Memory held for captured data (batched, encoding or being written) is bounded by
+``memory_limit``: when the sink is slower than the application,
 :meth:`wait_for_room` makes the writer wait until the sink catches up, so the application runs
 at the sink's speed and nothing captured is dropped (see README, "When capture falls behind").
 """
@@ -56,7 +57,11 @@ class ExternalWrites(Protocol):
 class FrameSink(Protocol):
     """Where frames go. Methods are blocking and are called from one worker thread."""
 
-    def write_frame(self, frame: FrameData, first_seq: int, last_seq: int) -> None: ...
+    def write_frame(self, frame: FrameData | frames.PendingFrame, first_seq: int,
+                    last_seq: int) -> None: ...
+    # A sink with a true ``accepts_pending`` attribute is given stored frames as
+    # frames.PendingFrame (their digests are computed as they are written); others get
+    # FrameData only.
 
     def mark_incomplete(self, last_seq: int, reason: str) -> None: ...
 
@@ -241,20 +246,43 @@ class CaptureStream:
         st.last_seq_sunk = last
 
 
+class _Turn:
+    """Whose turn it is to write: set, with the error that stopped the sink or None, once
+    a frame is written (or given up)."""
+
+    __slots__ = ("_done", "error")
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self.error: str | None = None
+
+    def set(self, error: str | None) -> None:
+        self.error = error
+        self._done.set()
+
+    def wait(self) -> str | None:
+        self._done.wait()
+        return self.error
+
+
 class _Pipeline:
     """Encoder threads and one sink thread, outside the event loop: a frame never waits for
     the loop between being encoded and being written (the loop is busy serving requests).
 
-    Batches are encoded by ENCODERS threads in parallel and written by the sink thread in
-    the order they were submitted. After each frame the sink thread calls ``release(size)``
-    (from its own thread) and ``sunk(first, last, size, frame_bytes, error)``, which must
-    hand the call to the event loop. After a sink error, later frames are not written (they
-    are reported with ``frame_bytes`` -1) and the sink is marked incomplete."""
+    Batches are encoded by ENCODERS threads in parallel; each encoder then writes its frame
+    itself, after the frame submitted before it (turns): a stored frame's block digests,
+    checksum and spool write are then one pass over its data while it is in the CPU's cache
+    (:meth:`frames.PendingFrame.write_at`). The sink thread reports the frames in the order
+    they were submitted: after each it calls ``release(size)`` (from its own thread) and
+    ``sunk(first, last, size, frame_bytes, error)``, which must hand the call to the event
+    loop. After a sink error, later frames are not written (they are reported with
+    ``frame_bytes`` -1) and the sink is marked incomplete."""
 
     def __init__(self, sink: FrameSink, level: int, *,
                  sunk: Callable[[int, int, int, int, str | None], None],
                  release: Callable[[int], None], stopped: Callable[[], None]) -> None:
         self._sink = sink
+        self._pending = bool(getattr(sink, "accepts_pending", False))
         self._level = level
         self._sunk = sunk
         self._release = release
@@ -262,44 +290,71 @@ class _Pipeline:
         self._encoders = ThreadPoolExecutor(ENCODERS, thread_name_prefix="capture-encode")
         self._order: queue.SimpleQueue[tuple[Future, int, int, int] | None] = \
             queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._sink_loop, name="capture-sink",
+        self._turn = _Turn()
+        self._turn.set(None)
+        self._thread = threading.Thread(target=self._report_loop, name="capture-sink",
                                         daemon=True)
         self._thread.start()
 
     def submit(self, batch: list[list], size: int) -> None:
-        future = self._encoders.submit(encode_batch, batch, self._level)
-        self._order.put((future, batch[0][0], batch[-1][0], size))
+        first, last = batch[0][0], batch[-1][0]
+        prev, self._turn = self._turn, _Turn()
+        # (the executor starts work in submission order: the frame before is never waiting
+        # for a thread this one holds)
+        future = self._encoders.submit(self._encode_and_write, batch, first, last, prev,
+                                       self._turn)
+        self._order.put((future, first, last, size))
 
     def close(self) -> None:
-        """No more batches: the sink thread stops after writing the submitted ones."""
+        """No more batches: the sink thread stops after reporting the submitted ones."""
         self._order.put(None)
 
     def join(self) -> None:
         self._thread.join()
         self._encoders.shutdown(wait=True)
 
-    def _sink_loop(self) -> None:
-        failed: str | None = None
+    def _encode_and_write(self, batch: list[list], first: int, last: int, prev: _Turn,
+                          turn: _Turn) -> int:
+        """Encoder thread: encode, wait for the frame before, write. Returns the bytes
+        written, -1 if not written; raises the error that stopped the sink."""
+        error: str | None = None
+        try:
+            try:
+                frame = encode_batch(batch, self._level, deferred=self._pending)
+            except Exception as e:  # a bug: say so, stop capturing, keep serving
+                log.exception("capture: frame %d..%d could not be made", first, last)
+                frame, error = None, f"internal error: {e}"
+            before = prev.wait()
+            if before is not None:
+                error = before
+                return -1
+            if frame is None:
+                self._mark_incomplete(first - 1, error or "")
+                raise _SinkFailed(error)
+            try:
+                self._sink.write_frame(frame, first, last)
+                if isinstance(frame, frames.PendingFrame):
+                    return frame.size
+                return sum(memoryview(p).nbytes for p in frame)
+            except OSError as e:
+                error = f"cannot write the spool: {e.strerror or e}"
+            except Exception as e:
+                log.exception("capture: frame %d..%d could not be written", first, last)
+                error = f"internal error: {e}"
+            self._mark_incomplete(first - 1, error)
+            raise _SinkFailed(error)
+        finally:
+            turn.set(error)
+
+    def _report_loop(self) -> None:
         try:
             while (item := self._order.get()) is not None:
                 future, first, last, size = item
-                nbytes, error = -1, None
-                if failed is None:
-                    try:
-                        frame = future.result()
-                        self._sink.write_frame(frame, first, last)
-                        nbytes = sum(memoryview(p).nbytes for p in frame)
-                        del frame  # its buffers go as soon as written
-                    except OSError as e:
-                        error = f"cannot write the spool: {e.strerror or e}"
-                    except Exception as e:  # a bug: say so, stop capturing, keep serving
-                        log.exception("capture: frame %d..%d could not be made", first, last)
-                        error = f"internal error: {e}"
-                    if error is not None:
-                        failed = error
-                        self._mark_incomplete(first - 1, error)
-                else:
-                    future.cancel()
+                error: str | None = None
+                try:
+                    nbytes = future.result()
+                except _SinkFailed as e:
+                    nbytes, error = -1, str(e)
                 self._release(size)
                 self._sunk(first, last, size, nbytes, error)
         finally:
@@ -312,17 +367,28 @@ class _Pipeline:
             log.error("could not mark the spool incomplete: %s", e.strerror or e)
 
 
-def encode_batch(batch: list[list], level: int) -> list[bytes | memoryview]:
+class _SinkFailed(Exception):
+    """The frame was not written: the sink failed with this (one-line) reason."""
+
+
+def encode_batch(batch: list[list], level: int, *, deferred: bool = False
+                 ) -> list[bytes | memoryview] | frames.PendingFrame:
     """Fill in the block digests of WRITE records and encode the batch as one frame (a list
     of buffers, header first: large write data is referred to, not copied, when the frame
-    is stored), with the calling thread's compressor."""
+    is stored), with the calling thread's compressor. ``deferred``: the digests of large
+    writes are left to be computed as the frame is written, and a stored frame comes as a
+    :class:`frames.PendingFrame`."""
     large = []
     for i, rec in enumerate(batch):
         if rec[2] == Op.WRITE:
+            is_large = len(rec[5]) >= frames.IOV_MIN
             if rec[6] is None:
-                rec[6] = blockhash.hash_blocks(rec[5], BLOCK_SIZE)
-            if len(rec[5]) >= frames.IOV_MIN:
+                rec[6] = frames.BlockDigests(rec[5], BLOCK_SIZE) if deferred and is_large \
+                    else blockhash.hash_blocks(rec[5], BLOCK_SIZE)
+            if is_large:
                 large.append(i)
+    if deferred:
+        return frames.prepare_frame(batch, level=level, large=large)
     return frames.encode_frame_iov(batch, level=level, large=large)
 
 

@@ -13,6 +13,8 @@ one-line message names the failed check. Encoding errors (a caller bug) are ``Va
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 import threading
 import zlib
@@ -187,16 +189,48 @@ def _is_large(value: object) -> bool:
         memoryview(value).nbytes >= IOV_MIN
 
 
+class BlockDigests(bytearray):
+    """The block digests of a large record value ``source`` (``block_size`` blocks), to be
+    computed when the frame is written: a record value that :func:`prepare_frame` packs as
+    the bin it will hold (a placeholder of the right length until :meth:`fill`), so the
+    frame's bytes are those of the record with its digests computed first."""
+
+    def __init__(self, source: Buffer, block_size: int) -> None:
+        from zfsrep import blockhash
+
+        self.source = source
+        self.block_size = block_size
+        super().__init__(blockhash.block_count(memoryview(source).nbytes, block_size)
+                         * blockhash.DIGEST_SIZE)
+
+    def fill(self) -> None:
+        from zfsrep import blockhash
+
+        memoryview(self)[:] = blockhash.hash_blocks(self.source, self.block_size)
+
+
+def _bin_header(n: int) -> bytes:
+    """The msgpack header of a bin of ``n`` bytes (the smallest form, as msgpack packs)."""
+    if n < 0x100:
+        return bytes((0xC4, n))
+    if n < 0x10000:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return _BIN32.pack(0xC6, n)
+
+
 def _payload_iov(records: Sequence[Sequence], large: Sequence[int] | None = None
-                 ) -> tuple[list[bytes | memoryview], int]:
+                 ) -> tuple[list[bytes | memoryview], int, dict[int, BlockDigests]]:
     """The msgpack payload of ``records`` as buffers whose concatenation is exactly what
     ``msgpack.packb(records, use_bin_type=True)`` gives, with every bytes-like value of at
-    least IOV_MIN bytes referenced instead of copied. ``large``: the indices of the records
-    that hold such values, if the caller knows them (else every value is looked at)."""
+    least IOV_MIN bytes referenced instead of copied, and every :class:`BlockDigests` value
+    referenced too (``targets`` maps the index of its source's part to it). ``large``: the
+    indices of the records that hold such values, if the caller knows them (else every
+    value is looked at)."""
     packer = msgpack.Packer(use_bin_type=True)
     if large is None:
         large = [i for i, rec in enumerate(records) if any(map(_is_large, rec))]
     parts: list[bytes | memoryview] = []
+    targets: dict[int, BlockDigests] = {}
     buf = bytearray(packer.pack_array_header(len(records)))
     done = 0
     for i in (*large, len(records)):
@@ -208,19 +242,30 @@ def _payload_iov(records: Sequence[Sequence], large: Sequence[int] | None = None
             break
         rec = records[i]
         buf += packer.pack_array_header(len(rec))
+        source: tuple[int, object] | None = None  # the last large value's part, and it
         for value in rec:
-            if _is_large(value):
+            if isinstance(value, BlockDigests):
+                if source is None or source[1] is not value.source:
+                    raise ValueError(f"record {i}: block digests of a value that is not "
+                                     "the record's large value before them")
+                targets[source[0]] = value
+                buf += _bin_header(len(value))
+                parts.append(bytes(buf))
+                parts.append(memoryview(value))
+                buf = bytearray()
+            elif _is_large(value):
                 view = memoryview(value).cast("B")
                 buf += _BIN32.pack(0xC6, view.nbytes)
                 parts.append(bytes(buf))
                 parts.append(view)
+                source = (len(parts) - 1, value)
                 buf = bytearray()
             else:
                 buf += packer.pack(value)
         done = i + 1
     if buf:
         parts.append(bytes(buf))
-    return parts, sum(memoryview(p).nbytes for p in parts)
+    return parts, sum(memoryview(p).nbytes for p in parts), targets
 
 
 def _iov_slice(parts: Sequence[bytes | memoryview], start: int, n: int) -> bytes:
@@ -238,20 +283,85 @@ def _iov_slice(parts: Sequence[bytes | memoryview], start: int, n: int) -> bytes
     return bytes(out)
 
 
+class PendingFrame:
+    """A stored frame (its payload does not compress) whose :class:`BlockDigests` are still
+    to be computed: :meth:`write_at` computes them while it writes the frame, in one pass
+    over the data; :meth:`finish` computes them in memory. Either gives the bytes
+    :func:`encode_frame` gives for the records with their digests filled in."""
+
+    def __init__(self, fields: tuple, parts: list[bytes | memoryview],
+                 targets: dict[int, BlockDigests], raw_len: int) -> None:
+        self._fields = fields
+        self.parts = parts
+        self._targets = targets
+        self.size = HEADER_SIZE + raw_len
+
+    def header(self, checksum: bytes) -> bytes:
+        head = _BODY.pack(*self._fields, checksum[:8])
+        return head + _CRC.pack(zlib.crc32(head))
+
+    def finish(self) -> list[bytes | memoryview]:
+        """The frame as buffers, header first, with every digest computed."""
+        from zfsrep import blockhash
+
+        for digests in self._targets.values():
+            digests.fill()
+        return [self.header(blockhash.digest_parts(self.parts)), *self.parts]
+
+    def write_at(self, fd: int, offset: int) -> list[bytes | memoryview]:
+        """Write the frame at ``offset`` of the file ``fd``: the payload first, hashed,
+        checksummed and written piece by piece, then the header (until then a reader sees
+        no frame there, a crash leaves a torn tail). Returns the frame as buffers, header
+        first. OSError if a write fails."""
+        from zfsrep import blockhash
+
+        sizes = {d.block_size for d in self._targets.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"block digests of one frame in several block sizes: {sizes}")
+        block_size = sizes.pop() if sizes else blockhash.WRITE_PIECE
+        digests = [self._targets.get(i) for i in range(len(self.parts))]
+        checksum = blockhash.write_parts(fd, offset + HEADER_SIZE, self.parts, digests,
+                                         block_size)
+        head = self.header(checksum)
+        if os.pwrite(fd, head, offset) != len(head):
+            raise OSError(errno.EIO, "short write of a frame header")
+        return [head, *self.parts]
+
+
+def _fill(records: Sequence[Sequence], large: Sequence[int] | None) -> None:
+    """Compute every :class:`BlockDigests` value of ``records`` now (before they are packed
+    as they are)."""
+    for i in range(len(records)) if large is None else large:
+        for value in records[i]:
+            if isinstance(value, BlockDigests):
+                value.fill()
+
+
 def encode_frame_iov(records: Sequence[Sequence], *, level: int = 1,
                      large: Sequence[int] | None = None) -> list[bytes | memoryview]:
     """Encode ``records`` as one frame given as buffers to write back to back (header
     first): the same bytes as :func:`encode_frame`, but when the payload is stored (it does
     not compress) its large values are not copied, only referred to. For ``writev``.
     ``large`` lists the records holding values of at least IOV_MIN bytes, if known."""
+    frame = prepare_frame(records, level=level, large=large)
+    return frame.finish() if isinstance(frame, PendingFrame) else frame
+
+
+def prepare_frame(records: Sequence[Sequence], *, level: int = 1,
+                  large: Sequence[int] | None = None
+                  ) -> list[bytes | memoryview] | PendingFrame:
+    """:func:`encode_frame_iov`, except that a stored frame whose records hold
+    :class:`BlockDigests` comes as a :class:`PendingFrame`, to be written (or finished)
+    with its digests computed on the way."""
     count = len(records)
     if count == 0 or count > MAX_RECORDS:
         return list(encode_frame_parts(records, level=level))  # raises the ValueError
     first_seq = _check_seqs(records)
     if large is not None and not large:
         return list(encode_frame_parts(records, level=level))
-    parts, raw_len = _payload_iov(records, large)
+    parts, raw_len, targets = _payload_iov(records, large)
     if len(parts) <= 1 or raw_len < SAMPLE_MIN:
+        _fill(records, large)
         return list(encode_frame_parts(records, level=level))
     if raw_len > MAX_RAW_LEN:
         raise ValueError(f"payload of {raw_len} bytes exceeds limit {MAX_RAW_LEN}")
@@ -260,13 +370,11 @@ def encode_frame_iov(records: Sequence[Sequence], *, level: int = 1,
         _iov_slice(parts, start, SAMPLE_SLICE)
         for start in (0, (raw_len - SAMPLE_SLICE) // 2, raw_len - SAMPLE_SLICE)))
     if _sampled_worth_compressing(cctx, sample):
+        _fill(records, large)
         return list(encode_frame_parts(records, level=level, sampled=True))
-    from zfsrep import blockhash
-
     last_seq = first_seq + count - 1
     fields = (MAGIC, VERSION, FLAG_STORED, first_seq, last_seq, count, raw_len, raw_len)
-    head = _BODY.pack(*fields, blockhash.digest_parts(parts)[:8])
-    return [head + _CRC.pack(zlib.crc32(head)), *parts]
+    return PendingFrame(fields, parts, targets, raw_len)
 
 
 def _sampled_worth_compressing(cctx: zstandard.ZstdCompressor, raw: memoryview) -> bool:

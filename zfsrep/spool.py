@@ -207,9 +207,13 @@ class SpoolWriter:
         self._size = 0
         self._closing.append(self._closer.submit(_retire, old, self.path / SEGMENTS))
 
-    def write_frame(self, frame: bytes | Sequence[bytes | memoryview], first_seq: int,
-                    last_seq: int) -> None:
-        """Append one frame, given as bytes or as buffers written back to back."""
+    #: :meth:`write_frame` takes :class:`frames.PendingFrame` (the capture pipeline asks).
+    accepts_pending = True
+
+    def write_frame(self, frame: bytes | Sequence[bytes | memoryview] | frames.PendingFrame,
+                    first_seq: int, last_seq: int) -> None:
+        """Append one frame, given as bytes, as buffers written back to back, or as a
+        :class:`frames.PendingFrame` (its digests computed as it is written)."""
         if first_seq != self.next_seq:
             raise StateError(f"spool {self.path}: frame starts at {first_seq}, "
                              f"expected {self.next_seq}")
@@ -217,14 +221,20 @@ class SpoolWriter:
                 self._rotate_soon and self._size >= ROTATE_ACKED_BYTES):
             self._rotate_soon = False
             self._rotate(first_seq)
-        parts = [memoryview(frame)] if isinstance(frame, bytes) else [
-            memoryview(p) for p in frame]
-        size = sum(p.nbytes for p in parts)
+        if isinstance(frame, frames.PendingFrame):
+            size = frame.size
+        else:
+            parts = [memoryview(frame)] if isinstance(frame, bytes) else [
+                memoryview(p) for p in frame]
+            size = sum(p.nbytes for p in parts)
         if self.limit is not None and self.bytes + size > self.limit:
             raise OSError(errno.ENOSPC, f"spool limit of {self.limit >> 20} MiB reached "
                           "(the journal server has not acknowledged enough)")
         assert self._fd is not None
-        _writev_all(self._fd, parts)
+        if isinstance(frame, frames.PendingFrame):
+            parts = [memoryview(p) for p in frame.write_at(self._fd, self._size)]
+        else:
+            _pwritev_all(self._fd, self._size, parts)
         self._size += size
         with self._bytes_lock:
             self.bytes += size
@@ -306,10 +316,13 @@ class SpoolWriter:
         _fsync_dir(self.path / SEGMENTS)
 
 
-def _writev_all(fd: int, parts: list[memoryview]) -> None:
-    """writev until every byte of ``parts`` is written (a short write continues)."""
+def _pwritev_all(fd: int, offset: int, parts: list[memoryview]) -> None:
+    """pwritev at ``offset`` until every byte of ``parts`` is written (a short write
+    continues). Positioned writes: frames written by :meth:`frames.PendingFrame.write_at`
+    do not move the file offset either."""
     while parts:
-        written = os.writev(fd, parts[:IOV_MAX])
+        written = os.pwritev(fd, parts[:IOV_MAX], offset)
+        offset += written
         while parts and written >= parts[0].nbytes:
             written -= parts[0].nbytes
             parts = parts[1:]
