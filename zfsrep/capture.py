@@ -4,23 +4,22 @@ path, and hands the frames to a sink, with bounded memory.
 The request path (``emit``/``emit_write``, called on the event loop right after each backing
 system call) only appends a record to the current batch. A batch is handed on when it holds
 ``frame_bytes`` of data or ``flush_interval`` has passed; an encoder thread adds the per-block
-digests, packs and compresses the batch into a frame and writes it to the sink when the frame
-before it is written; the sink thread reports the frames in order. None of them waits for the
-event loop. Memory held for captured data (batched, encoding or being written) is bounded by
-``memory_limit``: when the sink is slower than the application,
-:meth:`wait_for_room` makes the writer wait until the sink catches up, so the application runs
-at the sink's speed and nothing captured is dropped (see README, "When capture falls behind").
+digests, packs and compresses the batch into a frame, writes it to the sink when the frame
+before it is written and reports it to the event loop. None of them waits for the loop.
+Memory held for captured data (batched, encoding or being written) is bounded by
+``memory_limit``: when the sink is slower than the application, :meth:`wait_for_room` makes
+the writer wait until the sink catches up, so the application runs at the sink's speed and
+nothing captured is dropped (see README, "When capture falls behind").
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -55,7 +54,8 @@ class ExternalWrites(Protocol):
 
 
 class FrameSink(Protocol):
-    """Where frames go. Methods are blocking and are called from one worker thread."""
+    """Where frames go. Methods are blocking and are called from the encoder threads, one
+    call at a time, frames in order."""
 
     def write_frame(self, frame: FrameData | frames.PendingFrame, first_seq: int,
                     last_seq: int) -> None: ...
@@ -181,11 +181,11 @@ class CaptureStream:
     # ---- background workers ------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """Run the encoder and sink threads until :meth:`aclose` and the queue is drained."""
+        """Run the encoder threads until :meth:`aclose` and everything captured is sunk."""
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
 
-        def on_loop(fn: Callable[..., object], *args: object) -> None:  # from the sink thread
+        def on_loop(fn: Callable[..., object], *args: object) -> None:  # from an encoder thread
             # (if the loop is gone, the daemon is failing for another reason)
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(fn, *args)
@@ -221,13 +221,13 @@ class CaptureStream:
                 self._hand_off()
 
     def _release(self, size: int) -> None:
-        """Sink thread: a frame of ``size`` bytes is written; the fast path may use the room
+        """Encoder thread: a frame of ``size`` bytes is written; the fast path may use the room
         at once (the event loop learns of it in :meth:`_sunk`)."""
         if self._external is not None:
             self._external.add_held(-size)
 
     def _sunk(self, first: int, last: int, size: int, nbytes: int, error: str | None) -> None:
-        """Event loop: the sink thread wrote (or failed to write) records first..last."""
+        """Event loop: an encoder wrote (or failed to write) records first..last."""
         self._held -= size
         if error is not None and self.failed is None:
             self.failed = error
@@ -266,17 +266,18 @@ class _Turn:
 
 
 class _Pipeline:
-    """Encoder threads and one sink thread, outside the event loop: a frame never waits for
-    the loop between being encoded and being written (the loop is busy serving requests).
+    """Encoder threads outside the event loop: a frame never waits for the loop between
+    being encoded and being written (the loop is busy serving requests).
 
     Batches are encoded by ENCODERS threads in parallel; each encoder then writes its frame
     itself, after the frame submitted before it (turns): a stored frame's block digests,
     checksum and spool write are then one pass over its data while it is in the CPU's cache
-    (:meth:`frames.PendingFrame.write_at`). The sink thread reports the frames in the order
-    they were submitted: after each it calls ``release(size)`` (from its own thread) and
-    ``sunk(first, last, size, frame_bytes, error)``, which must hand the call to the event
-    loop. After a sink error, later frames are not written (they are reported with
-    ``frame_bytes`` -1) and the sink is marked incomplete."""
+    (:meth:`frames.PendingFrame.write_at`). Still in its turn, so in submission order, the
+    encoder calls ``release(size)`` and ``sunk(first, last, size, frame_bytes, error)``
+    (which must hand the call to the event loop); no other thread wakes up per frame. After
+    a sink error, later frames are not written (they are reported with ``frame_bytes`` -1)
+    and the sink is marked incomplete. ``stopped()`` is called once, after the last frame
+    submitted before :meth:`close` was reported."""
 
     def __init__(self, sink: FrameSink, level: int, *,
                  sunk: Callable[[int, int, int, int, str | None], None],
@@ -288,87 +289,71 @@ class _Pipeline:
         self._release = release
         self._stopped = stopped
         self._encoders = ThreadPoolExecutor(ENCODERS, thread_name_prefix="capture-encode")
-        self._order: queue.SimpleQueue[tuple[Future, int, int, int] | None] = \
-            queue.SimpleQueue()
         self._turn = _Turn()
         self._turn.set(None)
-        self._thread = threading.Thread(target=self._report_loop, name="capture-sink",
-                                        daemon=True)
-        self._thread.start()
 
     def submit(self, batch: list[list], size: int) -> None:
-        first, last = batch[0][0], batch[-1][0]
         prev, self._turn = self._turn, _Turn()
         # (the executor starts work in submission order: the frame before is never waiting
         # for a thread this one holds)
-        future = self._encoders.submit(self._encode_and_write, batch, first, last, prev,
-                                       self._turn)
-        self._order.put((future, first, last, size))
+        self._encoders.submit(self._encode_and_write, batch, size, prev, self._turn)
 
     def close(self) -> None:
-        """No more batches: the sink thread stops after reporting the submitted ones."""
-        self._order.put(None)
+        """No more batches: ``stopped`` follows the report of the last one."""
+        last = self._turn
+
+        def finish() -> None:
+            last.wait()
+            self._stopped()
+
+        self._encoders.submit(finish)
 
     def join(self) -> None:
-        self._thread.join()
         self._encoders.shutdown(wait=True)
 
-    def _encode_and_write(self, batch: list[list], first: int, last: int, prev: _Turn,
-                          turn: _Turn) -> int:
-        """Encoder thread: encode, wait for the frame before, write. Returns the bytes
-        written, -1 if not written; raises the error that stopped the sink."""
-        error: str | None = None
+    def _encode_and_write(self, batch: list[list], size: int, prev: _Turn,
+                          turn: _Turn) -> None:
+        """Encoder thread: encode, wait for the frame before, write, report, pass the
+        turn on (with the error that stopped the sink, if any)."""
+        first, last = batch[0][0], batch[-1][0]
+        nbytes, error, stop = -1, None, None
         try:
             try:
                 frame = encode_batch(batch, self._level, deferred=self._pending)
             except Exception as e:  # a bug: say so, stop capturing, keep serving
                 log.exception("capture: frame %d..%d could not be made", first, last)
                 frame, error = None, f"internal error: {e}"
-            before = prev.wait()
-            if before is not None:
-                error = before
-                return -1
-            if frame is None:
-                self._mark_incomplete(first - 1, error or "")
-                raise _SinkFailed(error)
-            try:
-                self._sink.write_frame(frame, first, last)
-                if isinstance(frame, frames.PendingFrame):
-                    return frame.size
-                return sum(memoryview(p).nbytes for p in frame)
-            except OSError as e:
-                error = f"cannot write the spool: {e.strerror or e}"
-            except Exception as e:
-                log.exception("capture: frame %d..%d could not be written", first, last)
-                error = f"internal error: {e}"
-            self._mark_incomplete(first - 1, error)
-            raise _SinkFailed(error)
-        finally:
-            turn.set(error)
-
-    def _report_loop(self) -> None:
-        try:
-            while (item := self._order.get()) is not None:
-                future, first, last, size = item
-                error: str | None = None
+            del batch
+            stop = prev.wait()
+            if stop is not None:  # an earlier frame failed: this one is not written
+                error = None
+                return
+            if frame is not None:
                 try:
-                    nbytes = future.result()
-                except _SinkFailed as e:
-                    nbytes, error = -1, str(e)
+                    self._sink.write_frame(frame, first, last)
+                    nbytes = frame.size if isinstance(frame, frames.PendingFrame) else \
+                        sum(memoryview(p).nbytes for p in frame)
+                except OSError as e:
+                    error = f"cannot write the spool: {e.strerror or e}"
+                except Exception as e:
+                    log.exception("capture: frame %d..%d could not be written", first, last)
+                    error = f"internal error: {e}"
+                del frame  # its buffers go as soon as written
+            if error is not None:
+                stop = error
+                self._mark_incomplete(first - 1, error)
+        finally:
+            try:
                 self._release(size)
                 self._sunk(first, last, size, nbytes, error)
-        finally:
-            self._stopped()
+            finally:
+                turn.set(stop)
 
     def _mark_incomplete(self, last_good_seq: int, reason: str) -> None:
         try:
             self._sink.mark_incomplete(last_good_seq, reason)
         except OSError as e:
             log.error("could not mark the spool incomplete: %s", e.strerror or e)
-
-
-class _SinkFailed(Exception):
-    """The frame was not written: the sink failed with this (one-line) reason."""
 
 
 def encode_batch(batch: list[list], level: int, *, deferred: bool = False

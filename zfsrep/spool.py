@@ -12,6 +12,7 @@ cuts a torn or corrupt tail (a crash in the middle of a write), logging what it 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -159,7 +160,8 @@ class SpoolWriter:
         # durable) by this worker while frames go on into the next segment: the writer does
         # not stall for a 64 MiB fsync unless CLOSING_MAX segments are still waiting for the
         # disk. close() waits for all of them.
-        self._closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-fsync")
+        self._closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-fsync",
+                                          initializer=_background)
         self._closing: deque[Future[None]] = deque()
         self._open()
 
@@ -328,6 +330,13 @@ def _pwritev_all(fd: int, offset: int, parts: list[memoryview]) -> None:
             parts = parts[1:]
         if parts and written:
             parts = [parts[0][written:], *parts[1:]]
+
+
+def _background() -> None:
+    """Lower this thread's priority (nice 19): it only waits for the disk, and at normal
+    priority each of its wakeups preempts the application or the mount's request path."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _retire(fd: int | None, segments: Path) -> None:
