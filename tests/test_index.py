@@ -715,3 +715,46 @@ def test_pack_compression_backs_off_on_random_data_and_resumes_on_text() -> None
 
     with ThreadPoolExecutor(1) as pool:  # fresh thread-local state, as a worker has
         pool.submit(run).result()
+
+
+def test_extents_from_one_row_per_run_equal_the_block_by_block_ones(tmp_path: Path):
+    """IndexView.extents takes runs of blocks from SQLite (one row per run) when no block of
+    the range has two versions or a hole; the extents are then those the block rows give,
+    and a range where a block was rewritten, truncated or holed falls back to them."""
+    rng = random.Random(11)
+    s = Stream().add(Op.SETATTR, ROOT, DIR | 0o755, 0, 0, T)
+    s.new(ROOT, b"a", 11, REG | 0o644).new(ROOT, b"b", 12, REG | 0o644)
+    for i in range(8):  # b: written once, front to back, a short last block
+        s.write(12, i * 70_000, rng.randbytes(70_000) if i % 2 else b"text " * 14_000)
+    for _ in range(30):  # a: overwrites, truncates down and up, holes
+        what = rng.random()
+        if what < 0.15:
+            s.add(Op.TRUNCATE, 11, rng.randrange(0, 40 * 4096), T)
+        else:
+            off = rng.randrange(0, 40 * 4096)
+            data = rng.randbytes(rng.randrange(1, 60_000)) if what < 0.6 else \
+                b"abc" * rng.randrange(1, 20_000)
+            s.write(11, off, data)
+    voldir = tmp_path / "vol"
+    idx = VolumeIndex(voldir, ROOT)
+    idx.apply(s.records)
+    idx.commit()
+    idx.close()
+    used = {"runs": 0, "rows": 0}
+    for seq in range(4, len(s.records) + 1):
+        with IndexView(voldir, seq) as v:
+            for ident in (11, 12):
+                size = v.getattr(ident).size
+                for off, n in ((0, size + 1), (4095, 5 * 4096 + 7), (size // 3, size)):
+                    fast = v.extents(ident, off, n)
+                    runs = v._whole_runs(ident, v._node(ident)[1], off // 4096,
+                                         max(off, min(size, off + n) - 1) // 4096)
+                    used["runs" if runs is not None else "rows"] += 1
+                    end, rows = v._range(ident, off, n)
+                    assert fast == v._extents(rows, off, end), (seq, ident, off, n)
+                    got = bytearray(max(0, end - off))
+                    for at, length, pack_no, src in fast:
+                        got[at - off:at - off + length] = src if pack_no is None else \
+                            os.pread(v.pack_fd(pack_no), length, src)
+                    assert bytes(got) == v.read(ident, off, n), (seq, ident, off, n)
+    assert used["runs"] > 20 and used["rows"] > 20, used

@@ -62,7 +62,26 @@ WHERE blen > 0 ORDER BY blk
 """
 
 
+#: The runs of a block range with one row per run (see IndexView._whole_runs): blocks stored
+#: back to back in one group share ``blk * BS - boff``.
+RUNS_SQL = f"""
+SELECT min(blk), max(blk), gloc, glen, min(boff), count(*), sum(blen < {BS}),
+       max(CASE WHEN blen < {BS} THEN blk END),
+       max(blk * {BS * 2} + blen) - max(blk) * {BS * 2}, sum(blen = 0)
+  FROM blocks WHERE ident = ?3 AND blk BETWEEN ?1 AND ?2 AND seq <= ?4 AND seq >= ?5
+ GROUP BY gloc, blk * {BS} - boff
+"""
+
 _ZEROS = bytes(1 << 20)
+
+
+def _clip(runs: list[tuple], offset: int, end: int):
+    """:meth:`IndexView._whole_runs` runs clipped to ``offset..end``, as
+    :meth:`IndexView._runs` gives them."""
+    for start, stop, gloc, glen, boff in runs:
+        a, b = max(offset, start), min(end, stop)
+        if b > a:
+            yield a, b, gloc, glen, boff + a - start
 
 
 def _zero(dst: memoryview) -> None:
@@ -240,13 +259,51 @@ class IndexView:
         straight from :meth:`pack_fd`, adjacent ones merged), ``(file offset, length, None,
         bytes)`` for bytes decompressed here."""
         with self._lock:
+            node, born, _ = self._node(ident)
+            end = min(node.size, offset + size)
+            if not stat.S_ISDIR(node.mode) and offset >= 0 and end > offset:
+                runs = self._whole_runs(ident, born, offset // BS, (end - 1) // BS)
+                if runs is not None:
+                    return self._extents(runs, offset, end, runs=True)
             end, rows = self._range(ident, offset, size)
             return self._extents(rows, offset, end)
 
-    def _extents(self, rows: list[tuple], offset: int, end: int) -> list[tuple]:
-        self.packs.prefetch([(r[1], r[2]) for r in rows if r[2] & 1])
+    def _whole_runs(self, ident: int, born: int, first: int, last: int
+                    ) -> list[tuple] | None:
+        """The runs of blocks ``first..last`` stored back to back, one row per run from
+        SQLite instead of one per block (a GiB has 262,144 blocks, and building their rows
+        in Python cost ~0.9 CPU-s): ``(file start, file end, gloc, glen, offset in the raw
+        group)`` like :meth:`_runs` (unclipped). None when a block of the range has more than
+        one version or a hole (the rows then say which version wins, block by block): the
+        runs are sorted and must neither overlap nor have a gap inside, every block but a
+        run's last must be whole, and no block may be empty; two versions of a block are in
+        two runs, which then overlap."""
+        found = self._q(RUNS_SQL, (first, last, ident, self.seq, born)).fetchall()
+        found.sort()
         out: list[tuple] = []
-        for a, b, gloc, glen, lo in self._runs(rows, offset, end):
+        prev_end = -1
+        for lo_blk, hi_blk, gloc, glen, boff, count, short, short_blk, last_len, empty in found:
+            if (empty or lo_blk <= prev_end or count != hi_blk - lo_blk + 1
+                    or short > 1 or (short == 1 and short_blk != hi_blk)):
+                return None
+            run_len = (hi_blk - lo_blk) * BS + last_len
+            if boff + run_len > GROUP_RAW_MAX:
+                raise CorruptDataError(f"block outside its group at {gloc:#x}")
+            out.append((lo_blk * BS, lo_blk * BS + run_len, gloc, glen, boff))
+            prev_end = hi_blk
+        return out
+
+    def _extents(self, rows: list[tuple], offset: int, end: int, runs: bool = False
+                 ) -> list[tuple]:
+        """Extents from block rows, or (``runs``) from :meth:`_whole_runs`."""
+        if runs:
+            self.packs.prefetch([(r[2], r[3]) for r in rows if r[3] & 1])
+            pieces = _clip(rows, offset, end)
+        else:
+            self.packs.prefetch([(r[1], r[2]) for r in rows if r[2] & 1])
+            pieces = self._runs(rows, offset, end)
+        out: list[tuple] = []
+        for a, b, gloc, glen, lo in pieces:
             if glen & 1:
                 raw = self.packs.group(gloc, glen)
                 if lo + b - a > len(raw):
