@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """What the capture encoder's passes over a frame cost, whole frame or piece by piece.
 
-The capture path hashes every 4 KiB block of a frame's data (``blockhash.hash_blocks``),
-checksums the frame (``blockhash.digest_parts``) and writes it to the spool, each over the
-whole 4 MiB frame in turn: by the time the write reads the frame again, it has left the
-core's L2 cache. This measures the same three steps over 1 GiB of frames that are not in
-any cache, done frame by frame ("whole") against piece by piece ("pieces", each piece hashed,
-checksummed and written before the next is touched), in CPU seconds of this process per GiB,
-alone and while other processes write into the page cache (as fio and the backing-file writes
-do beside the capture in a protected mount). Medians of ``--runs`` interleaved runs; the
-ratio is pieces/whole. Writes go to a scratch file under ``--workdir`` (deleted at the end).
+The capture path hashed every 4 KiB block of a frame's data (``blockhash.hash_blocks``),
+checksummed the frame (``blockhash.digest_parts``) and wrote it to the spool, each over the
+whole 4 MiB frame in turn ("whole"): by the time the write reads the frame again, it has left
+the core's L2 cache. This measures the same three steps over 1 GiB of frames that are not in
+any cache, done frame by frame ("whole"), piece by piece from Python ("pieces", each piece
+hashed, checksummed and written before the next is touched) and in one native call that does
+the pieces itself ("native", ``blockhash.write_parts``: what the encoder does since), in CPU
+seconds of this process per GiB, alone and while other processes write into the page cache
+(as fio and the backing-file writes do beside the capture in a protected mount). Medians of
+``--runs`` interleaved runs; the ratio is native/whole. Writes go to a scratch file under
+``--workdir`` (deleted at the end).
 
     /tmp/venv/bin/python bench/bench_capture_pass.py            # ~1 minute
 """
@@ -59,6 +61,13 @@ def pieces(fd: int, buf: bytearray, off: int, piece: int) -> None:
         os.pwrite(fd, part, off + at)
 
 
+def native(fd: int, buf: bytearray, off: int, piece: int) -> None:
+    """What the capture encoder does now: one call (blockhash.write_parts, native/'s
+    zb_write_parts) that takes the frame piece by piece, with the GIL released."""
+    digests = bytearray(blockhash.block_count(len(buf), BLOCK) * blockhash.DIGEST_SIZE)
+    blockhash.write_parts(fd, off, [buf], [digests], BLOCK, piece)
+
+
 def cpu_per_gib(fn, fd: int, frames: list[bytearray], piece: int) -> float:
     os.ftruncate(fd, 0)
     n = (1 << 30) // FRAME
@@ -91,19 +100,19 @@ def main() -> int:
                                          os.path.join(work, f"w{i}")],
                                         stdin=subprocess.DEVNULL) for i in range(nproc)]
             try:
-                got: dict[str, list[float]] = {"whole": [], "pieces": []}
+                got: dict[str, list[float]] = {"whole": [], "pieces": [], "native": []}
                 for run in range(args.runs):
-                    for name, fn in (("whole", whole), ("pieces", pieces)):
+                    for name, fn in (("whole", whole), ("pieces", pieces), ("native", native)):
                         got[name].append(cpu_per_gib(fn, fd, frames, piece))
                     print(f"[{label}] run {run + 1}/{args.runs}: whole "
-                          f"{got['whole'][-1]:.3f}, pieces {got['pieces'][-1]:.3f} CPU-s/GiB",
-                          file=sys.stderr)
+                          f"{got['whole'][-1]:.3f}, pieces {got['pieces'][-1]:.3f}, native "
+                          f"{got['native'][-1]:.3f} CPU-s/GiB", file=sys.stderr)
             finally:
                 for w in writers:
                     w.kill()
                     w.wait()
-            w_med, p_med = statistics.median(got["whole"]), statistics.median(got["pieces"])
-            rows.append((label, w_med, p_med))
+            rows.append((label, *(statistics.median(got[k])
+                                   for k in ("whole", "pieces", "native"))))
     finally:
         os.close(fd)
         for name in os.listdir(work):
@@ -112,14 +121,16 @@ def main() -> int:
     if args.json:
         print(json.dumps({"piece_kib": args.piece, "runs": args.runs, "rows": [
             {"condition": label, "whole_cpu_s_per_gib": round(w_med, 4),
-             "pieces_cpu_s_per_gib": round(p_med, 4)} for label, w_med, p_med in rows]}))
+             "pieces_cpu_s_per_gib": round(p_med, 4), "native_cpu_s_per_gib": round(n_med, 4)}
+            for label, w_med, p_med, n_med in rows]}))
         return 0
     print(f"hash + checksum + write of 1 GiB in 4 MiB frames ({args.piece} KiB pieces), "
           f"CPU-s of this process per GiB, median of {args.runs}; nproc={os.cpu_count()}")
-    print(f"{'condition':<24} {'whole':>7} {'pieces':>7}  {'ratio':>6}  saved")
-    for label, w_med, p_med in rows:
-        print(f"{label:<24} {w_med:7.3f} {p_med:7.3f}  {p_med / w_med:5.2f}x  "
-              f"{w_med - p_med:.3f}")
+    print(f"{'condition':<24} {'whole':>7} {'pieces':>7} {'native':>7}  {'native/whole':>12}"
+          "  saved")
+    for label, w_med, p_med, n_med in rows:
+        print(f"{label:<24} {w_med:7.3f} {p_med:7.3f} {n_med:7.3f}  {n_med / w_med:11.2f}x  "
+              f"{w_med - n_med:.3f}")
     return 0
 
 
