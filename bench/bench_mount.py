@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _mounts  # noqa: E402
 from _mounts import FuseMount, MountError  # noqa: E402
+from hoststeal import StealMeter, describe  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_CONFIGS = ["native", "passthrough_ll", "zfsrep", "zfsrep-nocapture"]
@@ -526,6 +527,7 @@ class Cell:
     notes: list[str] = field(default_factory=list)
     io_bytes: list[int] = field(default_factory=list)
     spool_bytes: list[int | None] = field(default_factory=list)
+    steal: list[float | None] = field(default_factory=list)
 
 
 def run_all(env: Env, configs: list[str], workloads: list[Workload], args) -> dict:
@@ -536,6 +538,7 @@ def run_all(env: Env, configs: list[str], workloads: list[Workload], args) -> di
             io_bytes=[0] * args.runs,
             spool_bytes=[None] * args.runs,
             notes=[""] * args.runs,
+            steal=[None] * args.runs,
         )
         for w in workloads
         for c in configs
@@ -551,7 +554,9 @@ def run_all(env: Env, configs: list[str], workloads: list[Workload], args) -> di
                 os.sync()  # settle the previous measurement's writeback
                 try:
                     with env.target(cfg, keep=w.keep) as t:
+                        meter = StealMeter()
                         res = w.func(t, sz)
+                        cell.steal[run] = meter.fraction()
                     cell.values[run], cell.io_bytes[run] = res.value, res.io_bytes
                     cell.notes[run] = res.note
                     if w.capture:
@@ -568,9 +573,13 @@ def run_all(env: Env, configs: list[str], workloads: list[Workload], args) -> di
                 log(
                     f"[run {run + 1}/{args.runs} {time.monotonic() - t_start:6.0f}s] "
                     f"{w.key:<9} {cfg:<16} {fmt_val(res.value, w.unit):>10} {w.unit:<7} "
-                    f"{res.note}"
+                    f"{res.note}{_steal_note(cell.steal[run])}"
                 )
     return {"cells": cells, "elapsed": time.monotonic() - t_start}
+
+
+def _steal_note(fraction: float | None) -> str:
+    return f"  (host steal {100 * fraction:.0f}%)" if fraction is not None else ""
 
 
 # ============================================================================ report
@@ -780,6 +789,8 @@ def print_report(report: dict) -> None:
             "mount / unmount time (median s): "
             + ", ".join(f"{c} {v[0]:.2f}/{v[1]:.2f}" for c, v in mt.items())
         )
+    print()
+    print(describe([f for fs in report.get("steal", {}).values() for f in fs]))
 
 
 # ============================================================================ main
@@ -879,6 +890,8 @@ def main(argv: list[str] | None = None) -> int:
             c: (med(env.mount_times[c]), med(env.unmount_times.get(c, [])) or 0.0)
             for c in env.mount_times
         },
+        # the host's steal during each measurement, as a fraction of all CPU time
+        "steal": {f"{w}/{c}": cell.steal for (w, c), cell in cells.items()},
     }
     if args.json:
         json.dump(report, sys.stdout, indent=2)

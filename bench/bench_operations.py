@@ -41,6 +41,7 @@ sys.path.insert(0, HERE)
 import _mounts  # noqa: E402
 from _mounts import FuseMount  # noqa: E402
 from bench_replication import Env, add_env_args, drop_caches, journal_server, log, run_fio  # noqa: E402
+from hoststeal import StealMeter, describe  # noqa: E402
 
 VPG = "ops"
 TARGET_S = 2.0
@@ -239,8 +240,10 @@ def main() -> int:
     try:
         for text in args.sizes.split(","):
             log(f"[{text}] preparing")
+            meter = StealMeter()
             rows.append(measure(env, parse_size(text), args.repeats, args.live_repeats,
                                 colds))
+            rows[-1]["steal"] = meter.fraction()  # the host's, during this size's runs
     finally:
         env.cleanup()
     if args.json:
@@ -278,6 +281,8 @@ def main() -> int:
     for r in rows:
         print(f"{r['size'] >> 20:>5} MiB  {r['restore_s']:>9.2f}  "
               f"{r['restore_rollback_s']:>10.2f}")
+    print()
+    print(describe([r.get("steal") for r in rows]))
     return 0
 
 

@@ -68,6 +68,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(1, REPO)
 import _mounts  # noqa: E402
 from _mounts import FuseMount, MountError  # noqa: E402
+from hoststeal import StealMeter, describe  # noqa: E402
 
 MiB = 1 << 20
 VPG = "b"
@@ -976,6 +977,8 @@ def print_report(report: dict) -> None:
         ])
     print(table(["figure", "median", "unit", "spread", "runs", "baseline (median)", "ratio",
                  "target", "result", "note"], body, right={1, 3, 4, 6}))
+    print()
+    print(describe(report.get("steal", [])))
 
 
 def cmd_out(argv: list[str]) -> str:
@@ -1039,6 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
     text = None
     interrupted = False
     t_start = time.monotonic()
+    steal: list[float | None] = []
     try:
         log(f"work dir {env.root} ({_mounts.fs_type(args.workdir)}); benchmarks "
             f"{args.bench_list}; runs {args.runs}; "
@@ -1049,6 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 log(f"[run {run + 1}/{args.runs} {time.monotonic() - t_start:6.0f}s] {b}")
                 os.sync()
+                meter = StealMeter()
                 try:
                     if b == "rpo":
                         bench_rpo(env, res, run, sz)
@@ -1067,6 +1072,9 @@ def main(argv: list[str] | None = None) -> int:
                     env.skipped[b] = str(e)
                 except (BenchError, OSError, subprocess.SubprocessError, KeyError) as e:
                     log(f"!! {b} (run {run + 1}) failed: {e!r}")
+                steal.append(meter.fraction())
+                if steal[-1] is not None:
+                    log(f"   host steal {100 * steal[-1]:.0f}%")
     except KeyboardInterrupt:
         interrupted = True
         log("\ninterrupted: unmounting and cleaning up")
@@ -1081,6 +1089,7 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": env.skipped,
         "elapsed": time.monotonic() - t_start,
         "rows": build_rows(res),
+        "steal": steal,  # the host's steal during each benchmark run (fraction of CPU time)
     }
     if args.json:
         json.dump(report, sys.stdout, indent=2)
