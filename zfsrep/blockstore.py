@@ -18,14 +18,17 @@ newer packs, so a crash leaves no garbage that a reader could ever be pointed at
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import zstandard
+if TYPE_CHECKING:  # (imported where used: readers of the store need neither)
+    import concurrent.futures
+
+    import zstandard
 
 from zfsrep.errors import CorruptDataError, OSFailure
 from zfsrep.records import BLOCK_SIZE
@@ -76,6 +79,8 @@ def _compress_all(raws: list[bytes | memoryview]) -> list[bytes | memoryview]:
     and compressible data is noticed again."""
     c = getattr(_local, "cctx", None)
     if c is None:
+        import zstandard
+
         c = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
         _local.streak = _local.skipped = 0
         _local.gap = PROBE_EVERY
@@ -191,6 +196,8 @@ class PackWriter:
         """Compress groups on a worker thread; the future's result is the list of
         compressed forms (the caller keeps the raw form where that is not smaller)."""
         if self._pool is None:
+            import concurrent.futures
+
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="zstd")
         return self._pool.submit(_compress_all, raws)
@@ -377,7 +384,7 @@ class PackReader:
         self.sequential = False
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_max = cache_groups
-        self._dctx = zstandard.ZstdDecompressor()
+        self._dctx: zstandard.ZstdDecompressor | None = None  # made for the first compressed
         self.preads = 0  # number of pread calls (tests and the docs' cost argument use it)
 
     def fd(self, pack_no: int) -> int:
@@ -401,6 +408,10 @@ class PackReader:
         if len(blob) != glen >> 1:
             raise CorruptDataError(f"pack group at {gloc:#x} is truncated")
         if glen & 1:
+            import zstandard
+
+            if self._dctx is None:
+                self._dctx = zstandard.ZstdDecompressor()
             try:
                 return self._dctx.decompress(blob)
             except zstandard.ZstdError as e:

@@ -65,6 +65,6 @@ class SnapshotView(Protocol):
 def open_view(volume_dir: Path, seq: int) -> SnapshotView:
     """Open the tree of the volume stored in ``volume_dir`` as of record ``seq`` (read-only;
     safe while the journal server goes on indexing newer records)."""
-    from zfsrep.index import IndexView
+    from zfsrep.indexview import IndexView  # (not zfsrep.index: the indexer is not needed)
 
     return IndexView(volume_dir, seq)
