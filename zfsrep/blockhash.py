@@ -37,7 +37,6 @@ DIGEST_SIZE = 16
 #: :func:`write_parts` hashes, checksums and writes its data in pieces of this size, each
 #: still in the CPU's cache from the step before (a core's L2 holds several).
 WRITE_PIECE = 256 * 1024
-IOV_MAX = 1024
 
 #: True when the compiled extension is in use, False for the pure-Python fallback.
 NATIVE: bool = _lib is not None
@@ -60,19 +59,6 @@ def _check_piece(block_size: int, piece: int) -> None:
     _check_block_size(block_size)
     if piece <= 0 or piece % block_size:
         raise ValueError(f"piece must be a positive multiple of {block_size}, not {piece}")
-
-
-def _pwritev_all(fd: int, offset: int, parts: list[memoryview]) -> None:
-    """pwritev until every byte of ``parts`` is written at ``offset`` on."""
-    parts = [p for p in parts if p.nbytes]
-    while parts:
-        written = os.pwritev(fd, parts[:IOV_MAX], offset)
-        offset += written
-        while parts and written >= parts[0].nbytes:
-            written -= parts[0].nbytes
-            parts = parts[1:]
-        if parts and written:
-            parts = [parts[0][written:], *parts[1:]]
 
 
 def _check_digests(digests: Buffer) -> int:
@@ -147,7 +133,9 @@ class reference:
         for part, out in zip(parts, digests, strict=True):
             if out is not None:
                 out[:] = reference.hash_blocks(part, block_size)
-        _pwritev_all(fd, offset, [_byte_view(p) for p in parts])
+        from zfsrep.syscalls import pwritev_all
+
+        pwritev_all(fd, offset, [_byte_view(p) for p in parts])
         return reference.digest_parts(parts)
 
     @staticmethod

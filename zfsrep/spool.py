@@ -29,6 +29,7 @@ from typing import BinaryIO
 
 from zfsrep import frames
 from zfsrep.errors import CorruptDataError, FrameError, NotFoundError, StateError
+from zfsrep.syscalls import pwritev_all
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ INITIAL_SYNC = "initial-sync.json"
 #: {"first_seq": N}: records before N were acknowledged by the journal server and trimmed.
 TRIMMED = "trimmed.json"
 CLOSING_MAX = 4
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 #: An open segment whose frames were all acknowledged is closed at the next frame once it
 #: holds this much, so a replicated spool does not keep a large acknowledged segment.
 ROTATE_ACKED_BYTES = 1 << 20
@@ -236,7 +236,7 @@ class SpoolWriter:
         if isinstance(frame, frames.PendingFrame):
             parts = [memoryview(p) for p in frame.write_at(self._fd, self._size)]
         else:
-            _pwritev_all(self._fd, self._size, parts)
+            pwritev_all(self._fd, self._size, parts)
         self._size += size
         with self._bytes_lock:
             self.bytes += size
@@ -316,20 +316,6 @@ class SpoolWriter:
             self._closing.popleft().result()
         self._closer.shutdown(wait=True)
         _fsync_dir(self.path / SEGMENTS)
-
-
-def _pwritev_all(fd: int, offset: int, parts: list[memoryview]) -> None:
-    """pwritev at ``offset`` until every byte of ``parts`` is written (a short write
-    continues). Positioned writes: frames written by :meth:`frames.PendingFrame.write_at`
-    do not move the file offset either."""
-    while parts:
-        written = os.pwritev(fd, parts[:IOV_MAX], offset)
-        offset += written
-        while parts and written >= parts[0].nbytes:
-            written -= parts[0].nbytes
-            parts = parts[1:]
-        if parts and written:
-            parts = [parts[0][written:], *parts[1:]]
 
 
 def _background() -> None:

@@ -82,6 +82,23 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     _check(_libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE), "sync_file_range")
 
 
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+def pwritev_all(fd: int, offset: int, parts: list[memoryview]) -> None:
+    """pwritev at ``offset`` until every byte of ``parts`` is written (a short write
+    continues where it stopped; the file's own position does not move)."""
+    parts = [p for p in parts if p.nbytes]
+    while parts:
+        written = os.pwritev(fd, parts[:IOV_MAX], offset)
+        offset += written
+        while parts and written >= parts[0].nbytes:
+            written -= parts[0].nbytes
+            parts = parts[1:]
+        if parts and written:
+            parts = [parts[0][written:], *parts[1:]]
+
+
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
