@@ -32,6 +32,45 @@ finally:
     sys.setdlopenflags(_flags)
 
 _TAKE = 256
+_REC_SIZE = _fusehook.ffi.sizeof("zf_rec") if _fusehook is not None else 0
+
+
+class TakenRecords:
+    """Records taken from the fast path's queue (``count`` of them, ``data_bytes`` of write
+    data), still as the C structs they were queued as. The write data stays in the C
+    buffers it arrived in until :meth:`records` is called, exactly once (on an encoder
+    thread, or to drop them): from then on each buffer is freed when the last view of it
+    goes."""
+
+    __slots__ = ("_raw", "count", "data_bytes")
+
+    def __init__(self, raw: bytes, count: int, data_bytes: int) -> None:
+        self._raw = raw
+        self.count = count
+        self.data_bytes = data_bytes
+
+    def records(self) -> list[tuple[int, tuple]]:
+        """The records, oldest first, as (op, args) of zfsrep.records: WRITE (ident,
+        offset, data, mtime_ns), SETATTR (ident, mode, uid, gid, mtime_ns) or FALLOCATE
+        (ident, mode, offset, length, mtime_ns)."""
+        lib, ffi = _fusehook.lib, _fusehook.ffi
+        raw, self._raw = self._raw, b""
+        recs = ffi.from_buffer("zf_rec[]", raw)
+        out: list[tuple[int, tuple]] = []
+        for i in range(len(raw) // _REC_SIZE):
+            r = recs[i]
+            if r.kind == lib.ZF_WRITE:
+                # No copy: a view of the C buffer (the data may start after the request
+                # header it arrived with), freed when the last reference goes.
+                head = r.data - r.owner
+                owner = ffi.gc(r.owner, lib.zf_free)
+                data = memoryview(ffi.buffer(owner, head + r.len))[head:]
+                out.append((Op.WRITE, (r.ident, r.offset, data, r.mtime_ns)))
+            elif r.kind == lib.ZF_SETATTR:
+                out.append((Op.SETATTR, (r.ident, r.mode, r.uid, r.gid, r.mtime_ns)))
+            else:
+                out.append((Op.FALLOCATE, (r.ident, r.mode, r.offset, r.len, r.mtime_ns)))
+        return out
 
 #: After a request pyfuse3 waits up to LINGER_US for the next one without going through
 #: trio's scheduler, for at most NO_YIELD_REQUESTS requests or NO_YIELD_NS in a row (see
@@ -48,6 +87,7 @@ class SessionHook:
         self.active = False
         self.capture = False
         self._recs = _fusehook.ffi.new("zf_rec[]", _TAKE) if _fusehook is not None else None
+        self._taken = _fusehook.ffi.new("uint64_t[1]") if _fusehook is not None else None
         self._fhs = _fusehook.ffi.new("uint64_t[]", _TAKE) if _fusehook is not None else None
 
     def install(self, eventfd: int, *, fast: bool, capture: bool, limit: int) -> bool:
@@ -160,29 +200,29 @@ class SessionHook:
     def pending(self) -> bool:
         return self.active and _fusehook.lib.zf_pending() > 0
 
-    def take(self) -> list[tuple[int, tuple]]:
-        """The queued records, oldest first, as (op, args) of zfsrep.records: WRITE
-        (ident, offset, data, mtime_ns), SETATTR (ident, mode, uid, gid, mtime_ns) or
-        FALLOCATE (ident, mode, offset, length, mtime_ns)."""
+    def take_chunk(self, max_bytes: int) -> TakenRecords | None:
+        """The queued records, oldest first, up to about ``max_bytes`` of write data (at
+        least one record), as they are in C: this is the event loop's whole share of the
+        work per record (a copy of 64 bytes). :meth:`TakenRecords.records` turns them into
+        records on an encoder thread. None when nothing is queued."""
         lib, ffi, recs = _fusehook.lib, _fusehook.ffi, self._recs
-        out: list[tuple[int, tuple]] = []
-        while True:
-            n = lib.zf_take(recs, _TAKE)
-            for i in range(n):
-                r = recs[i]
-                if r.kind == lib.ZF_WRITE:
-                    # No copy: a view of the C buffer (the data may start after the request
-                    # header it arrived with), freed when the last reference goes.
-                    head = r.data - r.owner
-                    owner = ffi.gc(r.owner, lib.zf_free)
-                    data = memoryview(ffi.buffer(owner, head + r.len))[head:]
-                    out.append((Op.WRITE, (r.ident, r.offset, data, r.mtime_ns)))
-                elif r.kind == lib.ZF_SETATTR:
-                    out.append((Op.SETATTR, (r.ident, r.mode, r.uid, r.gid, r.mtime_ns)))
-                else:
-                    out.append((Op.FALLOCATE, (r.ident, r.mode, r.offset, r.len, r.mtime_ns)))
-            if n < _TAKE:
-                return out
+        parts: list[bytes] = []
+        count = data_bytes = 0
+        taken = self._taken
+        while count == 0 or data_bytes < max_bytes:
+            n = lib.zf_take_upto(recs, _TAKE, max_bytes - data_bytes if count else max_bytes,
+                                 taken)
+            if n == 0:
+                break
+            parts.append(ffi.buffer(recs, n * _REC_SIZE)[:])
+            count += n
+            data_bytes += taken[0]
+            if n < _TAKE and data_bytes < max_bytes:
+                break  # the queue is empty
+        if not count:
+            return None
+        return TakenRecords(b"".join(parts) if len(parts) > 1 else parts[0], count,
+                            data_bytes)
 
     def set_frozen(self, frozen: bool) -> None:
         """Checkpoint barrier: while frozen, mutating requests go to Python (which holds

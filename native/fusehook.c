@@ -774,12 +774,19 @@ void zf_unregister(uint64_t fh)
 
 size_t zf_pending(void) { return zf_qlen; }
 
-size_t zf_take(zf_rec *out, size_t max)
+size_t zf_take(zf_rec *out, size_t max) { return zf_take_upto(out, max, SIZE_MAX, NULL); }
+
+size_t zf_take_upto(zf_rec *out, size_t max, size_t max_bytes, uint64_t *data_bytes)
 {
-    size_t n = zf_qlen < max ? zf_qlen : max;
-    size_t bytes = 0;
-    for (size_t i = 0; i < n; i++)
-        bytes += zf_queue[i].len;
+    size_t n = 0, bytes = 0, data = 0;
+    while (n < zf_qlen && n < max && (n == 0 || data < max_bytes)) {
+        bytes += zf_queue[n].len;
+        if (zf_queue[n].kind == ZF_WRITE)
+            data += zf_queue[n].len;
+        n++;
+    }
+    if (data_bytes != NULL)
+        *data_bytes = data;
     memcpy(out, zf_queue, n * sizeof *out);
     memmove(zf_queue, zf_queue + n, (zf_qlen - n) * sizeof *zf_queue);
     zf_qlen -= n;

@@ -60,6 +60,9 @@ void zf_unregister_nodes(uint64_t keep);
 size_t zf_take_released(uint64_t *out, size_t max);
 size_t zf_pending(void);
 size_t zf_take(zf_rec *out, size_t max);
+/* zf_take, but only while the write data taken is under max_bytes (at least one record);
+ * the write data bytes taken go to *data_bytes (if not NULL). */
+size_t zf_take_upto(zf_rec *out, size_t max, size_t max_bytes, uint64_t *data_bytes);
 /* Captured bytes held outside the queue (batched, encoding, being written) grow or shrink by
  * delta; callable from any thread. */
 void zf_add_held(int64_t delta);

@@ -350,16 +350,41 @@ class _FakeFastPath:
     def __init__(self) -> None:
         self.queue: list[tuple[int, tuple]] = []
         self.held: list[int] = []
+        self.chunks = 0
+        self.expanded = 0
 
     def pending(self) -> bool:
         return bool(self.queue)
 
-    def take(self) -> list[tuple[int, tuple]]:
-        out, self.queue = self.queue, []
-        return out
+    def take_chunk(self, max_bytes: int) -> _FakeChunk | None:
+        if not self.queue:
+            return None
+        n, data = 0, 0
+        while n < len(self.queue) and (n == 0 or data < max_bytes):
+            op, args = self.queue[n]
+            data += len(args[2]) if op == Op.WRITE else 0
+            n += 1
+        taken, self.queue = self.queue[:n], self.queue[n:]
+        self.chunks += 1
+        return _FakeChunk(taken, data, self)
 
-    def add_held(self, delta: int) -> None:  # called from the sink thread too
+    def add_held(self, delta: int) -> None:  # called from the encoder threads too
         self.held.append(delta)
+
+
+class _FakeChunk:
+    def __init__(self, records: list[tuple[int, tuple]], data_bytes: int,
+                 source: _FakeFastPath) -> None:
+        self._records: list[tuple[int, tuple]] | None = records
+        self.count = len(records)
+        self.data_bytes = data_bytes
+        self._source = source
+
+    def records(self) -> list[tuple[int, tuple]]:
+        assert self._records is not None, "a chunk's records are taken once"
+        out, self._records = self._records, None
+        self._source.expanded += 1  # (the real chunk's buffers are freed from here on)
+        return out
 
 
 async def test_external_records_are_numbered_before_later_records() -> None:
@@ -494,3 +519,63 @@ async def test_after_a_pending_frame_fails_later_frames_are_not_written(tmp_path
     assert sink.marked is not None and sink.marked[0] == 2
     assert "No space left" in (stream.failed or "")
     assert stream.stats.last_seq_sunk == 2
+
+
+async def test_fast_path_records_come_in_chunks_numbered_in_order_with_the_rest() -> None:
+    """Chunks of fast-path records get their numbers on the event loop and become records
+    on an encoder thread: the stream is the one record-by-record taking gave, interleaved
+    with records of the Python path, in frames of about frame_bytes."""
+    from zfsrep.records import Op
+
+    sink = ListSink()
+    fast = _FakeFastPath()
+    stream = CaptureStream(sink, external=fast, frame_bytes=64 << 10, flush_interval=60)
+    expected: list[tuple] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(stream.run)
+        for i in range(300):
+            data = memoryview(os.urandom(4096 * (1 + i % 5)))
+            fast.queue.append((Op.WRITE, (7, i * 20_000, data, 1000 + i)))
+            expected.append((Op.WRITE, 7, i * 20_000, bytes(data), 1000 + i))
+            if i % 7 == 0:
+                fast.queue.append((Op.SETATTR, (7, 0o100600, 0, 0, 2000 + i)))
+                expected.append((Op.SETATTR, 7, 0o100600, 0, 0, 2000 + i))
+            if i % 50 == 49:  # the Python path records after what the fast path queued
+                stream.emit(Op.TRUNCATE, 7, i, 3000 + i)
+                expected.append((Op.TRUNCATE, 7, i, 3000 + i))
+                await trio.sleep(0)
+        stream.take_external()
+        await stream.aclose()
+    records = sink.records()
+    assert [r[0] for r in records] == list(range(1, len(expected) + 1))
+    got = [(r[2], *r[3:6], bytes(r[5]), r[7]) if r[2] == Op.WRITE else tuple(r[2:])
+           for r in records]
+    got = [(g[0], g[1], g[2], g[4], g[5]) if g[0] == Op.WRITE else g for g in got]
+    assert got == expected
+    for r in records:
+        if r[2] == Op.WRITE:
+            assert r[6] == blockhash.hash_blocks(r[5], BLOCK_SIZE)
+    assert fast.chunks > 5  # several chunks, each at most about a frame
+    assert fast.expanded == fast.chunks
+    assert all(len(f) < 200 << 10 for f, _, _ in sink.frames)
+    assert sum(fast.held) == 0
+
+
+async def test_chunks_taken_after_capture_stopped_are_dropped_and_freed() -> None:
+    from zfsrep.records import Op
+
+    sink = _FailingSink()
+    fast = _FakeFastPath()
+    stream = CaptureStream(sink, external=fast, frame_bytes=1, flush_interval=60)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(stream.run)
+        stream.emit_write(1, 0, b"x" * 10, 0)  # frame 1 is written, frame 2 fails
+        stream.emit_write(1, 0, b"y" * 10, 0)
+        with trio.fail_after(10):
+            while stream.failed is None:
+                await trio.sleep(0.01)
+        fast.queue.append((Op.WRITE, (1, 0, memoryview(b"z" * 10), 0)))
+        stream.take_external()
+        assert not fast.queue and fast.expanded == fast.chunks == 1  # taken and dropped
+        await stream.aclose()
+    assert stream.last_seq == 2

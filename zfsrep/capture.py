@@ -40,15 +40,26 @@ ENCODERS = 2
 RECORD_OVERHEAD = 128
 
 
+class ExternalChunk(Protocol):
+    """Records taken from :class:`ExternalWrites` in one go, not yet turned into records."""
+
+    count: int  # how many records
+    data_bytes: int  # write data they hold
+
+    def records(self) -> list[tuple[int, tuple]]: ...  # (op, args), oldest first; once
+
+
 class ExternalWrites(Protocol):
     """Writes completed outside Python (the mount's C fast path), queued in completion order.
 
     The capture stream takes them before it records anything else, so the stream stays in
-    the order the operations completed."""
+    the order the operations completed. It takes them as chunks: numbering a chunk is all
+    the event loop does; an encoder thread turns it into records (``records()``)."""
 
     def pending(self) -> bool: ...
 
-    def take(self) -> list[tuple[int, tuple]]: ...  # (op, args): WRITE or SETATTR records
+    # WRITE, SETATTR or FALLOCATE records, about max_bytes of write data (at least one)
+    def take_chunk(self, max_bytes: int) -> ExternalChunk | None: ...
 
     def add_held(self, delta: int) -> None: ...  # captured bytes held outside the queue
 
@@ -126,14 +137,24 @@ class CaptureStream:
         self._append_write(ident, offset, data, mtime_ns)
 
     def take_external(self) -> None:
-        """Record the writes the fast path completed (before anything recorded after them)."""
+        """Record the writes the fast path completed (before anything recorded after them):
+        each chunk of them gets the next sequence numbers here, and becomes records on an
+        encoder thread (:func:`expand`)."""
         if self._external is None:
             return
-        for op, args in self._external.take():
-            if op == Op.WRITE:
-                self._append_write(*args)
-            else:
-                self._append(op, args)
+        while (chunk := self._external.take_chunk(self._frame_bytes)) is not None:
+            if self.failed is not None:
+                chunk.records()  # nothing is recorded any more; their buffers go
+                continue
+            first = self._seq + 1
+            self._seq += chunk.count
+            self._batch.append([first, time.time_ns(), CHUNK, chunk])
+            size = chunk.data_bytes + chunk.count * RECORD_OVERHEAD
+            self.stats.data_bytes += chunk.data_bytes
+            self._batch_bytes += size
+            self._held += size
+            if self._batch_bytes >= self._frame_bytes:
+                self._hand_off()
 
     def _append_write(self, ident: int, offset: int, data: bytes, mtime_ns: int) -> None:
         if self.failed is not None:
@@ -231,6 +252,7 @@ class CaptureStream:
         self._held -= size
         if error is not None and self.failed is None:
             self.failed = error
+            expand(self._batch)  # (dropped: the buffers of fast-path writes go)
             self._batch, self._batch_bytes = [], 0
             log.error("capture stopped after record %d: %s; the mount keeps serving, and the "
                       "spool is marked incomplete (protect again with a new spool)",
@@ -315,11 +337,11 @@ class _Pipeline:
                           turn: _Turn) -> None:
         """Encoder thread: encode, wait for the frame before, write, report, pass the
         turn on (with the error that stopped the sink, if any)."""
-        first, last = batch[0][0], batch[-1][0]
+        first, last = batch[0][0], last_seq(batch[-1])
         nbytes, error, stop = -1, None, None
         try:
             try:
-                frame = encode_batch(batch, self._level, deferred=self._pending)
+                frame = encode_batch(expand(batch), self._level, deferred=self._pending)
             except Exception as e:  # a bug: say so, stop capturing, keep serving
                 log.exception("capture: frame %d..%d could not be made", first, last)
                 frame, error = None, f"internal error: {e}"
@@ -354,6 +376,40 @@ class _Pipeline:
             self._sink.mark_incomplete(last_good_seq, reason)
         except OSError as e:
             log.error("could not mark the spool incomplete: %s", e.strerror or e)
+
+
+#: The op of a batch entry ``[first_seq, time_ns, CHUNK, chunk]`` that stands for the
+#: records of an :class:`ExternalChunk`, numbered from first_seq on (not a record op).
+CHUNK = -1
+
+
+def last_seq(entry: list) -> int:
+    """The sequence number of the last record a batch entry stands for."""
+    return entry[0] + entry[3].count - 1 if entry[2] == CHUNK else entry[0]
+
+
+def expand(batch: list[list]) -> list[list]:
+    """The records of ``batch``, its chunks of fast-path records turned into records (as
+    :meth:`CaptureStream.emit` and ``emit_write`` make them, with the chunk's time)."""
+    if not any(entry[2] == CHUNK for entry in batch):
+        return batch
+    out: list[list] = []
+    for entry in batch:
+        if entry[2] != CHUNK:
+            out.append(entry)
+            continue
+        seq, ts, _, chunk = entry
+        records = chunk.records()
+        if len(records) != chunk.count:
+            raise ValueError(f"a chunk of {chunk.count} records gave {len(records)}")
+        for op, args in records:
+            if op == Op.WRITE:
+                ident, offset, data, mtime_ns = args
+                out.append([seq, ts, Op.WRITE, ident, offset, data, None, mtime_ns])
+            else:
+                out.append([seq, ts, op, *args])
+            seq += 1
+    return out
 
 
 def encode_batch(batch: list[list], level: int, *, deferred: bool = False
