@@ -205,6 +205,8 @@ class SessionHook:
         least one record), as they are in C: this is the event loop's whole share of the
         work per record (a copy of 64 bytes). :meth:`TakenRecords.records` turns them into
         records on an encoder thread. None when nothing is queued."""
+        if _fusehook is None:
+            return None
         lib, ffi, recs = _fusehook.lib, _fusehook.ffi, self._recs
         parts: list[bytes] = []
         count = data_bytes = 0
