@@ -212,8 +212,7 @@ class SessionHook:
         count = data_bytes = 0
         taken = self._taken
         while count == 0 or data_bytes < max_bytes:
-            n = lib.zf_take_upto(recs, _TAKE, max_bytes - data_bytes if count else max_bytes,
-                                 taken)
+            n = lib.zf_take_upto(recs, _TAKE, max_bytes - data_bytes, taken)
             if n == 0:
                 break
             parts.append(ffi.buffer(recs, n * _REC_SIZE)[:])

@@ -751,7 +751,7 @@ def test_extents_from_one_row_per_run_equal_the_block_by_block_ones(tmp_path: Pa
                                          max(off, min(size, off + n) - 1) // 4096)
                     used["runs" if runs is not None else "rows"] += 1
                     end, rows = v._range(ident, off, n)
-                    assert fast == v._extents(rows, off, end), (seq, ident, off, n)
+                    assert fast == v._extents(v._runs(rows, off, end)), (seq, ident, off, n)
                     got = bytearray(max(0, end - off))
                     for at, length, pack_no, src in fast:
                         got[at - off:at - off + length] = src if pack_no is None else \

@@ -17,6 +17,7 @@ import sqlite3
 import stat
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -187,14 +188,18 @@ class IndexView:
             raise OSError(errno.EINVAL, f"object {ident} is not a symlink")
         return target
 
-    def _range(self, ident: int, offset: int, size: int) -> tuple[int, list[tuple]]:
-        """(end, block rows) of a read of ``offset..offset+size`` (clipped to the size)."""
+    def _span(self, ident: int, offset: int, size: int) -> tuple[int, int]:
+        """(born, end) of a read of ``offset..offset+size``, ``end`` clipped to the size."""
         node, born, _ = self._node(ident)
         if stat.S_ISDIR(node.mode):
             raise OSError(errno.EISDIR, f"object {ident} is a directory")
         if offset < 0 or size < 0:
             raise OSError(errno.EINVAL, "negative read range")
-        end = min(node.size, offset + size)
+        return born, min(node.size, offset + size)
+
+    def _range(self, ident: int, offset: int, size: int) -> tuple[int, list[tuple]]:
+        """(end, block rows) of a read of ``offset..offset+size`` (clipped to the size)."""
+        born, end = self._span(ident, offset, size)
         if end <= offset:
             return end, []
         return end, self._block_rows(ident, born, offset // BS, (end - 1) // BS)
@@ -235,7 +240,7 @@ class IndexView:
                 return 0
             dst = memoryview(buf)[:end - offset]
             pos = offset  # first byte not yet filled
-            for at, length, pack_no, src in self._extents(rows, offset, end):
+            for at, length, pack_no, src in self._extents(self._runs(rows, offset, end)):
                 if at > pos:
                     _zero(dst[pos - offset:at - offset])
                 pos = at + length
@@ -259,14 +264,15 @@ class IndexView:
         straight from :meth:`pack_fd`, adjacent ones merged), ``(file offset, length, None,
         bytes)`` for bytes decompressed here."""
         with self._lock:
-            node, born, _ = self._node(ident)
-            end = min(node.size, offset + size)
-            if not stat.S_ISDIR(node.mode) and offset >= 0 and end > offset:
-                runs = self._whole_runs(ident, born, offset // BS, (end - 1) // BS)
-                if runs is not None:
-                    return self._extents(runs, offset, end, runs=True)
-            end, rows = self._range(ident, offset, size)
-            return self._extents(rows, offset, end)
+            born, end = self._span(ident, offset, size)
+            if end <= offset:
+                return []
+            first, last = offset // BS, (end - 1) // BS
+            runs = self._whole_runs(ident, born, first, last)
+            if runs is not None:
+                return self._extents(_clip(runs, offset, end))
+            return self._extents(self._runs(self._block_rows(ident, born, first, last),
+                                            offset, end))
 
     def _whole_runs(self, ident: int, born: int, first: int, last: int
                     ) -> list[tuple] | None:
@@ -293,15 +299,11 @@ class IndexView:
             prev_end = hi_blk
         return out
 
-    def _extents(self, rows: list[tuple], offset: int, end: int, runs: bool = False
-                 ) -> list[tuple]:
-        """Extents from block rows, or (``runs``) from :meth:`_whole_runs`."""
-        if runs:
-            self.packs.prefetch([(r[2], r[3]) for r in rows if r[3] & 1])
-            pieces = _clip(rows, offset, end)
-        else:
-            self.packs.prefetch([(r[1], r[2]) for r in rows if r[2] & 1])
-            pieces = self._runs(rows, offset, end)
+    def _extents(self, pieces: Iterable[tuple]) -> list[tuple]:
+        """Extents from clipped runs ``(file start, file end, gloc, glen, offset in the raw
+        group)`` (:meth:`_runs` or :func:`_clip`), compressed groups loaded in few reads."""
+        pieces = list(pieces)
+        self.packs.prefetch([(p[2], p[3]) for p in pieces if p[3] & 1])
         out: list[tuple] = []
         for a, b, gloc, glen, lo in pieces:
             if glen & 1:

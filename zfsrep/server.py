@@ -17,8 +17,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -86,8 +84,9 @@ async def on_thread(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: A
 
 
 def _lower_priority() -> None:
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), INDEX_NICE)
+    from zfsrep.syscalls import lower_thread_priority
+
+    lower_thread_priority(INDEX_NICE)
 
 
 class ProtectionStopped(StateError):

@@ -12,7 +12,6 @@ cuts a torn or corrupt tail (a crash in the middle of a write), logging what it 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -29,7 +28,7 @@ from typing import BinaryIO
 
 from zfsrep import frames
 from zfsrep.errors import CorruptDataError, FrameError, NotFoundError, StateError
-from zfsrep.syscalls import pwritev_all
+from zfsrep.syscalls import lower_thread_priority, pwritev_all
 
 log = logging.getLogger(__name__)
 
@@ -319,10 +318,9 @@ class SpoolWriter:
 
 
 def _background() -> None:
-    """Lower this thread's priority (nice 19): it only waits for the disk, and at normal
-    priority each of its wakeups preempts the application or the mount's request path."""
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    """The fsync worker only waits for the disk: at normal priority each of its wakeups
+    preempts the application or the mount's request path."""
+    lower_thread_priority(19)
 
 
 def _retire(fd: int | None, segments: Path) -> None:

@@ -99,6 +99,16 @@ def pwritev_all(fd: int, offset: int, parts: list[memoryview]) -> None:
             parts = [parts[0][written:], *parts[1:]]
 
 
+def lower_thread_priority(nice: int) -> None:
+    """Give the calling thread (only it) the niceness ``nice``: for background work whose
+    wakeups should not preempt the application or a request path. Best effort."""
+    import contextlib
+    import threading
+
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
