@@ -30,6 +30,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -93,6 +94,16 @@ static size_t zf_rbuf_cap;
 static uint8_t *zf_inbuf;
 static size_t zf_inbuf_cap;
 #define ZF_KEEP_MIN (64u << 10)
+/* Request buffers the capture stream kept and has freed (zf_free), for the next requests:
+ * glibc would otherwise place each new 1 MiB buffer wherever its free chunks fit, and with
+ * the capture stream's other allocations between them the heap grew to ~110 MiB before it
+ * settled, every new page a fault (27,000 per GiB on a fresh mount). Pooled, a request
+ * buffer is reused as it is, already in memory. At most ZF_POOL_MAX buffers, and never more
+ * bytes than the fast path's memory limit. */
+#define ZF_POOL_MAX 64
+static uint8_t *zf_pool[ZF_POOL_MAX];
+static size_t zf_pool_n, zf_pool_size;
+static pthread_mutex_t zf_pool_mu = PTHREAD_MUTEX_INITIALIZER;
 /* How long the fast path waits for a next request before returning to the event loop, and
  * how long it may serve requests in all before it returns. */
 #define ZF_LINGER_NS 200000
@@ -194,10 +205,8 @@ static int fast_write(int fd, const struct fuse_in_header *in, size_t n)
         size_t head = (size_t)(data - (const uint8_t *)in);
         if ((const uint8_t *)in == zf_inbuf && (size_t)done >= ZF_KEEP_MIN) {
             /* A large write keeps the request buffer itself: no copy. The next request is
-             * read into a new buffer of the same size, which glibc takes from the buffers
-             * the capture stream has freed (shrinking the kept one to the request, as this
-             * did before, left freed chunks a little too small for the next request: the
-             * heap grew instead, page by page: 38,000 page faults per GiB, now 27,000). */
+             * read into another buffer of the same size, one the capture stream has freed
+             * if the pool holds one (request_buffer, zf_free). */
             rec.owner = zf_inbuf;
             zf_inbuf = NULL;
             zf_inbuf_cap = 0;
@@ -362,6 +371,11 @@ void zf_shutdown(void)
     if (started)
         pthread_join(zf_sync_thread, NULL); /* after the queued ones are answered */
     zf_fast = 0;
+    pthread_mutex_lock(&zf_pool_mu);
+    while (zf_pool_n > 0)
+        free(zf_pool[--zf_pool_n]);
+    zf_pool_size = 0; /* records freed from now on are not pooled */
+    pthread_mutex_unlock(&zf_pool_mu);
 }
 
 /* Nodes (kernel node ids) of regular files whose xattrs may be read here, each with the O_PATH
@@ -606,7 +620,18 @@ static uint8_t *request_buffer(uint8_t *buf, size_t len)
     if (zf_inbuf != NULL && zf_inbuf_cap >= len)
         return zf_inbuf;
     free(zf_inbuf);
-    zf_inbuf = malloc(len);
+    zf_inbuf = NULL;
+    pthread_mutex_lock(&zf_pool_mu);
+    if (zf_pool_size != len) { /* libfuse's buffer size changed: the pooled ones are stale */
+        while (zf_pool_n > 0)
+            free(zf_pool[--zf_pool_n]);
+        zf_pool_size = len;
+    }
+    if (zf_pool_n > 0)
+        zf_inbuf = zf_pool[--zf_pool_n];
+    pthread_mutex_unlock(&zf_pool_mu);
+    if (zf_inbuf == NULL)
+        zf_inbuf = malloc(len);
     zf_inbuf_cap = zf_inbuf != NULL ? len : 0;
     return zf_inbuf != NULL ? zf_inbuf : buf;
 }
@@ -800,6 +825,20 @@ void zf_set_frozen(int frozen) { zf_frozen = frozen; }
 
 void zf_add_held(int64_t delta) { __atomic_add_fetch(&zf_held_elsewhere, delta, __ATOMIC_RELAXED); }
 
-void zf_free(void *p) { free(p); }
+void zf_free(void *p)
+{
+    /* Only kept request buffers are as large as zf_pool_size: the fast path copies writes
+     * below ZF_KEEP_MIN, and no write is larger than a request. */
+    if (p != NULL && malloc_usable_size(p) >= zf_pool_size && zf_pool_size > 0) {
+        pthread_mutex_lock(&zf_pool_mu);
+        if (malloc_usable_size(p) >= zf_pool_size && zf_pool_n < ZF_POOL_MAX &&
+            (zf_pool_n + 1) * zf_pool_size <= zf_limit) {
+            zf_pool[zf_pool_n++] = p;
+            p = NULL;
+        }
+        pthread_mutex_unlock(&zf_pool_mu);
+    }
+    free(p);
+}
 
 zf_counters zf_counts(void) { return zf_count; }
