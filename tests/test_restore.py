@@ -231,6 +231,7 @@ def test_progress_is_reported_inside_a_large_file(tmp_path: Path, monkeypatch,
 
     monkeypatch.setattr(restore, "PIPELINE_MIN", 1 << 20)
     monkeypatch.setattr(restore, "PROGRESS_STEP", 1 << 20)
+    monkeypatch.setattr(restore, "EXTENT_SPAN", 1 << 20)
     monkeypatch.setattr(restore, "PARALLEL_MIN", (4 << 20) if parallel else (1 << 40))
     s = Stream().add(Op.SETATTR, ROOT, DIR | 0o755, 0, 0, T)
     s.new(ROOT, b"big", 20, REG | 0o644)
@@ -275,3 +276,53 @@ def test_a_large_file_is_copied_by_several_processes_holes_kept(tmp_path: Path, 
     monkeypatch.setattr(IndexView, "reopen", lambda self: 1 / 0)
     with pytest.raises(Exception, match="division by zero"):
         restore_tree(view, b"/", tmp_path / "dest2")
+
+
+@pytest.mark.parametrize("refuse_after", [0, 1])
+def test_bytes_go_through_a_buffer_where_the_kernel_cannot_copy(tmp_path: Path, monkeypatch,
+                                                                 refuse_after: int):
+    """Pack extents are copied with copy_file_range; when the kernel refuses (EXDEV between
+    file systems, ENOSYS, ...), from the first call or in the middle of a file, the rest is
+    read and written through a buffer, and the file is the same."""
+    import errno
+
+    from zfsrep import restore
+
+    monkeypatch.setattr(restore, "PARALLEL_MIN", 1 << 40)
+    data = __import__("random").Random(3).randbytes((5 << 20) + 123)
+    s = Stream().add(Op.SETATTR, ROOT, DIR | 0o755, 0, 0, T)
+    s.new(ROOT, b"f", 20, REG | 0o644).write(20, 0, data)
+    view = stored(tmp_path, s)
+    calls = []
+    real = os.copy_file_range
+
+    def refusing(src: int, dst: int, count: int, offset_src: int, offset_dst: int) -> int:
+        calls.append(count)
+        if len(calls) > refuse_after:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(src, dst, min(count, 1 << 20), offset_src, offset_dst)
+
+    monkeypatch.setattr(os, "copy_file_range", refusing)
+    restore_tree(view, b"/", tmp_path / "dest")
+    assert (tmp_path / "dest" / "f").read_bytes() == data
+    assert len(calls) == refuse_after + 1  # once refused, not asked again
+
+
+def test_pack_extents_are_copied_inside_the_kernel(tmp_path: Path, monkeypatch):
+    from zfsrep import restore
+
+    monkeypatch.setattr(restore, "PARALLEL_MIN", 1 << 40)
+    data = __import__("random").Random(4).randbytes(3 << 20)
+    s = Stream().add(Op.SETATTR, ROOT, DIR | 0o755, 0, 0, T)
+    s.new(ROOT, b"f", 20, REG | 0o644).write(20, 0, data)
+    view = stored(tmp_path, s)
+    copied = []
+    real = os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range",
+                        lambda *a: copied.append(real(*a)) or copied[-1])
+    monkeypatch.setattr(os, "preadv", lambda *a: pytest.fail("read through a buffer"))
+    stats = restore_tree(view, b"/", tmp_path / "dest")
+    assert (tmp_path / "dest" / "f").read_bytes() == data
+    # (a block's trailing zero bytes are not stored: they stay a hole, as in the pack)
+    assert sum(copied) == stats.bytes == sum(e[1] for e in view.extents(20, 0, len(data)))
+    assert stats.bytes > len(data) - 100
