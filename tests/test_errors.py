@@ -130,3 +130,12 @@ def test_replay_and_show_of_a_good_spool_succeed(tmp_path: Path, capsys):
     assert cli.main(["spool", "show", "--json", str(spool)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert (shown["records"], shown["root_ident"], shown["last_seq"]) == (2, ROOT, 2)
+
+
+def test_names_in_messages_are_quoted_text_not_bytes_literals() -> None:
+    from zfsrep.errors import shown
+
+    assert shown(b"a b") == "'a b'"
+    assert shown(b"bad\x01\n") == "'bad\\x01\\n'"  # control characters escaped: one line
+    assert shown(b"\xff") == "'\\udcff'"  # undecodable bytes visible, not dropped
+    assert shown(7) == "7"

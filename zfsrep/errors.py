@@ -8,6 +8,16 @@ The exit codes are documented in the README.
 from __future__ import annotations
 
 import errno
+import os
+
+
+def shown(value: object) -> str:
+    """``value`` quoted for a one-line message, control characters escaped; a name in bytes
+    is decoded as the file system's names are (an undecodable byte shows as ``\\udcXX``),
+    not shown as a Python bytes literal."""
+    if isinstance(value, bytes):
+        value = os.fsdecode(value)
+    return repr(value)
 
 
 class ExitCode:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from zfsrep.blockstore import GroupBuilder, PackReader, PackWriter, trim
-from zfsrep.errors import CorruptDataError, OSFailure, StateError, ZfsrepError
+from zfsrep.errors import CorruptDataError, OSFailure, StateError, ZfsrepError, shown
 from zfsrep.indexview import (  # noqa: F401  (IndexView is re-exported)
     FORMAT,
     INDEX_NAME,
@@ -83,14 +83,14 @@ def _sint(v: object, what: str) -> int:
 def check_name(name: object) -> bytes:
     if (not isinstance(name, bytes) or not name or len(name) > MAX_NAME or b"/" in name
             or b"\0" in name or name in (b".", b"..")):
-        raise CorruptDataError(f"record names an unsafe entry {name!r}")
+        raise CorruptDataError(f"record names an unsafe entry {shown(name)}")
     return name
 
 
 def _xattr_name(name: object) -> bytes:
     if (not isinstance(name, bytes) or not name.startswith(XATTR_PREFIXES) or b"\0" in name
             or len(name) > MAX_NAME):
-        raise CorruptDataError(f"record names a bad xattr {name!r}")
+        raise CorruptDataError(f"record names a bad xattr {shown(name)}")
     return name
 
 
@@ -276,7 +276,7 @@ class VolumeIndex:
     def _expect(self, ident: int | None, parent: int, name: bytes) -> None:
         actual = self._entry(parent, name)
         if actual != ident:
-            raise CorruptDataError(f"record says entry {name!r} of directory {parent} is "
+            raise CorruptDataError(f"record says entry {shown(name)} of directory {parent} is "
                                    f"{ident}, but it is {actual}")
 
     def _touch(self, ident: int) -> None:
@@ -356,16 +356,16 @@ class VolumeIndex:
         _uint(mode, "mode", 1 << 32)
         kind = stat.S_IFMT(mode)
         if kind not in KINDS:
-            raise CorruptDataError(f"record creates {name!r} of unknown type {mode:o}")
+            raise CorruptDataError(f"record creates {shown(name)} of unknown type {mode:o}")
         old = self._node(ident)
         if ident == self.root or (old is not None and old[MODE] is not None):
-            raise CorruptDataError(f"record creates {name!r} as {ident}, which is still live")
+            raise CorruptDataError(f"record creates {shown(name)} as {ident}, which is still live")
         self._expect(None, parent, name)
         size = 0
         if kind == stat.S_IFLNK:
             if not isinstance(target, bytes) or not target or len(target) > MAX_TARGET \
                     or b"\0" in target:
-                raise CorruptDataError(f"symlink {name!r} without a valid target")
+                raise CorruptDataError(f"symlink {shown(name)} without a valid target")
             mode, size = stat.S_IFLNK | 0o777, len(target)
         else:
             target = None
@@ -460,7 +460,7 @@ class VolumeIndex:
         st = self._node(_uint(ident, "identity"))
         _xattr_name(name)
         if not isinstance(value, bytes) or len(value) > MAX_XATTR_VALUE:
-            raise CorruptDataError(f"record has a bad value for xattr {name!r}")
+            raise CorruptDataError(f"record has a bad value for xattr {shown(name)}")
         if st is not None and st[MODE] is not None:
             self._xattr_rows.append((ident, name, seq, value))
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from zfsrep import syscalls
-from zfsrep.errors import CorruptDataError, UnsafePathError
+from zfsrep.errors import CorruptDataError, UnsafePathError, shown
 from zfsrep.records import ARGS, RENAME_EXCHANGE, Op
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 def _check_name(name: object) -> bytes:
     if (not isinstance(name, bytes) or not name or b"/" in name or b"\0" in name
             or name in (b".", b"..")):
-        raise UnsafePathError(f"record names an unsafe entry {name!r}")
+        raise UnsafePathError(f"record names an unsafe entry {shown(name)}")
     return name
 
 
@@ -72,7 +72,7 @@ class Replayer:
         actual = self.names.get((parent, name))
         if actual != ident:
             raise CorruptDataError(
-                f"record says entry {name!r} of directory {parent} is {ident}, "
+                f"record says entry {shown(name)} of directory {parent} is {ident}, "
                 f"but it is {actual}")
 
     def _add_name(self, ident: int, parent: int, name: bytes) -> None:
@@ -153,7 +153,7 @@ class Replayer:
              rdev: int, target: bytes | None, mtime_ns: int, parent_mtime_ns: int) -> None:
         p = self._entry(parent, name)
         if ident in self.kinds or ident == self.root_ident:
-            raise CorruptDataError(f"record creates {name!r} as {ident}, which is still live")
+            raise CorruptDataError(f"record creates {shown(name)} as {ident}, which is still live")
         self._expect(None, parent, name)
         kind = stat.S_IFMT(mode)
         perm = stat.S_IMODE(mode)
@@ -163,12 +163,12 @@ class Replayer:
             os.mkdir(p, 0o700)
         elif kind == stat.S_IFLNK:
             if not isinstance(target, bytes):
-                raise CorruptDataError(f"symlink {name!r} without a target")
+                raise CorruptDataError(f"symlink {shown(name)} without a target")
             os.symlink(target, p)
         elif kind in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
             os.mknod(p, kind | 0o600, rdev)
         else:
-            raise CorruptDataError(f"record creates {name!r} of unknown type {kind:o}")
+            raise CorruptDataError(f"record creates {shown(name)} of unknown type {kind:o}")
         os.chown(p, uid, gid, follow_symlinks=False)
         if kind != stat.S_IFLNK:
             os.chmod(p, perm)

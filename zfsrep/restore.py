@@ -43,7 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from zfsrep.blockhash import zero_blocks
-from zfsrep.errors import CorruptDataError, NotFoundError, OSFailure, UnsafePathError
+from zfsrep.errors import (
+    CorruptDataError,
+    NotFoundError,
+    OSFailure,
+    UnsafePathError,
+    shown,
+)
 from zfsrep.records import BLOCK_SIZE
 from zfsrep.syscalls import start_writeback
 from zfsrep.view import Node, SnapshotView
@@ -85,7 +91,7 @@ def safe_name(name: object) -> bytes:
     """``name`` if it is one path component, else UnsafePathError."""
     if (not isinstance(name, bytes) or not name or b"/" in name or b"\0" in name
             or name in (b".", b"..") or len(name) > 255):
-        raise UnsafePathError(f"checkpoint holds an unsafe name {name!r}")
+        raise UnsafePathError(f"checkpoint holds an unsafe name {shown(name)}")
     return name
 
 
@@ -97,13 +103,13 @@ def resolve(view: SnapshotView, path: bytes) -> tuple[Node, bytes | None]:
         if not comp:
             continue
         if comp in (b".", b"..") or b"\0" in comp:
-            raise UnsafePathError(f"path {path!r} is not a plain path")
+            raise UnsafePathError(f"path {shown(path)} is not a plain path")
         if not stat.S_ISDIR(node.mode):
-            raise NotFoundError(f"{path!r} is not in the checkpoint (a component is not a "
+            raise NotFoundError(f"{shown(path)} is not in the checkpoint (a component is not a "
                                 "directory; symlinks are not followed)")
         child = view.lookup(node.ident, comp)
         if child is None:
-            raise NotFoundError(f"{path!r} is not in the checkpoint")
+            raise NotFoundError(f"{shown(path)} is not in the checkpoint")
         node, name = child, comp
     return node, name
 
@@ -277,7 +283,7 @@ class _Restorer:
                 os.close(pfd)
             self.stats.specials += 1
         else:
-            raise UnsafePathError(f"checkpoint holds {name!r} of unknown type {node.mode:o}")
+            raise UnsafePathError(f"checkpoint holds {shown(name)} of unknown type {node.mode:o}")
         if node.nlink > 1:
             self.links[node.ident] = rel
         self._tick()
