@@ -7,7 +7,7 @@ PY    := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev libxxhash-dev pkg-config gcc python3-venv python3-dev fio attr
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test deps system-deps venv bench lint clean
+.PHONY: demo test deps system-deps venv bench lint clean mount-helper
 
 demo: deps
 	$(PY) tools/demo.py
@@ -19,6 +19,11 @@ bench: deps
 	$(PY) bench/bench_hash.py
 	$(PY) bench/bench_mount.py
 	$(PY) bench/bench_replication.py
+
+# mount(8) runs /sbin/mount.TYPE for "mount -t zfsrep" and fstab entries of type zfsrep
+mount-helper: deps
+	ln -sfn $(CURDIR)/$(VENV)/bin/mount.zfsrep /sbin/mount.zfsrep
+	@echo "/sbin/mount.zfsrep -> $(CURDIR)/$(VENV)/bin/mount.zfsrep"
 
 lint: deps
 	$(VENV)/bin/ruff check zfsrep mountd tools tests bench native
