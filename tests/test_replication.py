@@ -351,6 +351,31 @@ def test_restore_file_stays_inside_dest_and_refuses_to_overwrite(
     assert m.stop() == 0
 
 
+def test_a_tag_waits_for_a_mount_that_is_reconnecting(journal_server, vpg, mount_factory
+                                                      ) -> None:
+    """Right after the server restarts, its mounts are still reconnecting: a tag given then
+    waits for them (up to CONNECT_WAIT) instead of failing; a volume that stays away fails
+    it after that wait, with its name."""
+    m = replicated(mount_factory, journal_server)
+    m.start()
+    tag(journal_server, "up")
+    (m.mnt / "f").write_text("before the restart\n")
+    journal_server.kill()
+    journal_server.start()
+    t0 = time.monotonic()
+    r = journal_server.cli("tag", VPG, "right-after", "--json")  # no retries
+    assert json.loads(r.stdout)["tag"] == "right-after"
+    assert time.monotonic() - t0 < 10
+    dest = journal_server.store.parent / "right-after"
+    journal_server.cli("restore-file", VPG, "right-after", VOL, "/f", "--to", str(dest))
+    assert dest.read_text() == "before the restart\n"
+    assert m.stop() == 0
+    t0 = time.monotonic()
+    r = journal_server.cli("tag", VPG, "gone", check=False)
+    assert r.returncode == 4 and f"volume {VOL} is not connected" in r.stderr
+    assert time.monotonic() - t0 >= 9
+
+
 def test_cli_errors_have_distinct_exit_codes(journal_server, vpg, tmp_path: Path) -> None:
     cli = journal_server.cli
     assert cli("vpg", "create", VPG, check=False).returncode == 4

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 RESOLVE_WAIT = 120.0
 #: how long a tag waits for a mount that has just connected to report its initial sync
 SETTLE_S = 3.0
+#: how long a command that needs every mount (a tag, a recovery operation) waits for one
+#: that is reconnecting
+CONNECT_WAIT = 10.0
 
 Handler = Callable[["JournalServer", dict], Awaitable[Any]]
 HANDLERS: dict[str, Handler] = {}
@@ -149,6 +152,8 @@ async def _tag(server: JournalServer, args: dict) -> dict:
 
     vpg = server.vpg(args.get("vpg"))
     tag = validate_tag(_str(args, "name"))  # type: ignore[arg-type]
+    if vpg.operation is None and not vpg.deleting:  # (else refused below, at once)
+        await await_connected(vpg)
     await _settle(vpg)
     cp = await server.take_checkpoint(vpg, "tagged", tag)
     return cp.to_json()
@@ -168,6 +173,14 @@ async def _checkpoints(server: JournalServer, args: dict) -> list[dict]:
                 for cp in select(log_.all(), selector, now)]
 
     return await trio.to_thread.run_sync(listing)
+
+
+async def await_connected(vpg: VpgRuntime, wait: float = CONNECT_WAIT) -> None:
+    """Give mounts that are reconnecting (after a rollback, a server restart, a network
+    blip) a few seconds before a command that needs every one of them refuses."""
+    with trio.move_on_after(wait):
+        while vpg.volumes and any(v.conn is None for v in vpg.volumes.values()):
+            await trio.sleep(0.1)
 
 
 async def _settle(vpg: VpgRuntime) -> None:

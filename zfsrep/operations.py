@@ -39,7 +39,13 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from zfsrep.checkpoints import Checkpoint
-from zfsrep.control import _resolve_checkpoint, _str, handler, wait_indexed
+from zfsrep.control import (
+    _resolve_checkpoint,
+    _str,
+    await_connected,
+    handler,
+    wait_indexed,
+)
 from zfsrep.errors import StateError, UsageError, ZfsrepError
 
 log = logging.getLogger(__name__)
@@ -54,8 +60,6 @@ RESTORE = "restore"
 #: phases of a move in which the protected mounts are held (quiesced)
 MOVE_HOLDS = ("starting", "before-commit", "committing")
 RESULTS = ("pass", "fail")
-#: how long an operation that needs every mount waits for one that is reconnecting
-CONNECT_WAIT = 10.0
 MAX_NOTE = 1000
 
 
@@ -259,14 +263,6 @@ async def _each(vpg: VpgRuntime, kind: str, timeout: float = 60.0,
     if problems:
         raise StateError("; ".join(sorted(problems)))
     return answers
-
-
-async def await_connected(vpg: VpgRuntime, wait: float = CONNECT_WAIT) -> None:
-    """Give mounts that are reconnecting (after a rollback, a server restart) a few seconds
-    before an operation that needs every one of them refuses."""
-    with trio.move_on_after(wait):
-        while vpg.volumes and any(v.conn is None for v in vpg.volumes.values()):
-            await trio.sleep(0.1)
 
 
 @handler("move.start")
