@@ -89,6 +89,7 @@ class SessionHook:
         self._recs = _fusehook.ffi.new("zf_rec[]", _TAKE) if _fusehook is not None else None
         self._taken = _fusehook.ffi.new("uint64_t[1]") if _fusehook is not None else None
         self._fhs = _fusehook.ffi.new("uint64_t[]", _TAKE) if _fusehook is not None else None
+        self._run: object = None
 
     def install(self, eventfd: int, *, fast: bool, capture: bool, limit: int) -> bool:
         if _fusehook is None:
@@ -236,6 +237,19 @@ class SessionHook:
         from any thread."""
         if self.active:
             _fusehook.lib.zf_add_held(delta)
+
+    def set_run_counter(self, counter: memoryview | None) -> None:
+        """Count the records the fast path queues in ``counter`` (a native uint64 in the
+        spool's run-state mapping, :class:`zfsrep.spool.RunState`), or stop counting (None:
+        before the mapping goes)."""
+        if _fusehook is None:
+            return
+        if counter is None:
+            _fusehook.lib.zf_set_run_counter(_fusehook.ffi.NULL)
+            self._run = None
+            return
+        self._run = _fusehook.ffi.from_buffer("uint64_t[]", counter)  # (kept alive here)
+        _fusehook.lib.zf_set_run_counter(self._run)
 
     def shutdown(self) -> None:
         """Answer queued FSYNCs and stop the fast path; call before the session closes."""

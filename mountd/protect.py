@@ -26,7 +26,14 @@ from zfsrep.errors import NotFoundError, StateError, UsageError
 from zfsrep.link import LinkOptions, VolumeShipper
 from zfsrep.records import BLOCK_SIZE
 from zfsrep.scan import ScanProgress, count_tree, scan_tree
-from zfsrep.spool import SpoolWriter, VolumeIdentity, read_initial_sync, write_initial_sync
+from zfsrep.spool import (
+    RunState,
+    SpoolWriter,
+    VolumeIdentity,
+    read_initial_sync,
+    records_lost,
+    write_initial_sync,
+)
 from zfsrep.syscalls import keep_large_buffers
 from zfsrep.volume import ROOT_NODE, BackingVolume
 
@@ -102,6 +109,23 @@ async def _report_killpriv(hook: SessionHook) -> None:
                  "security.capability first")
 
 
+def _check_previous_run(spool: SpoolWriter) -> None:
+    """Refuse a spool whose last daemon died with records of answered requests not yet
+    written (the spool would silently lack changes the directory has): mark it incomplete
+    and say so. A daemon that died with everything written only earns a warning."""
+    previous = RunState.read(spool.path)
+    lost = records_lost(previous, spool.next_seq - 1)
+    if lost is not None:
+        spool.mark_incomplete(spool.next_seq - 1, lost)
+        spool.close()
+        raise StateError(f"{lost}; the spool {spool.path} no longer describes "
+                         f"{spool.identity.source} and is marked incomplete. Protect again with "
+                         "a new spool (and, with --vpg, a new volume name)")
+    if previous is not None and not previous["clean"]:
+        log.warning("the previous mount daemon (pid %d) stopped without a clean shutdown, "
+                    "but everything it captured is in the spool", previous["pid"])
+
+
 def _initial_sync_state(spool: SpoolWriter) -> tuple[bool, int]:
     """(whether the initial scan must run, the seq it ended at if it is done)."""
     state = read_initial_sync(spool.path)
@@ -126,6 +150,7 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
     source = str(opts.source.resolve())
     root_ident = os.stat(source).st_ino
     spool = None
+    run_state: RunState | None = None
     hook = SessionHook()
     recorder: CaptureStream | NullRecorder = NullRecorder()
     shipper: VolumeShipper | None = None
@@ -136,9 +161,13 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
         spool = SpoolWriter(opts.spool, VolumeIdentity(source, root_ident, BLOCK_SIZE),
                             limit=opts.spool_limit,
                             segment_bytes=(16 << 20) if opts.link else (64 << 20))
+        _check_previous_run(spool)
         must_scan, synced_seq = _initial_sync_state(spool)
+        run_state = RunState(spool.path, spool.next_seq - 1)
+        hook.set_run_counter(run_state.counter)
         recorder = CaptureStream(spool, next_seq=spool.next_seq,
-                                 memory_limit=opts.memory_limit, external=hook)
+                                 memory_limit=opts.memory_limit, external=hook,
+                                 on_numbered=run_state.numbered)
         if opts.link is not None:
             spool.keep_recent = RECENT_FRAMES_BYTES
             shipper = VolumeShipper(opts.link, spool, recorder, progress, synced_seq,
@@ -181,6 +210,9 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
         log.info("stopped: %d records in %d frames (%d bytes) captured this session, last seq "
                  "%d; writers waited for the spool %d times", st.records, st.frames,
                  st.frame_bytes, st.last_seq_sunk, st.waits)
+    if run_state is not None:  # everything captured is in the spool
+        hook.set_run_counter(None)
+        run_state.close(clean=True)
     if shipper is not None and shipper.retired and spool is not None:
         await trio.to_thread.run_sync(_remove_moved_data, source, spool.path)
 

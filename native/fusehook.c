@@ -109,6 +109,7 @@ static pthread_mutex_t zf_pool_mu = PTHREAD_MUTEX_INITIALIZER;
 #define ZF_LINGER_NS 200000
 #define ZF_BUDGET_NS 5000000
 static zf_counters zf_count;
+static uint64_t *zf_run; /* records queued, in the spool's run state (zf_set_run_counter) */
 
 struct fuse_session *fuse_session_new(struct fuse_args *args,
                                       const struct fuse_lowlevel_ops *op, size_t op_size,
@@ -166,6 +167,8 @@ static int push(zf_rec rec)
     }
     zf_queue[zf_qlen++] = rec;
     zf_qbytes += rec.len;
+    if (zf_run != NULL)
+        __atomic_add_fetch(zf_run, 1, __ATOMIC_RELAXED);
     if (zf_eventfd >= 0 && !zf_signalled && zf_qbytes >= zf_signal_at) {
         uint64_t one = 1;
         if (write(zf_eventfd, &one, sizeof one) == sizeof one)
@@ -822,6 +825,8 @@ size_t zf_take_upto(zf_rec *out, size_t max, size_t max_bytes, uint64_t *data_by
 }
 
 void zf_set_frozen(int frozen) { zf_frozen = frozen; }
+
+void zf_set_run_counter(uint64_t *counter) { zf_run = counter; }
 
 void zf_add_held(int64_t delta) { __atomic_add_fetch(&zf_held_elsewhere, delta, __ATOMIC_RELAXED); }
 

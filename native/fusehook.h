@@ -67,6 +67,11 @@ size_t zf_take_upto(zf_rec *out, size_t max, size_t max_bytes, uint64_t *data_by
  * delta; callable from any thread. */
 void zf_add_held(int64_t delta);
 void zf_free(void *p);
+/* Count in *counter every record the fast path queues, before its request is answered: a
+ * uint64_t in a shared mapping of the spool's run-state file, so that a restart after the
+ * daemon died can tell whether records were lost (zfsrep.spool.RunState). NULL stops
+ * counting. Call on the event-loop thread. */
+void zf_set_run_counter(uint64_t *counter);
 /* While frozen (a checkpoint barrier), WRITE, SETATTR and FALLOCATE go to Python, which holds
  * their answers; call on the event-loop thread. */
 void zf_set_frozen(int frozen);

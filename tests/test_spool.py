@@ -13,10 +13,12 @@ from zfsrep.errors import CorruptDataError, NotFoundError, StateError
 from zfsrep.records import Op
 from zfsrep.spool import (
     META,
+    RunState,
     SpoolWriter,
     VolumeIdentity,
     iter_records,
     read_identity,
+    records_lost,
     segment_paths,
     spool_stats,
 )
@@ -371,3 +373,41 @@ def test_a_pending_frame_whose_header_never_reached_the_disk_is_a_torn_tail(spoo
     assert last.stat().st_size == size - frame.size
     w.close()
     assert _seqs(spool) == [1, 2]
+
+
+def test_a_spool_trimmed_down_to_a_torn_frame_continues_after_the_trimmed_records(spool: Path):
+    """All but the newest segment acknowledged and deleted, and the newest holds only a
+    frame cut by a crash: numbering goes on from the trimmed position, not from 1."""
+    frame_len = len(_frame(1, 2))
+    w = SpoolWriter(spool, IDENT, segment_bytes=frame_len)
+    _write(w, 1, 2)
+    _write(w, 3, 2)  # second segment
+    w.trim(2)  # the first segment's records were acknowledged
+    w.close()
+    assert len(segment_paths(spool)) == 1
+    _truncate_last(spool, 1)
+    w = SpoolWriter(spool, IDENT, segment_bytes=frame_len)
+    assert w.next_seq == 3
+    w.close()
+
+
+def test_run_state_survives_its_writer_and_tells_what_was_lost(spool: Path):
+    spool.mkdir()
+    assert RunState.read(spool) is None and records_lost(None, 5) is None
+    st = RunState(spool, numbered=10)
+    st.numbered(11)
+    st.numbered(14, fast=3)
+    st.counter.cast("Q")[0] = 5  # (the fast path's own count of what it queued)
+    # a daemon that died now: 5 queued, 3 numbered; records through 14, the spool holds 12
+    dead = RunState.read(spool)
+    assert dead == {"pid": os.getpid(), "clean": False, "queued": 5, "taken": 3,
+                    "numbered": 14}
+    why = records_lost(dead, 12)
+    assert why is not None and "2 writes the fast path had answered" in why
+    assert "records 13..14 were not written" in why
+    assert records_lost(dict(dead, queued=3), 14) is None  # everything reached the spool
+    assert records_lost(dict(dead, clean=True), 12) is None  # stopped in order
+    st.close(clean=True)
+    assert RunState.read(spool)["clean"] is True
+    (spool / "mountd.run").write_bytes(b"junk")
+    assert RunState.read(spool) is None

@@ -94,8 +94,13 @@ class CaptureStream:
 
     def __init__(self, sink: FrameSink, *, next_seq: int = 1, frame_bytes: int = 4 << 20,
                  memory_limit: int = 64 << 20, flush_interval: float = 0.25,
-                 level: int = 1, external: ExternalWrites | None = None) -> None:
+                 level: int = 1, external: ExternalWrites | None = None,
+                 on_numbered: Callable[[int, int], None] | None = None) -> None:
         self._sink = sink
+        #: told (last seq, how many of the records are the fast path's) whenever sequence
+        #: numbers are given out, before the requests they record are answered (the spool's
+        #: run state: a restart after a crash finds what was lost)
+        self._on_numbered = on_numbered
         self._external = external
         self._seq = next_seq - 1
         self._frame_bytes = frame_bytes
@@ -127,6 +132,8 @@ class CaptureStream:
         if self.failed is not None:
             return
         self._seq += 1
+        if self._on_numbered is not None:
+            self._on_numbered(self._seq, 0)
         self._batch.append([self._seq, time.time_ns(), op, *args])
         self._batch_bytes += RECORD_OVERHEAD
         self._held += RECORD_OVERHEAD
@@ -148,6 +155,8 @@ class CaptureStream:
                 continue
             first = self._seq + 1
             self._seq += chunk.count
+            if self._on_numbered is not None:
+                self._on_numbered(self._seq, chunk.count)
             self._batch.append([first, time.time_ns(), CHUNK, chunk])
             size = chunk.data_bytes + chunk.count * RECORD_OVERHEAD
             self.stats.data_bytes += chunk.data_bytes
@@ -160,6 +169,8 @@ class CaptureStream:
         if self.failed is not None:
             return
         self._seq += 1
+        if self._on_numbered is not None:
+            self._on_numbered(self._seq, 0)
         self._batch.append([self._seq, time.time_ns(), Op.WRITE, ident, offset, data, None,
                             mtime_ns])
         size = len(data) + RECORD_OVERHEAD

@@ -13,7 +13,15 @@ from pathlib import Path
 
 from zfsrep import __version__
 from zfsrep.cli_journal import json_text
-from zfsrep.errors import ExitCode, NotFoundError, OSFailure, UsageError, ZfsrepError
+from zfsrep.errors import (
+    CorruptDataError,
+    ExitCode,
+    NotFoundError,
+    OSFailure,
+    StateError,
+    UsageError,
+    ZfsrepError,
+)
 
 log = logging.getLogger("zfsrep")
 
@@ -312,12 +320,24 @@ def _describe(rec: list) -> str:
 
 
 def cmd_spool(args: argparse.Namespace) -> int:
-    from zfsrep.spool import iter_records, read_identity, read_incomplete, spool_stats
+    from zfsrep.spool import RunState, iter_records, read_identity, read_incomplete, spool_stats
 
     if args.spool_command != "show":
         raise UsageError("usage: zfsrep spool show SPOOL")
     identity = read_identity(args.spool)
-    stats = spool_stats(args.spool)
+    run = RunState.read(args.spool)
+    daemon = None
+    if run is not None:
+        daemon = {"pid": run["pid"], "state": "stopped in order" if run["clean"] else
+                  "running" if _alive(run["pid"]) else "died without a clean shutdown"}
+    try:
+        stats = spool_stats(args.spool)
+    except CorruptDataError as e:
+        if daemon is not None and daemon["state"] == "running":
+            raise StateError(f"spool {args.spool} is being written by the mount daemon (pid "
+                             f"{daemon['pid']}) and its last frame is not finished: try again, "
+                             "or stop the mount first") from None
+        raise e
     tail: list[list] = []
     if args.records > 0:
         for rec in iter_records(args.spool, allow_incomplete=True):
@@ -327,10 +347,12 @@ def cmd_spool(args: argparse.Namespace) -> int:
     incomplete = read_incomplete(args.spool)
     if args.json:
         out = dict(stats, source=identity.source, root_ident=identity.root_ident,
-                   block_size=identity.block_size, incomplete=incomplete)
+                   block_size=identity.block_size, incomplete=incomplete, daemon=daemon)
         print(json_text(out))
         return 0
     print(f"spool {args.spool}: volume {identity.source} (root inode {identity.root_ident})")
+    if daemon is not None:
+        print(f"  mount daemon: pid {daemon['pid']}, {daemon['state']}")
     if incomplete is not None:
         print(f"  INCOMPLETE: capture stopped after record {incomplete.get('last_seq')} "
               f"({incomplete.get('reason')}, {incomplete.get('time')})")
@@ -340,6 +362,16 @@ def cmd_spool(args: argparse.Namespace) -> int:
     for rec in tail:
         print("  " + _describe(rec))
     return 0
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a running ``zfsrep protect`` (not another process given the pid
+    of one that died)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"protect" in f.read().split(b"\0")
+    except OSError:
+        return False
 
 
 COMMANDS = {"protect": cmd_protect, "replay": cmd_replay, "spool": cmd_spool}

@@ -41,6 +41,8 @@ INCOMPLETE = "INCOMPLETE"
 INITIAL_SYNC = "initial-sync.json"
 #: {"first_seq": N}: records before N were acknowledged by the journal server and trimmed.
 TRIMMED = "trimmed.json"
+#: The mount daemon's run state while it writes the spool (:class:`RunState`).
+RUN_STATE = "mountd.run"
 CLOSING_MAX = 4
 #: An open segment whose frames were all acknowledged is closed at the next frame once it
 #: holds this much, so a replicated spool does not keep a large acknowledged segment.
@@ -113,6 +115,92 @@ def check_complete(spool: Path) -> None:
         raise StateError(f"spool {spool} is incomplete: capture stopped after record "
                          f"{marker.get('last_seq')} ({marker.get('reason')}); it does not "
                          "describe the directory after that. Protect again with a new spool.")
+
+
+class RunState:
+    """What a running mount daemon has captured, kept in a shared mapping of
+    ``SPOOL/mountd.run`` so that it outlives the daemon: how many records the C fast path
+    queued (counted by the fast path itself before it answers each request), how many of them
+    the capture stream has numbered, the last sequence number given out, and whether the
+    daemon stopped in order (everything captured in the spool). After a crash or ``kill -9``
+    the page cache still holds the file, and :func:`records_lost` tells from it whether
+    records of requests already answered never reached the spool. (Native byte order: the
+    fast path writes its counter as a uint64_t.)"""
+
+    _FMT = "=8sQQQQQ"  # magic, pid, clean, queued by the fast path, numbered of them, last seq
+    _MAGIC = b"ZFSRUN\x00\x01"
+    _CLEAN, _QUEUED, _TAKEN, _NUMBERED = 16, 24, 32, 40
+    SIZE = 4096
+
+    def __init__(self, spool: Path, numbered: int) -> None:
+        import mmap
+        import struct
+
+        self._pack = struct.Struct("=Q").pack_into
+        self._taken = 0
+        path = spool / RUN_STATE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(fd, self.SIZE)
+            self._map: mmap.mmap | None = mmap.mmap(fd, self.SIZE)
+        finally:
+            os.close(fd)
+        struct.pack_into(self._FMT, self._map, 0, self._MAGIC, os.getpid(), 0, 0, 0, numbered)
+        #: the fast path's counter, for SessionHook.set_run_counter
+        self.counter = memoryview(self._map)[self._QUEUED:self._TAKEN]
+
+    def numbered(self, seq: int, fast: int = 0) -> None:
+        """The capture stream gave out sequence numbers through ``seq``, ``fast`` of them to
+        records the fast path queued (before the requests are answered). The last seq is
+        stored first: a crash between the two stores then still shows the loss."""
+        if self._map is not None:
+            self._pack(self._map, self._NUMBERED, seq)
+            if fast:
+                self._taken += fast
+                self._pack(self._map, self._TAKEN, self._taken)
+
+    def close(self, clean: bool) -> None:
+        """Stop recording (the fast path must have stopped counting); ``clean``: everything
+        captured is in the spool."""
+        if self._map is None:
+            return
+        if clean:
+            self._pack(self._map, self._CLEAN, 1)
+        self.counter.release()
+        self._map.close()
+        self._map = None
+
+    @classmethod
+    def read(cls, spool: Path) -> dict | None:
+        """The state a daemon left in ``spool`` (None if there is none or it is not one)."""
+        import struct
+
+        try:
+            raw = (spool / RUN_STATE).read_bytes()[:struct.calcsize(cls._FMT)]
+            magic, pid, clean, queued, taken, numbered = struct.unpack(cls._FMT, raw)
+        except (FileNotFoundError, struct.error):
+            return None
+        if magic != cls._MAGIC:
+            return None
+        return {"pid": pid, "clean": bool(clean), "queued": queued, "taken": taken,
+                "numbered": numbered}
+
+
+def records_lost(state: dict | None, spooled_seq: int) -> str | None:
+    """Why records a previous daemon captured are missing from a spool that holds records
+    through ``spooled_seq`` (None: nothing is missing), from its :meth:`RunState.read`."""
+    if state is None or state["clean"]:
+        return None
+    missing = []
+    if state["queued"] > state["taken"]:
+        missing.append(f"{state['queued'] - state['taken']} writes the fast path had "
+                       "answered were still in its queue")
+    if state["numbered"] > spooled_seq:
+        missing.append(f"records {spooled_seq + 1}..{state['numbered']} were not written")
+    if not missing:
+        return None
+    return (f"the mount daemon (pid {state['pid']}) stopped without writing everything it "
+            f"had captured (killed or crashed): {' and '.join(missing)}")
 
 
 def _scan_segment(path: Path) -> tuple[int, int | None, str | None]:
@@ -197,6 +285,13 @@ class SpoolWriter:
                 continue
             self.next_seq = last_seq + 1
             break
+        if not segs:  # every segment was trimmed, or the last one held only a torn frame
+            try:
+                self.next_seq = int(json.loads((spool / TRIMMED).read_text())["first_seq"])
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CorruptDataError(f"{spool / TRIMMED}: unreadable ({e})") from None
         self.bytes = sum(p.stat().st_size for p in segment_paths(spool))
 
     def _rotate(self, first_seq: int) -> None:
