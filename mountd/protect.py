@@ -120,7 +120,7 @@ def _check_previous_run(spool: SpoolWriter) -> None:
         spool.close()
         raise StateError(f"{lost}; the spool {spool.path} no longer describes "
                          f"{spool.identity.source} and is marked incomplete. Protect again with "
-                         "a new spool (and, with --vpg, in a new VPG)")
+                         "a new spool (with --vpg, after 'zfsrep vpg remove-volume VPG VOL')")
     if previous is not None and not previous["clean"]:
         log.warning("the previous mount daemon (pid %d) stopped without a clean shutdown, "
                     "but everything it captured is in the spool", previous["pid"])

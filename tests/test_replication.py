@@ -461,6 +461,51 @@ def test_mount_restart_continues_the_stream_and_delete_needs_force(
     assert not (journal_server.store / "vpgs" / VPG).exists()
 
 
+def test_a_removed_volume_keeps_its_checkpoints_and_frees_its_name(
+        journal_server, vpg, mount_factory, tmp_path: Path) -> None:
+    """vpg remove-volume: for a protected directory given up (or whose spool is lost): new
+    checkpoints go on without it, older ones still restore it, across a server restart, and
+    the name can protect a directory again."""
+    cli = journal_server.cli
+    a = replicated(mount_factory, journal_server, "a", volume="va")
+    b = replicated(mount_factory, journal_server, "b", volume="vb")
+    a.start()
+    b.start()
+    (a.mnt / "x").write_text("a1\n")
+    (b.mnt / "y").write_text("b1\n")
+    t1 = tag(journal_server, "t1")
+    oracle_b = tree_snapshot(b.source)
+    r = cli("vpg", "remove-volume", VPG, "vb", check=False)
+    assert r.returncode == 4 and "connected: stop its mount first" in r.stderr
+    assert cli("vpg", "remove-volume", VPG, "nosuch", check=False).returncode == 3
+    assert b.stop() == 0
+    out = json.loads(cli("vpg", "remove-volume", VPG, "vb", "--json").stdout)
+    assert out["volume"] == "vb" and out["last_checkpoint"] >= t1["id"]
+    t2 = tag(journal_server, "t2")  # the VPG goes on with the volume it has
+    assert set(t2["positions"]) == {"va"}
+    cli("restore-file", VPG, "t1", "vb", "/", "--to", str(tmp_path / "b-at-t1"))
+    assert_tree(oracle_b, tmp_path / "b-at-t1", "a removed volume at an older checkpoint")
+    r = cli("restore-file", VPG, "t2", "vb", "/", "--to", str(tmp_path / "nope"), check=False)
+    assert r.returncode == 3
+    listed = json.loads(cli("vpg", "list", "--json").stdout)[0]
+    assert listed["volumes"] == ["va"]
+    assert [v["name"] for v in listed["removed_volumes"]] == ["vb"]
+
+    c = replicated(mount_factory, journal_server, "c", volume="vb")  # the name is free again
+    c.start()
+    (c.mnt / "z").write_text("another directory\n")
+    tag(journal_server, "t3")
+    oracle_c = tree_snapshot(c.source)
+    assert journal_server.stop() == 0
+    journal_server.start()
+    tag(journal_server, "t4")
+    for name, oracle in (("t1", oracle_b), ("t4", oracle_c)):
+        dest = tmp_path / f"vb-at-{name}"
+        cli("restore-file", VPG, name, "vb", "/", "--to", str(dest))
+        assert_tree(oracle, dest, f"volume vb at {name}")
+    assert a.stop() == 0 and c.stop() == 0
+
+
 def test_spool_limit_stops_capture_not_the_application(journal_server, vpg, mount_factory
                                                         ) -> None:
     assert journal_server.stop() == 0

@@ -123,3 +123,24 @@ async def test_one_volume_is_marked_without_a_barrier(tmp_path) -> None:
         nursery.start_soon(serve_mark)
         got = await server._positions([SimpleNamespace(name="v0", conn=m.vc)])  # type: ignore
     assert got == {"v0": 5} and m.seen == ["mark"]
+
+
+def test_a_volume_removal_cut_short_by_a_crash_is_finished_at_load(tmp_path) -> None:
+    """remove_volume writes its marker into the volume's directory, then moves it: a crash
+    in between leaves a directory that load treats as removed and moves aside."""
+    from zfsrep.store import Store, VolumeMeta, VpgSettings
+
+    store = Store(tmp_path / "store")
+    store.create_vpg(VpgSettings(name="g"))
+    for name in ("keep", "gone"):
+        store.save_volume("g", VolumeMeta(name=name, root_ident=7, source="/s", host="h",
+                                          spool_id=name))
+    marker = store.volume_dir("g", "gone") / "removed.json"
+    marker.write_text('{"name": "gone", "last_checkpoint": 12, "root_ident": 7, '
+                      '"removed": "2026-11-22T00:00:00Z"}')
+    assert store.volume_names("g") == ["keep"]
+    (removed,) = store.removed_volumes("g")
+    assert (removed.name, removed.last_checkpoint) == ("gone", 12)
+    assert removed.dir == store.vpg_dir("g") / "removed" / "gone.12"
+    assert (removed.dir / "volume.json").exists()
+    assert not store.volume_dir("g", "gone").exists()  # the name is free

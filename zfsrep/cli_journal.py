@@ -73,6 +73,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     for p in (create, vset, vps.add_parser("list", help="list VPGs")):
         _server_arg(p)
         _json_arg(p)
+    rmv = vps.add_parser(
+        "remove-volume", help="take a volume whose mount is gone out of a VPG",
+        description="Take volume VOL out of VPG NAME, so that new checkpoints go on without "
+                    "it (a volume that never reconnects otherwise stops them): for a "
+                    "protected directory given up, or whose spool was lost or marked "
+                    "incomplete. Refused while its mount is connected. The checkpoints that "
+                    "hold the volume keep it: its journal is indexed to the end and kept "
+                    "(until the VPG is deleted) for snapshots and restores of those "
+                    "checkpoints. The name is free again: protect the directory under it "
+                    "with a new spool (a full initial sync).")
+    rmv.add_argument("name", metavar="NAME")
+    rmv.add_argument("volume", metavar="VOL")
+    _server_arg(rmv)
+    _json_arg(rmv)
     delete = vps.add_parser("delete", help="delete a VPG and its journal")
     delete.add_argument("name", metavar="NAME")
     delete.add_argument("--force", action="store_true",
@@ -332,11 +346,17 @@ def cmd_vpg(args: argparse.Namespace) -> int:
                   f"{v['history_s'] / 3600:>7.1f}h {v['rpo_s']:>5g}s "
                   f"{v['checkpoint_interval_s']:>7g}s")
         return 0
+    if args.vpg_command == "remove-volume":
+        res = _call(args, "vpg.remove-volume", {"name": args.name, "volume": args.volume},
+                    timeout=120)
+        return _output(args, res, lambda: (
+            f"volume {res['volume']} removed from VPG {res['vpg']}; checkpoints up to "
+            f"{res['last_checkpoint']} keep it"))
     if args.vpg_command == "delete":
         _call(args, "vpg.delete", {"name": args.name, "force": args.force}, timeout=600)
         print(f"VPG {args.name} deleted")
         return 0
-    raise UsageError("usage: zfsrep vpg {create,set,list,delete} ...")
+    raise UsageError("usage: zfsrep vpg {create,set,list,remove-volume,delete} ...")
 
 
 def _abs(path: str | None) -> str | None:

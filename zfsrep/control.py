@@ -138,11 +138,26 @@ async def _vpg_delete(server: JournalServer, args: dict) -> dict:
     return {"name": name, "deleted": True}
 
 
+@handler("vpg.remove-volume")
+async def _vpg_remove_volume(server: JournalServer, args: dict) -> dict:
+    from zfsrep.store import check_name
+
+    vpg = server.vpg(args.get("name"))
+    if vpg.deleting:
+        raise StateError(f"VPG {vpg.name} is being deleted")
+    volume = check_name("volume", _str(args, "volume"))  # type: ignore[arg-type]
+    gone = await server.remove_volume(vpg, volume)
+    return {"vpg": vpg.name, "volume": gone.name, "last_checkpoint": gone.last_checkpoint,
+            "removed": gone.removed}
+
+
 def _vpg_summary(server: JournalServer, vpg: VpgRuntime) -> dict:
     s = vpg.settings
     return {"name": s.name, "history_s": s.history_s, "rpo_s": s.rpo_s,
             "checkpoint_interval_s": s.checkpoint_interval_s, "created": s.created,
-            "recovery_dir": str(server.store.recovery_dir(s)), "volumes": sorted(vpg.volumes)}
+            "recovery_dir": str(server.store.recovery_dir(s)), "volumes": sorted(vpg.volumes),
+            "removed_volumes": [{"name": r.name, "last_checkpoint": r.last_checkpoint,
+                                 "removed": r.removed} for r in vpg.removed]}
 
 
 # ---- checkpoints -------------------------------------------------------------------------
@@ -236,10 +251,14 @@ async def _resolve(server: JournalServer, args: dict) -> dict:
         volume = next(iter(cp.positions))
     if volume not in cp.positions:
         raise NotFoundError(f"checkpoint {cp.id} of VPG {vpg.name} has no volume {volume}")
+    seq = cp.positions[volume]
+    for gone in vpg.removed:  # a volume removed since: its data moved aside, indexed whole
+        if gone.name == volume and cp.id <= gone.last_checkpoint:
+            return {"vpg": vpg.name, "volume": volume, "volume_dir": str(gone.dir), "seq": seq,
+                    "root_ident": gone.root_ident, "checkpoint": cp.to_json()}
     vol: VolumeRuntime | None = vpg.volumes.get(volume)
     if vol is None:
         raise NotFoundError(f"VPG {vpg.name} has no volume {volume}")
-    seq = cp.positions[volume]
     await wait_indexed(vol, seq, cp.id, _duration(args, "wait", RESOLVE_WAIT))
     return {"vpg": vpg.name, "volume": volume, "volume_dir": str(vol.dir), "seq": seq,
             "root_ident": vol.meta.root_ident, "checkpoint": cp.to_json()}

@@ -44,7 +44,7 @@ from zfsrep.errors import (
 from zfsrep.index import VolumeIndex
 from zfsrep.journal import VolumeJournal
 from zfsrep.operations import describe, move_holds, protection_refused
-from zfsrep.store import Store, VolumeMeta, VpgSettings, check_name
+from zfsrep.store import RemovedVolume, Store, VolumeMeta, VpgSettings, check_name
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,8 @@ class VpgRuntime:
     deleting: bool = False
     #: the recovery operation under way (persisted in operation.json), e.g. a failover test
     operation: dict | None = None
+    #: volumes removed from the VPG, which older checkpoints still name (oldest first)
+    removed: list[RemovedVolume] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -236,6 +238,7 @@ class JournalServer:
                      vpg.operation.get("op"), vpg.operation.get("checkpoint", {}).get("id"),
                      vpg.operation.get("phase"))
         self.vpgs[name] = vpg
+        vpg.removed = await trio.to_thread.run_sync(self.store.removed_volumes, name)
         for vol in self.store.volume_names(name):
             meta = self.store.load_volume(name, vol)
             if meta is not None:
@@ -264,6 +267,42 @@ class JournalServer:
         log.info("volume %s/%s: journal through record %d, indexed through %d",
                  vpg.name, meta.name, vol.durable_seq, vol.indexed_seq)
         return vol
+
+    async def remove_volume(self, vpg: VpgRuntime, name: str) -> RemovedVolume:
+        """Take a volume that is not connected out of the VPG: new checkpoints go on without
+        it; the checkpoints that hold it keep finding its data (indexed to the end first)."""
+        vol = vpg.volumes.get(name)
+        if vol is None:
+            raise NotFoundError(f"VPG {vpg.name} has no volume {name}")
+        if vpg.operation is not None:
+            raise StateError(f"VPG {vpg.name} is {describe(vpg.operation)}")
+        if vol.conn is not None:
+            raise StateError(f"volume {name} is connected: stop its mount first")
+        if vol.error is None and vol.indexed_seq < vol.durable_seq:
+            vol.index_wanted += 1  # everything durable is indexed before the data moves
+            vol.notify()
+            try:
+                with trio.move_on_after(DURABLE_TIMEOUT):
+                    while vol.indexed_seq < vol.durable_seq and vol.error is None:
+                        await vol.changed.wait()
+            finally:
+                vol.index_wanted -= 1
+        async with vpg.lock:
+            if vol.conn is not None:
+                raise StateError(f"volume {name} is connected: stop its mount first")
+            if vol.indexed_seq < vol.durable_seq:
+                raise StateError(f"volume {name}: its journal is not indexed to the end "
+                                 f"({vol.indexed_seq} of {vol.durable_seq}: "
+                                 f"{vol.error or 'try again'})")
+            last = max((cp.id for cp in vpg.log.all() if name in cp.positions), default=0)
+            del vpg.volumes[name]
+            await self._close_volume(vol)
+            gone = await trio.to_thread.run_sync(self.store.remove_volume, vpg.name, name, last,
+                                                 vol.meta.root_ident)
+            vpg.removed.append(gone)
+        log.info("VPG %s: volume %s removed; checkpoints up to %d keep it", vpg.name, name,
+                 last)
+        return gone
 
     async def _close_volume(self, vol: VolumeRuntime) -> None:
         vol.scope.cancel()
@@ -543,8 +582,8 @@ class JournalServer:
         if vol.meta.spool_id != fields["spool_id"]:
             raise StateError(
                 f"volume {name} of VPG {vpg.name} holds the stream of {vol.meta.source} on "
-                f"{vol.meta.host} from another spool; protect with another --volume name or "
-                "delete the VPG")
+                f"{vol.meta.host} from another spool; protect with another --volume name, or "
+                f"take the volume out first ('zfsrep vpg remove-volume {vpg.name} {name}')")
         return vol
 
     async def _serve_volume(self, conn: protocol.MessageStream, hello: dict, peer: str) -> None:

@@ -11,6 +11,9 @@ Layout::
     STORE/vpgs/<vpg>/volumes/<vol>/volume.json    identity and sync state (VolumeMeta)
     STORE/vpgs/<vpg>/volumes/<vol>/journal/       durable journal (zfsrep.journal)
     STORE/vpgs/<vpg>/volumes/<vol>/index.sqlite, packs/   the index (zfsrep.index)
+    STORE/vpgs/<vpg>/removed/<vol>.<cp>/      a volume removed from the VPG after checkpoint
+                                              <cp> (the last that holds it): its journal and
+                                              index, and removed.json (RemovedVolume)
 """
 
 from __future__ import annotations
@@ -120,6 +123,18 @@ class VolumeMeta:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+@dataclass(frozen=True)
+class RemovedVolume:
+    """A volume taken out of its VPG (``zfsrep vpg remove-volume``): checkpoints up to
+    ``last_checkpoint`` still name it, and find its data in ``dir``."""
+
+    name: str
+    last_checkpoint: int
+    root_ident: int
+    removed: str
+    dir: Path
+
+
 class Store:
     """The store directory of one journal server."""
 
@@ -205,7 +220,8 @@ class Store:
         vols = self.vpg_dir(vpg) / "volumes"
         if not vols.is_dir():
             return []
-        return sorted(p.name for p in vols.iterdir() if (p / "volume.json").exists())
+        return sorted(p.name for p in vols.iterdir()
+                      if (p / "volume.json").exists() and not (p / "removed.json").exists())
 
     def load_volume(self, vpg: str, volume: str) -> VolumeMeta | None:
         path = self.volume_dir(vpg, volume) / "volume.json"
@@ -217,6 +233,50 @@ class Store:
         path = self.volume_dir(vpg, meta.name)
         path.mkdir(parents=True, exist_ok=True)
         _write_json(path / "volume.json", asdict(meta))
+
+    def remove_volume(self, vpg: str, volume: str, last_checkpoint: int,
+                      root_ident: int) -> RemovedVolume:
+        """Move a (closed) volume's directory aside, where the checkpoints up to
+        ``last_checkpoint`` find it; its name is free again. The marker is written into the
+        directory before it moves, so a crash leaves it either active or removed."""
+        src = self.volume_dir(vpg, volume)
+        dest_parent = self.vpg_dir(vpg) / "removed"
+        dest_parent.mkdir(exist_ok=True)
+        dest = dest_parent / f"{volume}.{last_checkpoint}"
+        if dest.exists():
+            raise StateError(f"{dest} exists already")
+        removed = _now_iso()
+        _write_json(src / "removed.json", {"name": volume, "last_checkpoint": last_checkpoint,
+                                            "root_ident": root_ident, "removed": removed})
+        os.rename(src, dest)
+        for d in (src.parent, dest_parent):
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return RemovedVolume(volume, last_checkpoint, root_ident, removed, dest)
+
+    def removed_volumes(self, vpg: str) -> list[RemovedVolume]:
+        """The volumes removed from the VPG, oldest first."""
+        vols = self.vpg_dir(vpg) / "volumes"
+        if vols.is_dir():  # a removal a crash interrupted between the marker and the move
+            for d in vols.iterdir():
+                if (d / "removed.json").exists():
+                    data = _read_json(d / "removed.json", f"removed volume {d.name}")
+                    dest = self.vpg_dir(vpg) / "removed" / f"{d.name}.{data['last_checkpoint']}"
+                    dest.parent.mkdir(exist_ok=True)
+                    os.rename(d, dest)
+        parent = self.vpg_dir(vpg) / "removed"
+        if not parent.is_dir():
+            return []
+        out = []
+        for d in parent.iterdir():
+            if (d / "removed.json").exists():
+                data = _read_json(d / "removed.json", f"removed volume {d.name}")
+                out.append(RemovedVolume(data["name"], int(data["last_checkpoint"]),
+                                         int(data["root_ident"]), data["removed"], d))
+        return sorted(out, key=lambda r: r.last_checkpoint)
 
     def bytes_used(self, vpg: str) -> int:
         total = 0
