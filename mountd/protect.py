@@ -109,7 +109,7 @@ async def _report_killpriv(hook: SessionHook) -> None:
                  "security.capability first")
 
 
-def _check_previous_run(spool: SpoolWriter) -> None:
+def _check_previous_run(spool: SpoolWriter, link: LinkOptions | None) -> None:
     """Refuse a spool whose last daemon died with records of answered requests not yet
     written (the spool would silently lack changes the directory has): mark it incomplete
     and say so. A daemon that died with everything written only earns a warning."""
@@ -118,9 +118,13 @@ def _check_previous_run(spool: SpoolWriter) -> None:
     if lost is not None:
         spool.mark_incomplete(spool.next_seq - 1, lost)
         spool.close()
+        how = "a new spool"
+        if link is not None:
+            how += (f", after taking the volume out of its VPG ('zfsrep vpg remove-volume "
+                    f"{link.vpg} {link.volume}')")
         raise StateError(f"{lost}; the spool {spool.path} no longer describes "
                          f"{spool.identity.source} and is marked incomplete. Protect again with "
-                         "a new spool (with --vpg, after 'zfsrep vpg remove-volume VPG VOL')")
+                         f"{how}")
     if previous is not None and not previous["clean"]:
         log.warning("the previous mount daemon (pid %d) stopped without a clean shutdown, "
                     "but everything it captured is in the spool", previous["pid"])
@@ -161,7 +165,7 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
         spool = SpoolWriter(opts.spool, VolumeIdentity(source, root_ident, BLOCK_SIZE),
                             limit=opts.spool_limit,
                             segment_bytes=(16 << 20) if opts.link else (64 << 20))
-        _check_previous_run(spool)
+        _check_previous_run(spool, opts.link)
         must_scan, synced_seq = _initial_sync_state(spool)
         run_state = RunState(spool.path, spool.next_seq - 1)
         hook.set_run_counter(run_state.counter)

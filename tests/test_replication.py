@@ -506,6 +506,41 @@ def test_a_removed_volume_keeps_its_checkpoints_and_frees_its_name(
     assert a.stop() == 0 and c.stop() == 0
 
 
+def test_after_a_lossy_crash_the_volume_is_taken_out_and_protected_again(
+        journal_server, vpg, mount_factory, tmp_path: Path) -> None:
+    """The way back the refusal names: remove-volume, then protect under the same name with
+    a new spool; the new stream equals the directory, the old checkpoints stay."""
+    import struct
+
+    from zfsrep.spool import RUN_STATE
+
+    m = replicated(mount_factory, journal_server)
+    m.start()
+    (m.mnt / "a").write_text("before the crash\n")
+    tag(journal_server, "before")
+    oracle_before = tree_snapshot(m.source)
+    assert m.stop() == 0
+    state = m.spool / RUN_STATE  # what a kill -9 between an answer and the spool leaves
+    raw = bytearray(state.read_bytes())
+    struct.pack_into("=QQQ", raw, 16, 0, 3, 0)
+    state.write_bytes(bytes(raw))
+    (m.source / "b").write_text("written in the crash window\n")  # (the backing has it)
+    with pytest.raises(AssertionError, match="mount daemon exited 4") as info:
+        m.start()
+    assert f"zfsrep vpg remove-volume {VPG} {VOL}" in str(info.value)
+    journal_server.cli("vpg", "remove-volume", VPG, VOL)
+    m.spool = m.spool.with_name("spool2")
+    m.start()
+    after = tag(journal_server, "after")
+    assert set(after["positions"]) == {VOL}
+    for name, oracle in (("before", oracle_before), ("after", tree_snapshot(m.source))):
+        dest = tmp_path / name
+        journal_server.cli("restore-file", VPG, name, VOL, "/", "--to", str(dest))
+        assert_tree(oracle, dest, f"checkpoint {name}")
+    assert (tmp_path / "after" / "b").exists()
+    assert m.stop() == 0
+
+
 def test_spool_limit_stops_capture_not_the_application(journal_server, vpg, mount_factory
                                                         ) -> None:
     assert journal_server.stop() == 0

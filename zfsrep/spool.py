@@ -192,9 +192,10 @@ def records_lost(state: dict | None, spooled_seq: int) -> str | None:
     if state is None or state["clean"]:
         return None
     missing = []
-    if state["queued"] > state["taken"]:
-        missing.append(f"{state['queued'] - state['taken']} writes the fast path had "
-                       "answered were still in its queue")
+    queued = state["queued"] - state["taken"]
+    if queued > 0:
+        missing.append(f"{queued} write{'s' if queued > 1 else ''} the fast path had answered "
+                       f"{'were' if queued > 1 else 'was'} still in its queue")
     if state["numbered"] > spooled_seq:
         missing.append(f"records {spooled_seq + 1}..{state['numbered']} were not written")
     if not missing:
