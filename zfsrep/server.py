@@ -297,8 +297,13 @@ class JournalServer:
             last = max((cp.id for cp in vpg.log.all() if name in cp.positions), default=0)
             del vpg.volumes[name]
             await self._close_volume(vol)
-            gone = await trio.to_thread.run_sync(self.store.remove_volume, vpg.name, name, last,
-                                                 vol.meta.root_ident)
+            try:
+                gone = await trio.to_thread.run_sync(self.store.remove_volume, vpg.name, name,
+                                                     last, vol.meta.root_ident)
+            except BaseException:
+                with trio.CancelScope(shield=True):  # the volume stays, as it was
+                    await self._open_volume(vpg, vol.meta)
+                raise
             vpg.removed.append(gone)
         log.info("VPG %s: volume %s removed; checkpoints up to %d keep it", vpg.name, name,
                  last)

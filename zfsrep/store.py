@@ -243,8 +243,9 @@ class Store:
         dest_parent = self.vpg_dir(vpg) / "removed"
         dest_parent.mkdir(exist_ok=True)
         dest = dest_parent / f"{volume}.{last_checkpoint}"
-        if dest.exists():
-            raise StateError(f"{dest} exists already")
+        if dest.exists():  # (the same name removed twice with no checkpoint between)
+            raise StateError(f"{dest} exists already: take a checkpoint with the new volume "
+                             "first")
         removed = _now_iso()
         _write_json(src / "removed.json", {"name": volume, "last_checkpoint": last_checkpoint,
                                             "root_ident": root_ident, "removed": removed})
