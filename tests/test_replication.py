@@ -503,7 +503,25 @@ def test_a_removed_volume_keeps_its_checkpoints_and_frees_its_name(
         dest = tmp_path / f"vb-at-{name}"
         cli("restore-file", VPG, name, "vb", "/", "--to", str(dest))
         assert_tree(oracle, dest, f"volume vb at {name}")
-    assert a.stop() == 0 and c.stop() == 0
+    # a volume no checkpoint holds (a VPG that has taken none yet) is simply deleted
+    cli("vpg", "create", "quiet", "--checkpoint-interval", "1h")
+    q = mount_factory("q", extra=("--vpg", "quiet", "--volume", "vq", "--server",
+                                  journal_server.address))
+    q.expected_log.append("replication link")
+    q.start()
+    (q.mnt / "f").write_text("never in a checkpoint\n")
+    assert q.stop() == 0
+    r = cli("vpg", "remove-volume", "quiet", "vq")
+    assert "no checkpoint held it: its data is deleted" in r.stdout
+    assert not (journal_server.store / "vpgs" / "quiet" / "volumes" / "vq").exists()
+    assert not (journal_server.store / "vpgs" / "quiet" / "removed").exists()
+    assert c.stop() == 0  # the name's second volume goes too: both stay findable
+    cli("vpg", "remove-volume", VPG, "vb")
+    for name, oracle in (("t1", oracle_b), ("t4", oracle_c)):
+        dest = tmp_path / f"vb-again-at-{name}"
+        cli("restore-file", VPG, name, "vb", "/", "--to", str(dest))
+        assert_tree(oracle, dest, f"removed volume vb at {name}")
+    assert a.stop() == 0
 
 
 def test_after_a_lossy_crash_the_volume_is_taken_out_and_protected_again(

@@ -144,3 +144,16 @@ def test_a_volume_removal_cut_short_by_a_crash_is_finished_at_load(tmp_path) -> 
     assert removed.dir == store.vpg_dir("g") / "removed" / "gone.12"
     assert (removed.dir / "volume.json").exists()
     assert not store.volume_dir("g", "gone").exists()  # the name is free
+
+
+def test_a_volume_no_checkpoint_holds_is_discarded_whole(tmp_path) -> None:
+    from zfsrep.store import Store, VolumeMeta, VpgSettings
+
+    store = Store(tmp_path / "store")
+    store.create_vpg(VpgSettings(name="g"))
+    store.save_volume("g", VolumeMeta(name="v", root_ident=7, source="/s", host="h",
+                                      spool_id="x"))
+    (store.volume_dir("g", "v") / "journal").mkdir()
+    store.discard_volume("g", "v")
+    assert store.volume_names("g") == [] and store.removed_volumes("g") == []
+    assert not any((store.vpg_dir("g") / "volumes").iterdir())

@@ -350,8 +350,9 @@ def cmd_vpg(args: argparse.Namespace) -> int:
         res = _call(args, "vpg.remove-volume", {"name": args.name, "volume": args.volume},
                     timeout=120)
         return _output(args, res, lambda: (
-            f"volume {res['volume']} removed from VPG {res['vpg']}; checkpoints up to "
-            f"{res['last_checkpoint']} keep it"))
+            f"volume {res['volume']} removed from VPG {res['vpg']}; " + (
+                f"checkpoints up to {res['last_checkpoint']} keep it"
+                if res["last_checkpoint"] else "no checkpoint held it: its data is deleted")))
     if args.vpg_command == "delete":
         _call(args, "vpg.delete", {"name": args.name, "force": args.force}, timeout=600)
         print(f"VPG {args.name} deleted")

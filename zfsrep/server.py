@@ -294,17 +294,24 @@ class JournalServer:
                 raise StateError(f"volume {name}: its journal is not indexed to the end "
                                  f"({vol.indexed_seq} of {vol.durable_seq}: "
                                  f"{vol.error or 'try again'})")
-            last = max((cp.id for cp in vpg.log.all() if name in cp.positions), default=0)
+            # checkpoints up to an earlier removal of the name hold an earlier volume
+            earlier = max((r.last_checkpoint for r in vpg.removed if r.name == name), default=0)
+            last = max((cp.id for cp in vpg.log.all()
+                        if name in cp.positions and cp.id > earlier), default=0)
             del vpg.volumes[name]
             await self._close_volume(vol)
             try:
-                gone = await trio.to_thread.run_sync(self.store.remove_volume, vpg.name, name,
-                                                     last, vol.meta.root_ident)
+                if last == 0:  # no checkpoint holds this volume: nothing to keep
+                    await trio.to_thread.run_sync(self.store.discard_volume, vpg.name, name)
+                    gone = RemovedVolume(name, 0, vol.meta.root_ident, "", vol.dir)
+                else:
+                    gone = await trio.to_thread.run_sync(
+                        self.store.remove_volume, vpg.name, name, last, vol.meta.root_ident)
+                    vpg.removed.append(gone)
             except BaseException:
                 with trio.CancelScope(shield=True):  # the volume stays, as it was
                     await self._open_volume(vpg, vol.meta)
                 raise
-            vpg.removed.append(gone)
         log.info("VPG %s: volume %s removed; checkpoints up to %d keep it", vpg.name, name,
                  last)
         return gone

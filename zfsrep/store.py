@@ -221,7 +221,8 @@ class Store:
         if not vols.is_dir():
             return []
         return sorted(p.name for p in vols.iterdir()
-                      if (p / "volume.json").exists() and not (p / "removed.json").exists())
+                      if not p.name.startswith(".") and (p / "volume.json").exists()
+                      and not (p / "removed.json").exists())
 
     def load_volume(self, vpg: str, volume: str) -> VolumeMeta | None:
         path = self.volume_dir(vpg, volume) / "volume.json"
@@ -243,9 +244,8 @@ class Store:
         dest_parent = self.vpg_dir(vpg) / "removed"
         dest_parent.mkdir(exist_ok=True)
         dest = dest_parent / f"{volume}.{last_checkpoint}"
-        if dest.exists():  # (the same name removed twice with no checkpoint between)
-            raise StateError(f"{dest} exists already: take a checkpoint with the new volume "
-                             "first")
+        if dest.exists():
+            raise StateError(f"{dest} exists already")
         removed = _now_iso()
         _write_json(src / "removed.json", {"name": volume, "last_checkpoint": last_checkpoint,
                                             "root_ident": root_ident, "removed": removed})
@@ -257,6 +257,14 @@ class Store:
             finally:
                 os.close(fd)
         return RemovedVolume(volume, last_checkpoint, root_ident, removed, dest)
+
+    def discard_volume(self, vpg: str, volume: str) -> None:
+        """Delete a (closed) volume that no checkpoint holds (renamed away first, so a crash
+        half-way leaves nothing the server loads)."""
+        src = self.volume_dir(vpg, volume)
+        doomed = src.with_name(f".deleting-{volume}-{os.getpid()}")
+        os.rename(src, doomed)
+        shutil.rmtree(doomed)
 
     def removed_volumes(self, vpg: str) -> list[RemovedVolume]:
         """The volumes removed from the VPG, oldest first."""
