@@ -41,13 +41,20 @@ def translate_errors(fn: F) -> F:
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         gate = getattr(args[0], "gate", None)  # (the snapshot mount has none)
+        run = getattr(args[0], "run", None) if mutating else None
         entered = False
         try:
             if mutating and gate is not None and (
                     fn.__name__ != "open" or args[2] & os.O_TRUNC):
                 await gate.enter_mutation()  # a planned move holds it before it changes a thing
                 entered = True
-            result = await fn(*args, **kwargs)
+            if run is not None:
+                run.mutating(1)
+            try:
+                result = await fn(*args, **kwargs)  # (changed and recorded, or failed)
+            finally:
+                if run is not None:
+                    run.mutating(-1)
             if gate is not None and gate.frozen:
                 await gate.wait_open()  # a checkpoint barrier holds the answer (zfsrep.barrier)
             return result
@@ -103,6 +110,9 @@ class PassthroughOperations(pyfuse3.Operations):
         self.hook = hook  # mountd.fusehook.SessionHook: serves READ/WRITE of open files
         self._fsync_limiter = fsync_limiter
         self.gate = gate  # the checkpoint barrier's hold on answers, when replicating
+        #: zfsrep.spool.RunState, told while a mutating handler runs (a daemon that dies in
+        #: one may have changed the directory without recording it)
+        self.run: Any = None
 
     def _attrs(self, node: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
         return entry_attributes(self.vol.inode(node), st)

@@ -194,7 +194,7 @@ async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -
                     await _initial_sync(source, spool, recorder, progress, shipper, ready)
                 await _serve(opts, source, recorder, hook, ready,
                              shipper.gate if shipper is not None else None,
-                             shipper.in_place if shipper is not None else None)
+                             shipper.in_place if shipper is not None else None, run_state)
             finally:
                 if isinstance(recorder, CaptureStream):
                     await recorder.aclose()
@@ -288,13 +288,14 @@ async def _close_released(volume: BackingVolume) -> None:
 
 async def _serve(opts: ProtectOptions, source: str, recorder, hook: SessionHook,
                  ready: Callable[[], None], gate: CompletionGate | None,
-                 in_place: InPlaceRestore | None) -> None:
+                 in_place: InPlaceRestore | None, run_state: RunState | None = None) -> None:
     volume = BackingVolume(source, recorder)
     if in_place is not None:
         in_place.volume = volume
         if in_place.active:  # a restore in place is before commit: its trees stay hidden
             volume.hidden = RESERVED
     ops = PassthroughOperations(volume, recorder, hook, trio.CapacityLimiter(4), gate)
+    ops.run = run_state
     options = set(pyfuse3.default_options)
     options |= {f"fsname=zfsrep:{source}", "subtype=zfsrep"}
     if opts.allow_other:

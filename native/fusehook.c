@@ -109,7 +109,10 @@ static pthread_mutex_t zf_pool_mu = PTHREAD_MUTEX_INITIALIZER;
 #define ZF_LINGER_NS 200000
 #define ZF_BUDGET_NS 5000000
 static zf_counters zf_count;
-static uint64_t *zf_run; /* records queued, in the spool's run state (zf_set_run_counter) */
+/* The spool's run state (zf_set_run_counter): [0] records queued, [3] 1 while a mutating
+ * request is being served here (from before the backing file changes until its record is
+ * queued and answered). */
+static uint64_t *zf_run;
 
 struct fuse_session *fuse_session_new(struct fuse_args *args,
                                       const struct fuse_lowlevel_ops *op, size_t op_size,
@@ -672,6 +675,10 @@ static ssize_t read_and_serve(int fd, void *buf, size_t len)
             zf_init_seen = 1;
         }
         int handled = 0;
+        int mutating = in->opcode == FUSE_WRITE || in->opcode == FUSE_SETATTR ||
+                       in->opcode == FUSE_FALLOCATE;
+        if (mutating && zf_run != NULL)
+            __atomic_store_n(&zf_run[3], 1, __ATOMIC_RELAXED);
         if (zf_fast && in->total_extlen == 0) {
             switch (in->opcode) {
             case FUSE_WRITE: handled = fast_write(fd, in, (size_t)n); break;
@@ -686,6 +693,8 @@ static ssize_t read_and_serve(int fd, void *buf, size_t len)
             default: break;
             }
         }
+        if (mutating && zf_run != NULL)
+            __atomic_store_n(&zf_run[3], 0, __ATOMIC_RELAXED);
         if (!handled) {
             if (mem != buf)
                 memcpy(buf, mem, (size_t)n); /* for libfuse and pyfuse3 */
@@ -826,7 +835,7 @@ size_t zf_take_upto(zf_rec *out, size_t max, size_t max_bytes, uint64_t *data_by
 
 void zf_set_frozen(int frozen) { zf_frozen = frozen; }
 
-void zf_set_run_counter(uint64_t *counter) { zf_run = counter; }
+void zf_set_run_counter(uint64_t *run) { zf_run = run; }
 
 void zf_add_held(int64_t delta) { __atomic_add_fetch(&zf_held_elsewhere, delta, __ATOMIC_RELAXED); }
 

@@ -67,11 +67,12 @@ size_t zf_take_upto(zf_rec *out, size_t max, size_t max_bytes, uint64_t *data_by
  * delta; callable from any thread. */
 void zf_add_held(int64_t delta);
 void zf_free(void *p);
-/* Count in *counter every record the fast path queues, before its request is answered: a
- * uint64_t in a shared mapping of the spool's run-state file, so that a restart after the
- * daemon died can tell whether records were lost (zfsrep.spool.RunState). NULL stops
- * counting. Call on the event-loop thread. */
-void zf_set_run_counter(uint64_t *counter);
+/* Keep the fast path's part of the spool's run state (zfsrep.spool.RunState) in run, four
+ * uint64_t in a shared mapping of the run-state file, so that a restart after the daemon died
+ * can tell whether changes were lost: run[0] counts every record the fast path queues,
+ * before its request is answered; run[3] is 1 while a WRITE, SETATTR or FALLOCATE is served
+ * here. NULL stops. Call on the event-loop thread. */
+void zf_set_run_counter(uint64_t *run);
 /* While frozen (a checkpoint barrier), WRITE, SETATTR and FALLOCATE go to Python, which holds
  * their answers; call on the event-loop thread. */
 void zf_set_frozen(int frozen);

@@ -401,12 +401,23 @@ def test_run_state_survives_its_writer_and_tells_what_was_lost(spool: Path):
     # a daemon that died now: 5 queued, 3 numbered; records through 14, the spool holds 12
     dead = RunState.read(spool)
     assert dead == {"pid": os.getpid(), "clean": False, "queued": 5, "taken": 3,
-                    "numbered": 14}
+                    "numbered": 14, "busy": 0}
     why = records_lost(dead, 12)
     assert why is not None and "2 writes the fast path had answered" in why
     assert "records 13..14 were not written" in why
     assert records_lost(dict(dead, queued=3), 14) is None  # everything reached the spool
     assert records_lost(dict(dead, clean=True), 12) is None  # stopped in order
+    # a handler was between changing the directory and recording the change
+    st.mutating(1)
+    st.counter.cast("Q")[0] = 3
+    busy = RunState.read(spool)
+    assert busy is not None and busy["busy"] == 1
+    assert "a change it was making may not have been recorded" in records_lost(busy, 14)
+    st.mutating(-1)
+    st.counter.cast("Q")[3] = 1  # (the fast path serving a write)
+    assert "may not have been recorded" in records_lost(RunState.read(spool), 14)
+    st.counter.cast("Q")[3] = 0
+    assert records_lost(RunState.read(spool), 14) is None
     st.close(clean=True)
     assert RunState.read(spool)["clean"] is True
     (spool / "mountd.run").write_bytes(b"junk")

@@ -121,15 +121,19 @@ class RunState:
     """What a running mount daemon has captured, kept in a shared mapping of
     ``SPOOL/mountd.run`` so that it outlives the daemon: how many records the C fast path
     queued (counted by the fast path itself before it answers each request), how many of them
-    the capture stream has numbered, the last sequence number given out, and whether the
-    daemon stopped in order (everything captured in the spool). After a crash or ``kill -9``
-    the page cache still holds the file, and :func:`records_lost` tells from it whether
-    records of requests already answered never reached the spool. (Native byte order: the
-    fast path writes its counter as a uint64_t.)"""
+    the capture stream has numbered, the last sequence number given out, whether a mutating
+    request is being served (by the fast path, and how many by Python: from before the
+    backing directory changes until the change is recorded), and whether the daemon stopped
+    in order (everything captured in the spool). After a crash or ``kill -9`` the page cache
+    still holds the file, and :func:`records_lost` tells from it whether the directory may
+    hold changes the spool lacks. (Native byte order: the fast path writes its part as
+    uint64_t.)"""
 
-    _FMT = "=8sQQQQQ"  # magic, pid, clean, queued by the fast path, numbered of them, last seq
+    # magic, pid, clean, queued by the fast path, numbered of them, last seq, fast path busy,
+    # Python handlers busy
+    _FMT = "=8sQQQQQQQ"
     _MAGIC = b"ZFSRUN\x00\x01"
-    _CLEAN, _QUEUED, _TAKEN, _NUMBERED = 16, 24, 32, 40
+    _CLEAN, _QUEUED, _TAKEN, _NUMBERED, _PY_BUSY = 16, 24, 32, 40, 56
     SIZE = 4096
 
     def __init__(self, spool: Path, numbered: int) -> None:
@@ -138,6 +142,7 @@ class RunState:
 
         self._pack = struct.Struct("=Q").pack_into
         self._taken = 0
+        self._busy = 0
         path = spool / RUN_STATE
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
@@ -145,9 +150,11 @@ class RunState:
             self._map: mmap.mmap | None = mmap.mmap(fd, self.SIZE)
         finally:
             os.close(fd)
-        struct.pack_into(self._FMT, self._map, 0, self._MAGIC, os.getpid(), 0, 0, 0, numbered)
-        #: the fast path's counter, for SessionHook.set_run_counter
-        self.counter = memoryview(self._map)[self._QUEUED:self._TAKEN]
+        struct.pack_into(self._FMT, self._map, 0, self._MAGIC, os.getpid(), 0, 0, 0, numbered,
+                         0, 0)
+        #: the fast path's part (queued, numbered, last seq, busy), for
+        #: SessionHook.set_run_counter
+        self.counter = memoryview(self._map)[self._QUEUED:self._PY_BUSY]
 
     def numbered(self, seq: int, fast: int = 0) -> None:
         """The capture stream gave out sequence numbers through ``seq``, ``fast`` of them to
@@ -158,6 +165,13 @@ class RunState:
             if fast:
                 self._taken += fast
                 self._pack(self._map, self._TAKEN, self._taken)
+
+    def mutating(self, delta: int) -> None:
+        """A Python handler that changes the backing directory starts (+1) or has recorded
+        its change, or failed (-1)."""
+        if self._map is not None:
+            self._busy += delta
+            self._pack(self._map, self._PY_BUSY, self._busy)
 
     def close(self, clean: bool) -> None:
         """Stop recording (the fast path must have stopped counting); ``clean``: everything
@@ -177,13 +191,14 @@ class RunState:
 
         try:
             raw = (spool / RUN_STATE).read_bytes()[:struct.calcsize(cls._FMT)]
-            magic, pid, clean, queued, taken, numbered = struct.unpack(cls._FMT, raw)
+            magic, pid, clean, queued, taken, numbered, fast_busy, py_busy = struct.unpack(
+                cls._FMT, raw)
         except (FileNotFoundError, struct.error):
             return None
         if magic != cls._MAGIC:
             return None
         return {"pid": pid, "clean": bool(clean), "queued": queued, "taken": taken,
-                "numbered": numbered}
+                "numbered": numbered, "busy": fast_busy + py_busy}
 
 
 def records_lost(state: dict | None, spooled_seq: int) -> str | None:
@@ -198,6 +213,8 @@ def records_lost(state: dict | None, spooled_seq: int) -> str | None:
                        f"{'were' if queued > 1 else 'was'} still in its queue")
     if state["numbered"] > spooled_seq:
         missing.append(f"records {spooled_seq + 1}..{state['numbered']} were not written")
+    if state.get("busy"):
+        missing.append("a change it was making may not have been recorded")
     if not missing:
         return None
     return (f"the mount daemon (pid {state['pid']}) stopped without writing everything it "
