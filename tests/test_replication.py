@@ -503,6 +503,12 @@ def test_a_removed_volume_keeps_its_checkpoints_and_frees_its_name(
         dest = tmp_path / f"vb-at-{name}"
         cli("restore-file", VPG, name, "vb", "/", "--to", str(dest))
         assert_tree(oracle, dest, f"volume vb at {name}")
+    # a failover test at t1 brings up the removed volume, not the new one of its name
+    op = json.loads(cli("failover-test", VPG, "t1", "--json").stdout)
+    try:
+        assert_tree(oracle_b, Path(op["volumes"]["vb"]["path"]), "removed vb in a test")
+    finally:
+        cli("stop-test", VPG)
     # a volume no checkpoint holds (a VPG that has taken none yet) is simply deleted
     cli("vpg", "create", "quiet", "--checkpoint-interval", "1h")
     q = mount_factory("q", extra=("--vpg", "quiet", "--volume", "vq", "--server",
