@@ -194,6 +194,8 @@ class VpgRuntime:
     operation: dict | None = None
     #: volumes removed from the VPG, which older checkpoints still name (oldest first)
     removed: list[RemovedVolume] = field(default_factory=list)
+    #: names of volumes being removed (a mount may not attach under them meanwhile)
+    removing: set[str] = field(default_factory=set)
 
     @property
     def name(self) -> str:
@@ -299,6 +301,7 @@ class JournalServer:
             last = max((cp.id for cp in vpg.log.all()
                         if name in cp.positions and cp.id > earlier), default=0)
             del vpg.volumes[name]
+            vpg.removing.add(name)
             await self._close_volume(vol)
             try:
                 if last == 0:  # no checkpoint holds this volume: nothing to keep
@@ -312,6 +315,8 @@ class JournalServer:
                 with trio.CancelScope(shield=True):  # the volume stays, as it was
                     await self._open_volume(vpg, vol.meta)
                 raise
+            finally:
+                vpg.removing.discard(name)
         log.info("VPG %s: volume %s removed; checkpoints up to %d keep it", vpg.name, name,
                  last)
         return gone
@@ -575,6 +580,8 @@ class JournalServer:
         if not isinstance(fields["root_ident"], int) or not all(
                 isinstance(fields[k], str) for k in ("source", "host", "spool_id")):
             raise protocol.ProtocolError("volume hello lacks root_ident/source/host/spool_id")
+        if name in vpg.removing:
+            raise StateError(f"volume {name} of VPG {vpg.name} is being removed")
         vol = vpg.volumes.get(name)
         first_seq = hello.get("first_seq", 1)
         durable = 0 if vol is None else vol.durable_seq
