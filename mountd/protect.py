@@ -70,6 +70,9 @@ def check_options(opts: ProtectOptions) -> None:
     if os.path.ismount(opts.mountpoint):
         raise StateError(f"{opts.mountpoint} is already a mount point")
     src, mnt = opts.source.resolve(), opts.mountpoint.resolve()
+    if _mount_type(src) == "fuse.zfsrep":
+        raise StateError(f"{src} is a zfsrep mount: the directory under it is protected "
+                         "already (one mount per directory)")
     if opts.spool is not None:
         spool = opts.spool.resolve()
         if spool == src or src in spool.parents:
@@ -77,6 +80,23 @@ def check_options(opts: ProtectOptions) -> None:
     if mnt in src.parents or src in mnt.parents:
         raise UsageError("source and mount point must not contain each other (use the same "
                          "directory for both to mount over it)")
+
+
+def _mount_type(path: Path) -> str | None:
+    """The file system type of the mount whose root ``path`` is, if it is one."""
+    target = os.fsencode(path)
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    kind = None
+    for line in lines:  # (the last mount at a place is the one on top)
+        fields = line.split(b" - ", 1)
+        head = fields[0].split()
+        if len(head) > 4 and head[4].replace(b"\\040", b" ") == target and len(fields) > 1:
+            kind = os.fsdecode(fields[1].split()[0])
+    return kind
 
 
 def _raise_fd_limit() -> int:
@@ -143,9 +163,65 @@ def _initial_sync_state(spool: SpoolWriter) -> tuple[bool, int]:
     return False, int(state.get("end_seq") or 1)
 
 
+#: Where a daemon locks the directory it protects (one lock file per device and inode).
+SOURCE_LOCKS = Path("/run/zfsrep")
+
+
+def _lock_source(source: str) -> tuple[int, Path] | None:
+    """Lock the backing directory for this daemon (SOURCE_LOCKS/source-DEV-INO.lock, flock):
+    two mounts over one directory would each capture only the changes made through it.
+    StateError if another daemon holds it; None (no lock) if the lock directory cannot be
+    made (not root): the spool's own lock still keeps two daemons off one spool."""
+    import fcntl
+
+    st = os.stat(source)
+    path = SOURCE_LOCKS / f"source-{st.st_dev}-{st.st_ino}.lock"
+    try:
+        SOURCE_LOCKS.mkdir(mode=0o700, exist_ok=True)
+    except OSError as e:
+        log.debug("no lock on %s: %s", source, e.strerror or e)
+        return None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise StateError(f"{source} is protected by another mount daemon"
+                             f"{f' (pid {holder})' if holder else ''}: one mount per "
+                             "directory") from None
+        try:  # the holder before us may have removed the file after we opened it
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd, path
+        os.close(fd)
+
+
+def _unlock_source(lock: tuple[int, Path] | None) -> None:
+    if lock is None:
+        return
+    fd, path = lock
+    with contextlib.suppress(OSError):  # removed while still locked: a later daemon that
+        os.unlink(path)                 # opened it before sees another inode and retries
+    os.close(fd)
+
+
 async def run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -> None:
     """Serve the protected mount until it is unmounted or the process is told to stop."""
     check_options(opts)
+    lock = _lock_source(str(opts.source.resolve()))
+    try:
+        await _run_protected_mount(opts, ready)
+    finally:
+        _unlock_source(lock)
+
+
+async def _run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) -> None:
     fd_limit = _raise_fd_limit()
     log.info("descriptor limit %d (one per file or directory the kernel has looked up)",
              fd_limit)

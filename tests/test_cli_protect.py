@@ -76,6 +76,32 @@ def test_already_mounted_is_exit_4(protected) -> None:
     assert "already a mount point" in proc.stderr
 
 
+def test_one_directory_one_mount_one_spool(protected, tmp_path: Path) -> None:
+    """A second mount of a protected directory (at another mount point, over the directory
+    itself, or of the mount) or a second daemon on its spool is refused, exit 4, and nothing
+    is mounted: each would capture only the changes made through it."""
+    second = tmp_path / "second"
+    second.mkdir()
+    attempts = [
+        (["--source", str(protected.source), "--spool", str(tmp_path / "s2"), str(second)],
+         "is protected by another mount daemon"),
+        (["--source", str(protected.source), "--spool", str(tmp_path / "s3"),
+          str(protected.source)], "is protected by another mount daemon"),
+        (["--source", str(tmp_path / "elsewhere"), "--spool", str(protected.spool),
+          str(second)], "is in use by another mount daemon"),
+        (["--source", str(protected.mnt), "--spool", str(tmp_path / "s4"), str(second)],
+         "is a zfsrep mount"),
+    ]
+    (tmp_path / "elsewhere").mkdir()
+    for args, message in attempts:
+        proc = zfsrep("protect", *args, check=False)
+        assert proc.returncode == 4 and message in proc.stderr, (args, proc.stderr)
+        assert not is_mounted(second)
+    assert not is_mounted(protected.source)
+    (protected.mnt / "still").write_text("the first mount serves on\n")
+    assert (protected.source / "still").exists()
+
+
 def test_spool_of_another_directory_is_refused(mount_factory, tmp_path: Path) -> None:
     m = mount_factory("first")
     m.start()

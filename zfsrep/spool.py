@@ -43,6 +43,8 @@ INITIAL_SYNC = "initial-sync.json"
 TRIMMED = "trimmed.json"
 #: The mount daemon's run state while it writes the spool (:class:`RunState`).
 RUN_STATE = "mountd.run"
+#: Locked (flock) by the one writer of the spool, which writes its pid there.
+LOCK = "lock"
 CLOSING_MAX = 4
 #: An open segment whose frames were all acknowledged is closed at the next frame once it
 #: holds this much, so a replicated spool does not keep a large acknowledged segment.
@@ -268,9 +270,24 @@ class SpoolWriter:
         self._closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-fsync",
                                           initializer=_background)
         self._closing: deque[Future[None]] = deque()
-        self._open()
+        self._lock = -1
+        try:
+            self._open()
+        except BaseException:
+            self._closer.shutdown(wait=False)
+            raise
 
     def _open(self) -> None:
+        spool = self.path
+        spool.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_spool(spool)
+        try:
+            self._open_locked()
+        except BaseException:
+            os.close(self._lock)
+            raise
+
+    def _open_locked(self) -> None:
         spool = self.path
         check_complete(spool)
         (spool / SEGMENTS).mkdir(parents=True, exist_ok=True)
@@ -428,6 +445,34 @@ class SpoolWriter:
             self._closing.popleft().result()
         self._closer.shutdown(wait=True)
         _fsync_dir(self.path / SEGMENTS)
+        if self._lock >= 0:
+            os.close(self._lock)  # (the lock goes with the descriptor)
+            self._lock = -1
+
+
+def _lock_spool(spool: Path) -> int:
+    """An exclusive lock on ``SPOOL/lock`` for as long as the descriptor returned is open:
+    two writers would interleave frames in the same segment. StateError if another process
+    (or another writer in this one) holds it; the file names the holder's pid."""
+    import fcntl
+
+    fd = os.open(spool / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+        raise StateError(f"spool {spool} is in use by another mount daemon"
+                         f"{f' (pid {holder})' if holder else ''}: one spool, one mount"
+                         ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _background() -> None:
