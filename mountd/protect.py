@@ -34,7 +34,7 @@ from zfsrep.spool import (
     records_lost,
     write_initial_sync,
 )
-from zfsrep.syscalls import keep_large_buffers
+from zfsrep.syscalls import keep_large_buffers, mount_at, try_lock
 from zfsrep.volume import ROOT_NODE, BackingVolume
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ def check_options(opts: ProtectOptions) -> None:
     if os.path.ismount(opts.mountpoint):
         raise StateError(f"{opts.mountpoint} is already a mount point")
     src, mnt = opts.source.resolve(), opts.mountpoint.resolve()
-    if _mount_type(src) == "fuse.zfsrep":
+    mounted = mount_at(src)
+    if mounted is not None and mounted[1] == "fuse.zfsrep":
         raise StateError(f"{src} is a zfsrep mount: the directory under it is protected "
                          "already (one mount per directory)")
     if opts.spool is not None:
@@ -80,23 +81,6 @@ def check_options(opts: ProtectOptions) -> None:
     if mnt in src.parents or src in mnt.parents:
         raise UsageError("source and mount point must not contain each other (use the same "
                          "directory for both to mount over it)")
-
-
-def _mount_type(path: Path) -> str | None:
-    """The file system type of the mount whose root ``path`` is, if it is one."""
-    target = os.fsencode(path)
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    kind = None
-    for line in lines:  # (the last mount at a place is the one on top)
-        fields = line.split(b" - ", 1)
-        head = fields[0].split()
-        if len(head) > 4 and head[4].replace(b"\\040", b" ") == target and len(fields) > 1:
-            kind = os.fsdecode(fields[1].split()[0])
-    return kind
 
 
 def _raise_fd_limit() -> int:
@@ -172,8 +156,6 @@ def _lock_source(source: str) -> tuple[int, Path] | None:
     two mounts over one directory would each capture only the changes made through it.
     StateError if another daemon holds it; None (no lock) if the lock directory cannot be
     made (not root): the spool's own lock still keeps two daemons off one spool."""
-    import fcntl
-
     st = os.stat(source)
     path = SOURCE_LOCKS / f"source-{st.st_dev}-{st.st_ino}.lock"
     try:
@@ -181,25 +163,11 @@ def _lock_source(source: str) -> tuple[int, Path] | None:
     except OSError as e:
         log.debug("no lock on %s: %s", source, e.strerror or e)
         return None
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise StateError(f"{source} is protected by another mount daemon"
-                             f"{f' (pid {holder})' if holder else ''}: one mount per "
-                             "directory") from None
-        try:  # the holder before us may have removed the file after we opened it
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            return fd, path
-        os.close(fd)
+    fd, holder = try_lock(path)
+    if fd is None:
+        raise StateError(f"{source} is protected by another mount daemon"
+                         f"{f' (pid {holder})' if holder else ''}: one mount per directory")
+    return fd, path
 
 
 def _unlock_source(lock: tuple[int, Path] | None) -> None:

@@ -22,7 +22,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import stat
 import sys
 from collections.abc import Callable, Iterator
@@ -35,6 +34,7 @@ from zfsrep.mountd.passthrough import translate_errors
 from zfsrep.mountd.signals import stop_on_signals
 
 from zfsrep.errors import ExitCode, NotFoundError, OSFailure, StateError, ZfsrepError
+from zfsrep.syscalls import mount_at
 from zfsrep.view import Node, SnapshotView, open_view
 
 log = logging.getLogger(__name__)
@@ -344,29 +344,13 @@ def mount_options(opts: SnapshotOptions) -> set[str]:
     return options
 
 
-_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")  # how mountinfo writes space, tab, newline, \\
-
-
-def _mount_device(mountpoint: Path) -> str | None:
-    """``major:minor`` of the newest mount at ``mountpoint`` (an absolute path without
-    symlinks), read from /proc/self/mountinfo: stat and realpath would ask this very process,
-    which is busy asking."""
-    target = os.fsencode(mountpoint)
-    found = None
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            if _OCTAL_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), fields[4]) == target:
-                found = fields[2].decode()
-    return found
-
-
 async def _raise_readahead(ops: SnapshotOperations, resolved_mountpoint: Path) -> None:
     """Let the kernel read ahead READAHEAD_KIB. Only after INIT: the kernel lowers the
     readahead to what the INIT reply says (libfuse echoes the kernel's offer). Needs root;
     without it the mount works with 128 KiB requests."""
     await ops.initialized.wait()
-    device = _mount_device(resolved_mountpoint)
+    mounted = mount_at(resolved_mountpoint)
+    device = mounted[0] if mounted is not None else None
     try:
         if device is None:
             raise FileNotFoundError(f"{resolved_mountpoint} not in /proc/self/mountinfo")

@@ -422,3 +422,24 @@ def test_run_state_survives_its_writer_and_tells_what_was_lost(spool: Path):
     assert RunState.read(spool)["clean"] is True
     (spool / "mountd.run").write_bytes(b"junk")
     assert RunState.read(spool) is None
+
+
+def test_a_spool_has_one_writer_at_a_time(spool: Path):
+    from zfsrep.syscalls import try_lock
+
+    w = SpoolWriter(spool, IDENT)
+    with pytest.raises(StateError, match=rf"in use by another mount daemon \(pid {os.getpid()}\)"):
+        SpoolWriter(spool, IDENT)
+    assert try_lock(spool / "lock") == (None, str(os.getpid()))
+    w.close()
+    fd, holder = try_lock(spool / "lock")
+    assert fd is not None and holder == ""
+    os.close(fd)
+    SpoolWriter(spool, IDENT).close()
+
+
+def test_mount_at_reads_the_mount_table(tmp_path: Path):
+    from zfsrep.syscalls import mount_at
+
+    assert mount_at("/proc") is not None and mount_at("/proc")[1] == "proc"
+    assert mount_at(tmp_path) is None

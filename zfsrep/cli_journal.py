@@ -617,22 +617,13 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mount_fsname(mountpoint: Path) -> str | None:
-    target = os.path.realpath(mountpoint)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            if len(fields) > 4 and fields[4].encode().decode("unicode_escape") == target:
-                parts = right.split()
-                return parts[1] if len(parts) > 1 else ""
-    return None
-
-
 def _snapshot_umount(mountpoint: Path) -> int:
     import subprocess
 
-    fsname = _mount_fsname(mountpoint)
+    from zfsrep.syscalls import mount_at
+
+    mounted = mount_at(os.path.realpath(mountpoint))
+    fsname = mounted[2] if mounted is not None else None
     if fsname is None:
         raise NotFoundError(f"{mountpoint} is not a mount point")
     if not fsname.startswith(SNAPSHOT_FSNAME):

@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 from zfsrep import frames
 from zfsrep.errors import CorruptDataError, FrameError, NotFoundError, StateError
-from zfsrep.syscalls import lower_thread_priority, pwritev_all
+from zfsrep.syscalls import lower_thread_priority, pwritev_all, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -454,24 +454,10 @@ def _lock_spool(spool: Path) -> int:
     """An exclusive lock on ``SPOOL/lock`` for as long as the descriptor returned is open:
     two writers would interleave frames in the same segment. StateError if another process
     (or another writer in this one) holds it; the file names the holder's pid."""
-    import fcntl
-
-    fd = os.open(spool / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        finally:
-            os.close(fd)
+    fd, holder = try_lock(spool / LOCK)
+    if fd is None:
         raise StateError(f"spool {spool} is in use by another mount daemon"
-                         f"{f' (pid {holder})' if holder else ''}: one spool, one mount"
-                         ) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                         f"{f' (pid {holder})' if holder else ''}: one spool, one mount")
     return fd
 
 

@@ -126,3 +126,55 @@ def keep_large_buffers(mmap_threshold: int = 64 << 20, trim_threshold: int = 512
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and \
         bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
+
+
+def mount_at(path: str | os.PathLike[str]) -> tuple[str, str, str] | None:
+    """``(major:minor, file system type, mount source)`` of the newest mount whose mount
+    point is ``path`` (absolute, without symlinks), from /proc/self/mountinfo (the octal
+    escapes of space, tab, newline and backslash undone); None if nothing is mounted there.
+    Read from the table, not by stat or realpath, which would ask a mount that may be this
+    very process."""
+    import re
+
+    target = os.fsencode(path)
+    unescape = re.compile(rb"\\([0-7]{3})")
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:  # (later lines are mounts on top of earlier ones)
+            left, _, right = line.partition(b" - ")
+            fields, tail = left.split(), right.split()
+            if len(fields) > 4 and len(tail) > 1 and unescape.sub(
+                    lambda m: bytes([int(m[1], 8)]), fields[4]) == target:
+                found = (fields[2].decode(), os.fsdecode(tail[0]), os.fsdecode(tail[1]))
+    return found
+
+
+def try_lock(path: str | os.PathLike[str]) -> tuple[int | None, str]:
+    """Open ``path`` (created if missing) and take an exclusive flock(2) without waiting:
+    ``(descriptor, "")``, our pid then written in the file, the lock held until the
+    descriptor is closed; or ``(None, holder)`` with the pid the holder wrote. A file
+    removed and made anew after we opened it (its holder removes it when done) is opened
+    again."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return None, os.pread(fd, 32, 0).decode(errors="replace").strip()
+            finally:
+                os.close(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd, ""
+        os.close(fd)
