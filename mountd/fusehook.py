@@ -16,8 +16,6 @@ import os
 import sys
 import time
 
-import trio
-
 from zfsrep.records import Op
 
 log = logging.getLogger(__name__)
@@ -116,9 +114,12 @@ class SessionHook:
         waits up to LINGER_US for it in C (the GIL released), as the fast path itself does
         between its requests, and returns at once when it comes; only for at most
         NO_YIELD_REQUESTS requests or NO_YIELD_NS in a row, after which it waits the way
-        pyfuse3 does, so the other tasks (capture, link, control) still run. The session's
-        descriptor is non-blocking (zf_install): a reader woken for a request another one
-        took reads nothing and tries again.
+        pyfuse3 does (its own function, which also counts the tasks waiting to read: pyfuse3
+        starts a worker task when none waits and ends one when more than one does, and each
+        worker keeps a request buffer of 1 MiB; without that count it ran 99 of them), so the
+        other tasks (capture, link, control) still run. The session's descriptor is
+        non-blocking (zf_install): a reader woken for a request another one took reads
+        nothing and tries again.
 
         pyfuse3's session loop looks the function up by name in its module at every call,
         so replacing the module attribute is enough; without it (another pyfuse3) nothing
@@ -128,27 +129,21 @@ class SessionHook:
         if not hasattr(pyfuse3, "_wait_fuse_readable"):
             return
         lib = _fusehook.lib
-        fd = lib.zf_session_fd()
-        lock: trio.Lock | None = None
+        # (pyfuse3's own, also when a second session in this process installs the hook)
+        wait_like_pyfuse3 = getattr(pyfuse3, "_zfsrep_replaced", pyfuse3._wait_fuse_readable)
+        pyfuse3._zfsrep_replaced = wait_like_pyfuse3
         streak = 0
         since = 0
 
         async def wait_fuse_readable() -> bool:
-            nonlocal lock, streak, since
+            nonlocal streak, since
             if lib.zf_exited():
                 return False
             if (streak < NO_YIELD_REQUESTS and time.monotonic_ns() - since < NO_YIELD_NS
                     and lib.zf_wait_request(LINGER_US)):
                 streak += 1
                 return True
-            if lock is None:
-                lock = trio.Lock()
-            try:
-                async with lock:
-                    if lib.zf_exited():
-                        return False
-                    await trio.lowlevel.wait_readable(fd)
-            except trio.ClosedResourceError:
+            if not await wait_like_pyfuse3():
                 return False
             streak = 0
             since = time.monotonic_ns()
@@ -260,10 +255,17 @@ class SessionHook:
     @staticmethod
     def counts() -> dict[str, int]:
         """Requests answered by the fast path, by kind."""
+        kinds = ("reads", "writes", "fsyncs", "setattrs", "getxattrs", "fallocates",
+                 "lookups", "releases")
         if _fusehook is None:
-            return dict.fromkeys(("reads", "writes", "fsyncs", "setattrs", "getxattrs",
-                                  "fallocates", "lookups", "releases"), 0)
+            return dict.fromkeys(kinds, 0)
         c = _fusehook.lib.zf_counts()
-        return {"reads": c.reads, "writes": c.writes, "fsyncs": c.fsyncs,
-                "setattrs": c.setattrs, "getxattrs": c.getxattrs, "fallocates": c.fallocates,
-                "lookups": c.lookups, "releases": c.releases}
+        return {kind: getattr(c, kind) for kind in kinds}
+
+    @staticmethod
+    def buffer_counts() -> tuple[int, int]:
+        """Request buffers the fast path allocated, and took from its pool instead."""
+        if _fusehook is None:
+            return 0, 0
+        c = _fusehook.lib.zf_counts()
+        return c.buffers_new, c.buffers_reused

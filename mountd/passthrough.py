@@ -210,10 +210,12 @@ class PassthroughOperations(pyfuse3.Operations):
 
     @translate_errors
     async def write(self, fh, off, buf):
-        n = self.vol.write(fh, off, buf)
+        # Waits before the write, not after: the data is not captured (held) until there
+        # is room for it, so the writes the kernel has outstanding (up to its background
+        # limit, 12) add their request buffers, not their records, to the memory limit.
         if self.recorder.over_limit:
             await self.recorder.wait_for_room()
-        return n
+        return self.vol.write(fh, off, buf)
 
     async def flush(self, fh):
         # Nothing to do at close: the kernel writes dirty pages back before it would send

@@ -375,3 +375,4 @@ async def _serve(opts: ProtectOptions, source: str, recorder, hook: SessionHook,
         os.close(eventfd)
         log.info("fast path answered %s", ", ".join(
             f"{count} {kind}" for kind, count in hook.counts().items()))
+        log.info("request buffers: %d allocated, %d reused", *hook.buffer_counts())

@@ -98,8 +98,8 @@ static size_t zf_inbuf_cap;
  * glibc would otherwise place each new 1 MiB buffer wherever its free chunks fit, and with
  * the capture stream's other allocations between them the heap grew to ~110 MiB before it
  * settled, every new page a fault (27,000 per GiB on a fresh mount). Pooled, a request
- * buffer is reused as it is, already in memory. At most ZF_POOL_MAX buffers, and never more
- * bytes than the fast path's memory limit. */
+ * buffer is reused as it is, already in memory. At most ZF_POOL_MAX buffers, and pooled
+ * and captured bytes together never more than the fast path's memory limit. */
 #define ZF_POOL_MAX 64
 static uint8_t *zf_pool[ZF_POOL_MAX];
 static size_t zf_pool_n, zf_pool_size;
@@ -169,7 +169,8 @@ static int push(zf_rec rec)
         zf_qcap = cap;
     }
     zf_queue[zf_qlen++] = rec;
-    zf_qbytes += rec.len;
+    /* (one writer, the serving thread; zf_free reads it from an encoder thread) */
+    __atomic_store_n(&zf_qbytes, zf_qbytes + rec.len, __ATOMIC_RELAXED);
     if (zf_run != NULL)
         __atomic_add_fetch(zf_run, 1, __ATOMIC_RELAXED);
     if (zf_eventfd >= 0 && !zf_signalled && zf_qbytes >= zf_signal_at) {
@@ -633,11 +634,15 @@ static uint8_t *request_buffer(uint8_t *buf, size_t len)
             free(zf_pool[--zf_pool_n]);
         zf_pool_size = len;
     }
-    if (zf_pool_n > 0)
+    if (zf_pool_n > 0) {
         zf_inbuf = zf_pool[--zf_pool_n];
+        zf_count.buffers_reused++;
+    }
     pthread_mutex_unlock(&zf_pool_mu);
-    if (zf_inbuf == NULL)
+    if (zf_inbuf == NULL) {
         zf_inbuf = malloc(len);
+        zf_count.buffers_new++;
+    }
     zf_inbuf_cap = zf_inbuf != NULL ? len : 0;
     return zf_inbuf != NULL ? zf_inbuf : buf;
 }
@@ -827,7 +832,7 @@ size_t zf_take_upto(zf_rec *out, size_t max, size_t max_bytes, uint64_t *data_by
     memcpy(out, zf_queue, n * sizeof *out);
     memmove(zf_queue, zf_queue + n, (zf_qlen - n) * sizeof *zf_queue);
     zf_qlen -= n;
-    zf_qbytes -= bytes;
+    __atomic_store_n(&zf_qbytes, zf_qbytes - bytes, __ATOMIC_RELAXED);
     if (zf_qlen == 0)
         zf_signalled = 0;
     return n;
@@ -845,8 +850,12 @@ void zf_free(void *p)
      * below ZF_KEEP_MIN, and no write is larger than a request. */
     if (p != NULL && malloc_usable_size(p) >= zf_pool_size && zf_pool_size > 0) {
         pthread_mutex_lock(&zf_pool_mu);
+        /* pooled and captured bytes together stay within the limit: the pool only takes
+         * the room the capture stream's buffers leave (writes the Python path captured,
+         * in bytes of its own, leave none) */
+        size_t captured = __atomic_load_n(&zf_qbytes, __ATOMIC_RELAXED) + held_elsewhere();
         if (malloc_usable_size(p) >= zf_pool_size && zf_pool_n < ZF_POOL_MAX &&
-            (zf_pool_n + 1) * zf_pool_size <= zf_limit) {
+            (zf_pool_n + 1) * zf_pool_size + captured <= zf_limit) {
             zf_pool[zf_pool_n++] = p;
             p = NULL;
         }

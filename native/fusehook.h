@@ -29,6 +29,8 @@ typedef struct {
     uint64_t fallocates;
     uint64_t lookups;  /* negative ones */
     uint64_t releases;
+    uint64_t buffers_new;     /* request buffers allocated while the fast path was on */
+    uint64_t buffers_reused;  /* ... and taken from the pool instead */
 } zf_counters;
 
 enum { ZF_NODE_FILE = 1, ZF_NODE_DIR = 2 };

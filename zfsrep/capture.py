@@ -109,6 +109,7 @@ class CaptureStream:
         self._level = level
         self._batch: list[list] = []
         self._batch_bytes = 0
+        self._batch_told = 0  # of which the fast path was told of (ExternalWrites.add_held)
         self._held = 0  # bytes of batched + in-flight records
         self._room = trio.Event()
         self._room.set()
@@ -162,6 +163,10 @@ class CaptureStream:
             self.stats.data_bytes += chunk.data_bytes
             self._batch_bytes += size
             self._held += size
+            # (told now, not at the hand-off: the fast path's bound counts the chunk from
+            # the moment it leaves the queue)
+            self._external.add_held(size)
+            self._batch_told += size
             if self._batch_bytes >= self._frame_bytes:
                 self._hand_off()
 
@@ -205,9 +210,9 @@ class CaptureStream:
         if not self._batch or self._pipeline is None:
             return
         batch, size = self._batch, self._batch_bytes
-        self._batch, self._batch_bytes = [], 0
-        if self._external is not None:
-            self._external.add_held(size)
+        if self._external is not None and size > self._batch_told:
+            self._external.add_held(size - self._batch_told)
+        self._batch, self._batch_bytes, self._batch_told = [], 0, 0
         self._pipeline.submit(batch, size)
 
     # ---- background workers ------------------------------------------------------------
@@ -264,7 +269,9 @@ class CaptureStream:
         if error is not None and self.failed is None:
             self.failed = error
             expand(self._batch)  # (dropped: the buffers of fast-path writes go)
-            self._batch, self._batch_bytes = [], 0
+            if self._external is not None and self._batch_told:
+                self._external.add_held(-self._batch_told)
+            self._batch, self._batch_bytes, self._batch_told = [], 0, 0
             log.error("capture stopped after record %d: %s; the mount keeps serving, and the "
                       "spool is marked incomplete (protect again with a new spool)",
                       first - 1, error)
@@ -349,7 +356,7 @@ class _Pipeline:
         """Encoder thread: encode, wait for the frame before, write, report, pass the
         turn on (with the error that stopped the sink, if any)."""
         first, last = batch[0][0], last_seq(batch[-1])
-        nbytes, error, stop = -1, None, None
+        nbytes, error, stop, released = -1, None, None, False
         try:
             try:
                 frame = encode_batch(expand(batch), self._level, deferred=self._pending)
@@ -371,13 +378,18 @@ class _Pipeline:
                 except Exception as e:
                     log.exception("capture: frame %d..%d could not be written", first, last)
                     error = f"internal error: {e}"
+                # the room first, then the buffers (the fast path pools a freed request
+                # buffer only within its memory limit)
+                self._release(size)
+                released = True
                 del frame  # its buffers go as soon as written
             if error is not None:
                 stop = error
                 self._mark_incomplete(first - 1, error)
         finally:
             try:
-                self._release(size)
+                if not released:
+                    self._release(size)
                 self._sunk(first, last, size, nbytes, error)
             finally:
                 turn.set(stop)
