@@ -88,6 +88,7 @@ class SessionHook:
         self._taken = _fusehook.ffi.new("uint64_t[1]") if _fusehook is not None else None
         self._fhs = _fusehook.ffi.new("uint64_t[]", _TAKE) if _fusehook is not None else None
         self._run: object = None
+        self._dirty: object = None
 
     def install(self, eventfd: int, *, fast: bool, capture: bool, limit: int) -> bool:
         if _fusehook is None:
@@ -245,6 +246,25 @@ class SessionHook:
             return
         self._run = _fusehook.ffi.from_buffer("uint64_t[]", counter)  # (kept alive here)
         _fusehook.lib.zf_set_run_counter(self._run)
+
+    def set_dirty_table(self, table: memoryview | None) -> bool:
+        """Mark the files the fast path changes in ``table`` (the run state's, see
+        :class:`zfsrep.spool.RunState`), or stop (None). False if there is no native hook:
+        nothing can be marked then."""
+        if _fusehook is None:
+            return False
+        if table is None:
+            _fusehook.lib.zf_set_dirty_table(_fusehook.ffi.NULL)
+            self._dirty = None
+            return True
+        self._dirty = _fusehook.ffi.from_buffer("uint64_t[]", table)  # (kept alive here)
+        _fusehook.lib.zf_set_dirty_table(self._dirty)
+        return True
+
+    @staticmethod
+    def mark_dirty(ident: int, seq: int) -> bool:
+        """Mark file ``ident`` as changed by record ``seq``; False if the table is full."""
+        return _fusehook is not None and _fusehook.lib.zf_mark_dirty(ident, 0, seq) == 0
 
     def shutdown(self) -> None:
         """Answer queued FSYNCs and stop the fast path; call before the session closes."""

@@ -24,12 +24,13 @@ from zfsrep.barrier import CompletionGate
 from zfsrep.capture import CaptureStream, NullRecorder
 from zfsrep.errors import NotFoundError, StateError, UsageError
 from zfsrep.link import LinkOptions, VolumeShipper
-from zfsrep.records import BLOCK_SIZE
-from zfsrep.scan import ScanProgress, count_tree, scan_tree
+from zfsrep.records import BLOCK_SIZE, Op
+from zfsrep.scan import ScanProgress, count_tree, find_idents, record_again, scan_tree
 from zfsrep.spool import (
     RunState,
     SpoolWriter,
     VolumeIdentity,
+    dirty_idents,
     read_initial_sync,
     records_lost,
     write_initial_sync,
@@ -113,25 +114,61 @@ async def _report_killpriv(hook: SessionHook) -> None:
                  "security.capability first")
 
 
-def _check_previous_run(spool: SpoolWriter, link: LinkOptions | None) -> None:
-    """Refuse a spool whose last daemon died with records of answered requests not yet
-    written (the spool would silently lack changes the directory has): mark it incomplete
-    and say so. A daemon that died with everything written only earns a warning."""
+def _check_previous_run(spool: SpoolWriter, link: LinkOptions | None) -> set[int] | None:
+    """The files to record again because the spool's last daemon died before writing their
+    latest changes (None: nothing was lost). A spool that lost changes recording files again
+    cannot repair (names, xattrs, or more files than the daemon tracked) is marked incomplete
+    and refused: it would silently lack changes the directory has. A daemon that died with
+    everything written only earns a warning."""
     previous = RunState.read(spool.path)
-    lost = records_lost(previous, spool.next_seq - 1)
-    if lost is not None:
-        spool.mark_incomplete(spool.next_seq - 1, lost)
+    spooled = spool.next_seq - 1
+    lost = records_lost(previous, spooled)
+    if lost is None:
+        if previous is not None and not previous["clean"]:
+            log.warning("the previous mount daemon (pid %d) stopped without a clean shutdown, "
+                        "but everything it captured is in the spool", previous["pid"])
+        return None
+    assert previous is not None
+    idents, why_not = dirty_idents(previous, spooled)
+    if idents is None:
+        spool.mark_incomplete(spooled, f"{lost}; {why_not}")
         spool.close()
         how = "a new spool"
         if link is not None:
             how += (f", after taking the volume out of its VPG ('zfsrep vpg remove-volume "
                     f"{link.vpg} {link.volume}')")
-        raise StateError(f"{lost}; the spool {spool.path} no longer describes "
-                         f"{spool.identity.source} and is marked incomplete. Protect again with "
-                         f"{how}")
-    if previous is not None and not previous["clean"]:
-        log.warning("the previous mount daemon (pid %d) stopped without a clean shutdown, "
-                    "but everything it captured is in the spool", previous["pid"])
+        raise StateError(f"{lost}; and {why_not}, which recording files again cannot repair. "
+                         f"The spool {spool.path} no longer describes {spool.identity.source} "
+                         f"and is marked incomplete. Protect again with {how}")
+    log.warning("%s; recording the %d file%s it had changed again (resync)", lost,
+                len(idents), "" if len(idents) == 1 else "s")
+    return idents
+
+
+async def _resync(source: str, idents: set[int], recorder: CaptureStream, hook: SessionHook,
+                  ready: Callable[[], None]) -> None:
+    """Record the files a daemon that died had changed again, before anything else is
+    recorded or shipped (no checkpoint can fall in the middle)."""
+    for ident in idents:  # still to do if this daemon dies too
+        hook.mark_dirty(ident, RESYNC_PENDING)
+    paths = await trio.to_thread.run_sync(find_idents, source, idents)
+    progress = ScanProgress()
+
+    def report(p: ScanProgress) -> None:
+        say = getattr(ready, "progress", None)
+        if say is not None:
+            say(f"resync: {p.entries} of {len(paths)} files, {p.bytes >> 20} MiB")
+
+    await record_again(paths, recorder, progress=progress, report=report)
+    for ident in idents - paths.keys():  # gone from the tree: nothing to record
+        hook.mark_dirty(ident, max(recorder.last_seq, 1))
+    log.info("resync done: %d files (%d MiB) recorded again through record %d; %d no longer "
+             "in the tree", len(paths), progress.bytes >> 20, recorder.last_seq,
+             len(idents) - len(paths))
+
+
+#: A resync's files are marked as changed by this (never written) record until recorded.
+RESYNC_PENDING = 1 << 62
 
 
 def _initial_sync_state(spool: SpoolWriter) -> tuple[bool, int]:
@@ -209,13 +246,17 @@ async def _run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) 
         spool = SpoolWriter(opts.spool, VolumeIdentity(source, root_ident, BLOCK_SIZE),
                             limit=opts.spool_limit,
                             segment_bytes=(16 << 20) if opts.link else (64 << 20))
-        _check_previous_run(spool, opts.link)
+        resync = _check_previous_run(spool, opts.link)
         must_scan, synced_seq = _initial_sync_state(spool)
         run_state = RunState(spool.path, spool.next_seq - 1)
         hook.set_run_counter(run_state.counter)
+        if not hook.set_dirty_table(run_state.dirty):
+            run_state.overflow()  # (no native hook: a loss cannot be repaired)
         recorder = CaptureStream(spool, next_seq=spool.next_seq,
                                  memory_limit=opts.memory_limit, external=hook,
-                                 on_numbered=run_state.numbered)
+                                 on_numbered=run_state.numbered,
+                                 on_changed=_changes_to(run_state, hook),
+                                 on_written=run_state.written)
         if opts.link is not None:
             spool.keep_recent = RECENT_FRAMES_BYTES
             shipper = VolumeShipper(opts.link, spool, recorder, progress, synced_seq,
@@ -227,12 +268,14 @@ async def _run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) 
             shipper.in_place.resume_at_start()
             await shipper.first_contact()
     async with trio.open_nursery() as link_nursery:
-        if shipper is not None:
-            await link_nursery.start(shipper.run)
         async with trio.open_nursery() as nursery:
             if isinstance(recorder, CaptureStream):
                 await nursery.start(recorder.run)
             try:
+                if resync is not None and isinstance(recorder, CaptureStream):
+                    await _resync(source, resync, recorder, hook, ready)
+                if shipper is not None:
+                    await link_nursery.start(shipper.run)
                 if must_scan:
                     assert spool is not None
                     await _initial_sync(source, spool, recorder, progress, shipper, ready)
@@ -260,9 +303,26 @@ async def _run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) 
                  st.frame_bytes, st.last_seq_sunk, st.waits)
     if run_state is not None:  # everything captured is in the spool
         hook.set_run_counter(None)
+        hook.set_dirty_table(None)
         run_state.close(clean=True)
     if shipper is not None and shipper.retired and spool is not None:
         await trio.to_thread.run_sync(_remove_moved_data, source, spool.path)
+
+
+#: Records that change a file's content or attributes: a lost one is repaired by recording
+#: the file again (the run state's table); any other kind, lost, is not.
+_DATA_OPS = frozenset((Op.WRITE, Op.TRUNCATE, Op.SETATTR, Op.FALLOCATE))
+
+
+def _changes_to(run_state: RunState, hook: SessionHook) -> Callable[[int, object, int], None]:
+    """The capture stream's ``on_changed``: which record changed which file."""
+    def changed(op: int, ident: object, seq: int) -> None:
+        if op in _DATA_OPS and isinstance(ident, int):
+            if not hook.mark_dirty(ident, seq):
+                run_state.overflow()
+        else:
+            run_state.other_change(seq)
+    return changed
 
 
 def _remove_moved_data(source: str, spool: Path) -> None:

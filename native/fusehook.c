@@ -113,6 +113,10 @@ static zf_counters zf_count;
  * request is being served here (from before the backing file changes until its record is
  * queued and answered). */
 static uint64_t *zf_run;
+/* zf_set_dirty_table: [0] fast-path records written, [1] last seq written, [3] overflow,
+ * slots of three words from [8]. */
+static uint64_t *zf_dirty;
+static int mark_fast(const struct zf_file *f);
 
 struct fuse_session *fuse_session_new(struct fuse_args *args,
                                       const struct fuse_lowlevel_ops *op, size_t op_size,
@@ -197,6 +201,8 @@ static int fast_write(int fd, const struct fuse_in_header *in, size_t n)
         return 0;
     if ((st.st_mode & (S_ISUID | S_ISGID)) && f->uid != 0)
         return 0; /* set-id bits to clear: the Python path records that */
+    if (f->capture)
+        (void)mark_fast(f); /* (a full table is flagged in it: the restart refuses) */
     const uint8_t *data = (const uint8_t *)(w + 1);
     ssize_t done = pwrite((int)w->fh, data, w->size, (off_t)w->offset);
     if (done < 0) {
@@ -281,6 +287,8 @@ static int fast_setattr(int fd, const struct fuse_in_header *in, size_t n)
                                              : (struct timespec){(time_t)a->mtime,
                                                                  (long)a->mtimensec};
     struct stat st;
+    if (f->capture)
+        (void)mark_fast(f);
     if (futimens((int)a->fh, ts) != 0 || fstat((int)a->fh, &st) != 0) {
         reply(fd, in->unique, errno, NULL, 0);
         return 1;
@@ -585,6 +593,8 @@ static int fast_fallocate(int fd, const struct fuse_in_header *in, size_t n)
     if (f == NULL || zf_frozen)
         return 0;
     struct stat st;
+    if (f->capture)
+        (void)mark_fast(f);
     if (fallocate((int)a->fh, (int)a->mode, (off_t)a->offset, (off_t)a->length) != 0 ||
         fstat((int)a->fh, &st) != 0) {
         reply(fd, in->unique, errno, NULL, 0);
@@ -841,6 +851,52 @@ size_t zf_take_upto(zf_rec *out, size_t max, size_t max_bytes, uint64_t *data_by
 void zf_set_frozen(int frozen) { zf_frozen = frozen; }
 
 void zf_set_run_counter(uint64_t *run) { zf_run = run; }
+
+void zf_set_dirty_table(uint64_t *dirty) { zf_dirty = dirty; }
+
+/* Called on the event-loop thread only (fast path and Python handlers alike), so the table has
+ * one writer. A kill between two stores must never hide a change: a new slot gets its marks
+ * before its ident (a torn slot marks its old ident, not yet changed files), and every mark is
+ * made before the backing file changes. */
+int zf_mark_dirty(uint64_t ident, uint64_t fast_mark, uint64_t seq_mark)
+{
+    if (zf_dirty == NULL)
+        return -1;
+    uint64_t *slots = zf_dirty + 8;
+    const uint64_t fast_done = zf_dirty[0], seq_done = zf_dirty[1];
+    const size_t mask = ZF_DIRTY_SLOTS - 1;
+    size_t at = (size_t)((ident * 0x9E3779B97F4A7C15ull) >> 55) & mask;
+    uint64_t *free_slot = NULL;
+    for (size_t probe = 0; probe < 32; probe++) {
+        uint64_t *slot = slots + 3 * ((at + probe) & mask);
+        if (slot[0] == ident) {
+            if (fast_mark)
+                slot[1] = fast_mark;
+            if (seq_mark)
+                slot[2] = seq_mark;
+            return 0;
+        }
+        if (free_slot == NULL && (slot[0] == 0 || (slot[1] <= fast_done && slot[2] <= seq_done)))
+            free_slot = slot;
+    }
+    if (free_slot == NULL) {
+        zf_dirty[3] = 1;
+        return -1;
+    }
+    free_slot[1] = fast_mark;
+    free_slot[2] = seq_mark;
+    __atomic_store_n(&free_slot[0], ident, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* Before the fast path changes a captured file: the record it will queue is number
+ * zf_run[0] + 1. */
+static int mark_fast(const struct zf_file *f)
+{
+    if (zf_dirty == NULL || zf_run == NULL)
+        return 0;
+    return zf_mark_dirty(f->ident, __atomic_load_n(&zf_run[0], __ATOMIC_RELAXED) + 1, 0);
+}
 
 void zf_add_held(int64_t delta) { __atomic_add_fetch(&zf_held_elsewhere, delta, __ATOMIC_RELAXED); }
 

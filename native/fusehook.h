@@ -75,6 +75,18 @@ void zf_free(void *p);
  * before its request is answered; run[3] is 1 while a WRITE, SETATTR or FALLOCATE is served
  * here. NULL stops. Call on the event-loop thread. */
 void zf_set_run_counter(uint64_t *run);
+/* The spool's table of files with changes not yet in the spool, which a restart after a crash
+ * records again (zfsrep.spool.RunState): dirty[0] fast-path records in written frames and
+ * dirty[1] the last seq written (both kept by the capture stream), dirty[3] set when an ident
+ * found no slot; ZF_DIRTY_SLOTS slots of (ident, fast-path mark, seq mark) from dirty[8].
+ * NULL: no table. */
+enum { ZF_DIRTY_SLOTS = 512 };
+void zf_set_dirty_table(uint64_t *dirty);
+/* Mark ident as changed by the fast path's record number fast_mark (its count of queued
+ * records once that one is queued), or by the record with sequence number seq_mark (set, not
+ * raised, when nonzero); 0 leaves a mark as it is. Returns 0, or -1 if the table is full
+ * (or absent): the restart then cannot tell which files to record again. */
+int zf_mark_dirty(uint64_t ident, uint64_t fast_mark, uint64_t seq_mark);
 /* While frozen (a checkpoint barrier), WRITE, SETATTR and FALLOCATE go to Python, which holds
  * their answers; call on the event-loop thread. */
 void zf_set_frozen(int frozen);

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -544,9 +545,10 @@ def test_after_a_lossy_crash_the_volume_is_taken_out_and_protected_again(
     tag(journal_server, "before")
     oracle_before = tree_snapshot(m.source)
     assert m.stop() == 0
-    state = m.spool / RUN_STATE  # what a kill -9 between an answer and the spool leaves
-    raw = bytearray(state.read_bytes())
+    state = m.spool / RUN_STATE  # what a kill -9 between a create's answer and the spool
+    raw = bytearray(state.read_bytes())  # leaves: its record (not a file's data) is lost
     struct.pack_into("=QQQ", raw, 16, 0, 3, 0)
+    struct.pack_into("=Q", raw, 80, 10 ** 6)
     state.write_bytes(bytes(raw))
     (m.source / "b").write_text("written in the crash window\n")  # (the backing has it)
     with pytest.raises(AssertionError, match="mount daemon exited 4") as info:
@@ -562,6 +564,35 @@ def test_after_a_lossy_crash_the_volume_is_taken_out_and_protected_again(
         journal_server.cli("restore-file", VPG, name, VOL, "/", "--to", str(dest))
         assert_tree(oracle, dest, f"checkpoint {name}")
     assert (tmp_path / "after" / "b").exists()
+    assert m.stop() == 0
+
+
+def test_a_mount_killed_after_fsync_resyncs_and_replicates_the_directory(
+        journal_server, vpg, mount_factory, tmp_path: Path) -> None:
+    """kill -9 right after an application's fsync, three times: each restart goes on (records
+    again the files whose records were lost, if any), and a checkpoint tagged after it
+    restores to exactly the directory."""
+    m = replicated(mount_factory, journal_server)
+    for attempt in range(3):
+        m.start()
+        with open(m.mnt / "f", "r+b" if attempt else "wb") as f:
+            for i in range(24):
+                f.seek(((attempt * 7 + i * 13) % 40) << 20)
+                f.write(os.urandom(1 << 20))
+            os.fsync(f.fileno())
+        os.chmod(m.mnt / "f", 0o600 + attempt)
+        m.proc.kill()
+        m.proc.wait()
+        m.proc = None
+        if is_mounted(m.mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(m.mnt)], capture_output=True)
+    m.start()
+    m.expected_log += ["without a clean shutdown", "stopped without writing everything"]
+    tag(journal_server, "after")
+    oracle = tree_snapshot(m.source)
+    dest = tmp_path / "after"
+    journal_server.cli("restore-file", VPG, "after", VOL, "/", "--to", str(dest))
+    assert_tree(oracle, dest, "checkpoint after")
     assert m.stop() == 0
 
 

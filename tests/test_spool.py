@@ -16,6 +16,7 @@ from zfsrep.spool import (
     RunState,
     SpoolWriter,
     VolumeIdentity,
+    dirty_idents,
     iter_records,
     read_identity,
     records_lost,
@@ -401,7 +402,8 @@ def test_run_state_survives_its_writer_and_tells_what_was_lost(spool: Path):
     # a daemon that died now: 5 queued, 3 numbered; records through 14, the spool holds 12
     dead = RunState.read(spool)
     assert dead == {"pid": os.getpid(), "clean": False, "queued": 5, "taken": 3,
-                    "numbered": 14, "busy": 0}
+                    "numbered": 14, "busy": 0, "py_busy": 0, "fast_written": 0, "other": 0,
+                    "overflow": False, "slots": []}
     why = records_lost(dead, 12)
     assert why is not None and "2 writes the fast path had answered" in why
     assert "records 13..14 were not written" in why
@@ -422,6 +424,45 @@ def test_run_state_survives_its_writer_and_tells_what_was_lost(spool: Path):
     assert RunState.read(spool)["clean"] is True
     (spool / "mountd.run").write_bytes(b"junk")
     assert RunState.read(spool) is None
+
+
+def test_run_state_names_the_files_whose_changes_were_lost(spool: Path):
+    """Table slots (ident, fast-path mark, seq mark) against what reached the spool: a file
+    is to be recorded again if the fast-path record or the seq that last changed it was not
+    written; other kinds of loss, an interrupted Python handler and overflow refuse."""
+    import struct
+
+    spool.mkdir()
+    st = RunState(spool, numbered=10)
+    table = st.dirty.cast("Q")
+    st.written(4, 12)  # 4 fast-path records and records through 12 written
+    for i, (ident, fast, seq) in enumerate([(100, 4, 0), (101, 5, 0), (102, 0, 12),
+                                            (103, 0, 13), (104, 2, 14)]):
+        table[9 + 3 * i], table[10 + 3 * i] = fast, seq  # (the marks first, as in C)
+        table[8 + 3 * i] = ident
+    st.numbered(14)
+    dead = RunState.read(spool)
+    assert dead is not None and dead["fast_written"] == 4
+    assert dirty_idents(dead, 12) == ({101, 103, 104}, "")
+    assert dirty_idents(dead, 14) == ({101}, "")  # the spool holds more than the state says
+    st.other_change(13)
+    assert dirty_idents(RunState.read(spool), 12)[0] is None
+    assert dirty_idents(RunState.read(spool), 13)[0] == {101, 104}
+    st.mutating(1)
+    why = dirty_idents(RunState.read(spool), 14)
+    assert why[0] is None and "middle of a change" in why[1]
+    st.mutating(-1)
+    st.overflow()
+    assert dirty_idents(RunState.read(spool), 14)[0] is None
+    table.release()
+    st.close(clean=False)
+    # a run state of the version before the table: any loss refuses
+    raw = bytearray((spool / "mountd.run").read_bytes())
+    raw[:8] = b"ZFSRUN\x00\x01"
+    struct.pack_into("=Q", raw, 88, 0)
+    (spool / "mountd.run").write_bytes(bytes(raw[:4096]))
+    old = RunState.read(spool)
+    assert old is not None and old["overflow"] and dirty_idents(old, 14)[0] is None
 
 
 def test_a_spool_has_one_writer_at_a_time(spool: Path):

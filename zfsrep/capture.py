@@ -14,6 +14,7 @@ nothing captured is dropped (see README, "When capture falls behind").
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import threading
@@ -95,12 +96,21 @@ class CaptureStream:
     def __init__(self, sink: FrameSink, *, next_seq: int = 1, frame_bytes: int = 4 << 20,
                  memory_limit: int = 64 << 20, flush_interval: float = 0.25,
                  level: int = 1, external: ExternalWrites | None = None,
-                 on_numbered: Callable[[int, int], None] | None = None) -> None:
+                 on_numbered: Callable[[int, int], None] | None = None,
+                 on_changed: Callable[[int, object, int], None] | None = None,
+                 on_written: Callable[[int, int], None] | None = None) -> None:
         self._sink = sink
         #: told (last seq, how many of the records are the fast path's) whenever sequence
         #: numbers are given out, before the requests they record are answered (the spool's
         #: run state: a restart after a crash finds what was lost)
         self._on_numbered = on_numbered
+        #: told (op, first argument, seq) of every record made here (not the fast path's),
+        #: as it is numbered; and (fast-path records, last seq) in the frames written so far,
+        #: as they are written (the run state's table of files with unwritten changes)
+        self._on_changed = on_changed
+        self._on_written = on_written
+        self._fast_numbered = 0
+        self._handed: collections.deque[tuple[int, int]] = collections.deque()
         self._external = external
         self._seq = next_seq - 1
         self._frame_bytes = frame_bytes
@@ -135,6 +145,8 @@ class CaptureStream:
         self._seq += 1
         if self._on_numbered is not None:
             self._on_numbered(self._seq, 0)
+        if self._on_changed is not None:
+            self._on_changed(op, args[0] if args else None, self._seq)
         self._batch.append([self._seq, time.time_ns(), op, *args])
         self._batch_bytes += RECORD_OVERHEAD
         self._held += RECORD_OVERHEAD
@@ -156,6 +168,7 @@ class CaptureStream:
                 continue
             first = self._seq + 1
             self._seq += chunk.count
+            self._fast_numbered += chunk.count
             if self._on_numbered is not None:
                 self._on_numbered(self._seq, chunk.count)
             self._batch.append([first, time.time_ns(), CHUNK, chunk])
@@ -176,6 +189,8 @@ class CaptureStream:
         self._seq += 1
         if self._on_numbered is not None:
             self._on_numbered(self._seq, 0)
+        if self._on_changed is not None:
+            self._on_changed(Op.WRITE, ident, self._seq)
         self._batch.append([self._seq, time.time_ns(), Op.WRITE, ident, offset, data, None,
                             mtime_ns])
         size = len(data) + RECORD_OVERHEAD
@@ -213,6 +228,8 @@ class CaptureStream:
         if self._external is not None and size > self._batch_told:
             self._external.add_held(size - self._batch_told)
         self._batch, self._batch_bytes, self._batch_told = [], 0, 0
+        if self._on_written is not None:
+            self._handed.append((self._seq, self._fast_numbered))
         self._pipeline.submit(batch, size)
 
     # ---- background workers ------------------------------------------------------------
@@ -279,6 +296,12 @@ class CaptureStream:
             self._room.set()
         if error is not None or nbytes < 0:
             return
+        if self._handed:
+            fast = -1
+            while self._handed and self._handed[0][0] <= last:
+                fast = self._handed.popleft()[1]
+            if fast >= 0 and self._on_written is not None:
+                self._on_written(fast, last)
         st = self.stats
         st.frames += 1
         st.records += last - first + 1

@@ -33,8 +33,10 @@ class ScanProgress:
 class _Scanner:
     def __init__(self, recorder, progress_every: float,
                  progress: ScanProgress | None = None,
-                 report: Callable[[ScanProgress], None] | None = None) -> None:
+                 report: Callable[[ScanProgress], None] | None = None,
+                 what: str = "initial sync") -> None:
         self.rec = recorder
+        self._what = what
         self.seen: set[int] = set()
         self.progress = progress if progress is not None else ScanProgress()
         self._progress_every = progress_every
@@ -51,10 +53,10 @@ class _Scanner:
                 self._report(self.progress)
             p = self.progress
             if p.total_bytes:
-                log.info("initial sync: %d entries, %d of %d MiB (%.0f%%)", p.entries,
+                log.info("%s: %d entries, %d of %d MiB (%.0f%%)", self._what, p.entries,
                          p.bytes >> 20, p.total_bytes >> 20, 100.0 * p.bytes / p.total_bytes)
             else:
-                log.info("initial sync: %d entries, %d MiB", p.entries, p.bytes >> 20)
+                log.info("%s: %d entries, %d MiB", self._what, p.entries, p.bytes >> 20)
 
     async def file_data(self, fd: int, ident: int, size: int, mtime_ns: int) -> None:
         offset = 0
@@ -146,3 +148,65 @@ async def scan_tree(source: str, recorder, *, progress_every: float = 5.0,
         os.close(fd)
     scanner.progress.done = True
     return scanner.progress
+
+
+def find_idents(source: str, idents: set[int]) -> dict[int, str]:
+    """A path under ``source`` (itself included) for each of ``idents`` (inode numbers) that
+    is still in the tree; a walk of names only, stopped once all are found. Run it in a
+    thread."""
+    found: dict[int, str] = {}
+    want = set(idents)
+    root = os.lstat(source).st_ino
+    if root in want:
+        found[root] = source
+        want.discard(root)
+    stack = [source]
+    while stack and want:
+        top = stack.pop()
+        try:
+            entries = list(os.scandir(top))
+        except OSError:  # gone meanwhile, or unreadable: nothing of it can be recorded
+            continue
+        for entry in entries:
+            try:
+                ino = entry.inode()
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                continue
+            if ino in want:
+                found[ino] = entry.path
+                want.discard(ino)
+            if is_dir:
+                stack.append(entry.path)
+    return found
+
+
+async def record_again(paths: dict[int, str], recorder, *,
+                       progress: ScanProgress | None = None,
+                       report: Callable[[ScanProgress], None] | None = None) -> None:
+    """Record the current content and attributes of the objects at ``paths`` (ident -> path)
+    as they are now, over whatever the stream said of them before: each regular file is
+    truncated to nothing, extended to its size and its data written again (holes stay
+    holes), then every object gets its attributes. This repairs a spool that lost a daemon's
+    last changes of file data or attributes (the names and xattrs must be intact)."""
+    scanner = _Scanner(recorder, 1.0, progress, report, what="resync")
+    for ident, path in sorted(paths.items()):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:  # a symlink (ELOOP), a socket, or gone: its attributes only
+            fd = -1
+        try:
+            st = os.fstat(fd) if fd >= 0 else os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and fd >= 0:
+                recorder.emit(Op.TRUNCATE, ident, 0, st.st_mtime_ns)
+                if st.st_size:
+                    recorder.emit(Op.TRUNCATE, ident, st.st_size, st.st_mtime_ns)
+                await scanner.file_data(fd, ident, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            continue
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        scanner.progress.entries += 1
+        recorder.emit(Op.SETATTR, ident, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
+        await scanner._room()

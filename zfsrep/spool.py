@@ -128,35 +128,53 @@ class RunState:
     backing directory changes until the change is recorded), and whether the daemon stopped
     in order (everything captured in the spool). After a crash or ``kill -9`` the page cache
     still holds the file, and :func:`records_lost` tells from it whether the directory may
-    hold changes the spool lacks. (Native byte order: the fast path writes its part as
-    uint64_t.)"""
+    hold changes the spool lacks.
+
+    It also says which files those changes are in, so that a restart can record them again
+    (:func:`dirty_idents`) instead of refusing the spool: a table of idents, each with the
+    number of the last fast-path record that changed it (counted as the fast path queues
+    them) and the sequence number of the last Python record that did (data records: WRITE,
+    TRUNCATE, SETATTR, FALLOCATE; marked by the fast path before it changes the file, by the
+    capture stream as it numbers a record), beside how many fast-path records and which
+    sequence numbers are in frames written to the spool, and the sequence number of the last
+    record of any other kind (a lost one of those, a name or xattr change, cannot be
+    repaired by recording file contents). (Native byte order: the fast path writes its part
+    as uint64_t.)"""
 
     # magic, pid, clean, queued by the fast path, numbered of them, last seq, fast path busy,
-    # Python handlers busy
-    _FMT = "=8sQQQQQQQ"
-    _MAGIC = b"ZFSRUN\x00\x01"
+    # Python handlers busy; then fast-path records written, last seq written, last seq of a
+    # record of another kind, table overflow; the table's slots from _SLOTS
+    _FMT = "=8sQQQQQQQQQQQ"
+    _MAGIC = b"ZFSRUN\x00\x02"
     _CLEAN, _QUEUED, _TAKEN, _NUMBERED, _PY_BUSY = 16, 24, 32, 40, 56
-    SIZE = 4096
+    _DIRTY, _OTHER, _OVERFLOW, _SLOTS = 64, 80, 88, 128
+    SLOTS = 512  # (native/fusehook.h ZF_DIRTY_SLOTS)
+    SIZE = 16384
 
     def __init__(self, spool: Path, numbered: int) -> None:
         import mmap
         import struct
 
         self._pack = struct.Struct("=Q").pack_into
+        self._pack2 = struct.Struct("=QQ").pack_into
         self._taken = 0
         self._busy = 0
         path = spool / RUN_STATE
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            os.ftruncate(fd, self.SIZE)
+            # written, not just sized: a page of a sparse file would be allocated when first
+            # stored to, and on a full file system that store is a SIGBUS
+            os.write(fd, bytes(self.SIZE))
             self._map: mmap.mmap | None = mmap.mmap(fd, self.SIZE)
         finally:
             os.close(fd)
         struct.pack_into(self._FMT, self._map, 0, self._MAGIC, os.getpid(), 0, 0, 0, numbered,
-                         0, 0)
+                         0, 0, 0, numbered, 0, 0)
         #: the fast path's part (queued, numbered, last seq, busy), for
         #: SessionHook.set_run_counter
         self.counter = memoryview(self._map)[self._QUEUED:self._PY_BUSY]
+        #: the table (from the fast-path records written on), for SessionHook.set_dirty_table
+        self.dirty = memoryview(self._map)[self._DIRTY:self._SLOTS + 24 * self.SLOTS]
 
     def numbered(self, seq: int, fast: int = 0) -> None:
         """The capture stream gave out sequence numbers through ``seq``, ``fast`` of them to
@@ -167,6 +185,22 @@ class RunState:
             if fast:
                 self._taken += fast
                 self._pack(self._map, self._TAKEN, self._taken)
+
+    def written(self, fast: int, seq: int) -> None:
+        """Frames through record ``seq``, holding the first ``fast`` fast-path records, are
+        in the spool (table slots marked no later are free again)."""
+        if self._map is not None:
+            self._pack2(self._map, self._DIRTY, fast, seq)
+
+    def other_change(self, seq: int) -> None:
+        """Record ``seq`` changes something a file's content and attributes do not hold."""
+        if self._map is not None:
+            self._pack(self._map, self._OTHER, seq)
+
+    def overflow(self) -> None:
+        """A changed file could not be put in the table."""
+        if self._map is not None:
+            self._pack(self._map, self._OVERFLOW, 1)
 
     def mutating(self, delta: int) -> None:
         """A Python handler that changes the backing directory starts (+1) or has recorded
@@ -183,6 +217,7 @@ class RunState:
         if clean:
             self._pack(self._map, self._CLEAN, 1)
         self.counter.release()
+        self.dirty.release()
         self._map.close()
         self._map = None
 
@@ -192,15 +227,40 @@ class RunState:
         import struct
 
         try:
-            raw = (spool / RUN_STATE).read_bytes()[:struct.calcsize(cls._FMT)]
-            magic, pid, clean, queued, taken, numbered, fast_busy, py_busy = struct.unpack(
-                cls._FMT, raw)
+            raw = (spool / RUN_STATE).read_bytes()
+            (magic, pid, clean, queued, taken, numbered, fast_busy, py_busy, fast_written,
+             _seq_written, other, overflow) = struct.unpack_from(cls._FMT, raw)[:12]
         except (FileNotFoundError, struct.error):
             return None
-        if magic != cls._MAGIC:
+        if magic == b"ZFSRUN\x00\x01":  # (an older daemon's: no table)
+            fast_written, other, overflow, slots = 0, 0, 1, []
+        elif magic != cls._MAGIC or len(raw) < cls._SLOTS + 24 * cls.SLOTS:
             return None
+        else:
+            words = struct.unpack_from(f"={3 * cls.SLOTS}Q", raw, cls._SLOTS)
+            slots = [words[i:i + 3] for i in range(0, len(words), 3) if words[i]]
         return {"pid": pid, "clean": bool(clean), "queued": queued, "taken": taken,
-                "numbered": numbered, "busy": fast_busy + py_busy}
+                "numbered": numbered, "busy": fast_busy + py_busy, "py_busy": py_busy,
+                "fast_written": fast_written, "other": other, "overflow": bool(overflow),
+                "slots": slots}
+
+
+def dirty_idents(state: dict, spooled_seq: int) -> tuple[set[int] | None, str]:
+    """The files (idents) whose changes a daemon that died lost, from its
+    :meth:`RunState.read`, for a spool holding records through ``spooled_seq``: recording
+    their current content and attributes again repairs the spool. (None, why) when that is
+    not enough: a lost change of another kind (names, xattrs), a Python handler stopped in
+    the middle of a change, or more changed files than the table holds."""
+    if state["overflow"]:
+        return None, "more files had unwritten changes than the daemon could track"
+    if state["py_busy"]:
+        return None, "it stopped in the middle of a change to names or attributes"
+    if state["other"] > spooled_seq:
+        return None, (f"record {state['other']}, lost, changed names or extended "
+                      "attributes")
+    fast = state["fast_written"]
+    return {ident for ident, fast_mark, seq_mark in state["slots"]
+            if fast_mark > fast or seq_mark > spooled_seq}, ""
 
 
 def records_lost(state: dict | None, spooled_seq: int) -> str | None:
