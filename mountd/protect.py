@@ -240,6 +240,7 @@ async def _run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) 
     recorder: CaptureStream | NullRecorder = NullRecorder()
     shipper: VolumeShipper | None = None
     must_scan, synced_seq = False, 0
+    resync: set[int] | None = None
     progress = ScanProgress()
     if opts.capture:
         assert opts.spool is not None

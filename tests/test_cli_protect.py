@@ -125,6 +125,17 @@ def test_spool_inside_source_is_a_usage_error(tmp_path: Path) -> None:
     assert "inside the protected source" in proc.stderr
 
 
+def test_no_capture_is_a_plain_passthrough(mount_factory) -> None:
+    """--no-capture (the benchmarks' baseline): the mount serves, nothing is spooled."""
+    m = mount_factory("plain", capture=False)
+    m.start()
+    (m.mnt / "f").write_bytes(b"x" * 100000)
+    os.truncate(m.mnt / "f", 10)
+    assert (m.source / "f").read_bytes() == b"x" * 10
+    assert m.stop() == 0
+    assert not m.spool.exists()
+
+
 def test_help_explains_protect() -> None:
     out = subprocess.run([sys.executable, "-m", "zfsrep.cli", "protect", "--help"],
                          capture_output=True, text=True, check=True).stdout
