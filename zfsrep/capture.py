@@ -3,9 +3,10 @@ path, and hands the frames to a sink, with bounded memory.
 
 The request path (``emit``/``emit_write``, called on the event loop right after each backing
 system call) only appends a record to the current batch. A batch is handed on when it holds
-``frame_bytes`` of data or ``flush_interval`` has passed; an encoder thread adds the per-block
-digests, packs and compresses the batch into a frame, writes it to the sink when the frame
-before it is written and reports it to the event loop. None of them waits for the loop.
+``frame_bytes`` of data, when ``flush_interval`` has passed or when nothing was recorded for
+``QUIET_S``; an encoder thread adds the per-block digests, packs and compresses the batch into
+a frame, writes it to the sink when the frame before it is written and reports it to the event
+loop. None of them waits for the loop.
 Memory held for captured data (batched, encoding or being written) is bounded by
 ``memory_limit``: when the sink is slower than the application, :meth:`wait_for_room` makes
 the writer wait until the sink catches up, so the application runs at the sink's speed and
@@ -36,6 +37,8 @@ FrameData = bytes | Sequence[bytes | memoryview]
 
 #: Frames encoded in parallel worker threads (hashing and compression release the GIL).
 ENCODERS = 2
+#: The open batch is handed on after this long without a new record (see _tick_loop).
+QUIET_S = 0.01
 
 #: Bytes a record without data counts for, against the memory limit.
 RECORD_OVERHEAD = 128
@@ -268,11 +271,21 @@ class CaptureStream:
         self._pipeline.close()
 
     async def _tick_loop(self) -> None:
+        """Hand the open batch on once it is ``flush_interval`` old, or as soon as nothing
+        was recorded for QUIET_S: when the application pauses, what it did reaches the
+        spool in milliseconds, not a quarter of a second (a daemon that dies then loses
+        less, and the link ships it sooner); while it keeps recording, frames stay large."""
+        tick = min(QUIET_S, self._flush_interval)
+        seen, age = self._seq, 0.0
         with self._tick_scope:
             while not self._closed:
-                await trio.sleep(self._flush_interval)
+                await trio.sleep(tick)
                 self.take_external()
-                self._hand_off()
+                age = age + tick if self._batch else 0.0
+                if self._batch and (self._seq == seen or age >= self._flush_interval):
+                    self._hand_off()
+                    age = 0.0
+                seen = self._seq
 
     def _release(self, size: int) -> None:
         """Encoder thread: a frame of ``size`` bytes is written; the fast path may use the room
