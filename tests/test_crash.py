@@ -43,6 +43,7 @@ def test_killed_when_everything_was_written_the_mount_goes_on(mount_factory, tmp
     _kill(m)
     shown = json.loads(zfsrep("spool", "show", str(m.spool), "--json").stdout)
     assert shown["daemon"]["state"] == "died without a clean shutdown"
+    assert shown["daemon"]["next_protect"].startswith("goes on")
     m.start()
     shown = json.loads(zfsrep("spool", "show", str(m.spool), "--json").stdout)
     assert shown["daemon"] == {"pid": m.proc.pid, "state": "running"}
@@ -78,6 +79,8 @@ def test_a_lost_change_of_names_is_refused(mount_factory, tmp_path):
     (m.mnt / "f").write_text("written\n")
     assert m.stop() == 0
     _forge(m, clean=0, queued=7, taken=0, other=1000)
+    shown = zfsrep("spool", "show", str(m.spool)).stdout
+    assert "next protect: refuses (record 1000, lost, changed names" in shown
     message = _start_refused(m)
     assert "stopped without writing everything it had captured" in message
     assert "7 writes the fast path had answered were still in its queue" in message
@@ -120,6 +123,8 @@ def test_lost_writes_are_recorded_again(mount_factory, tmp_path):
     raw = bytearray((m.spool / RUN_STATE).read_bytes())
     struct.pack_into("=QQQ", raw, 128 + 24, ident_g, 0, seq + 2)
     (m.spool / RUN_STATE).write_bytes(bytes(raw))
+    shown = json.loads(zfsrep("spool", "show", str(m.spool), "--json").stdout)
+    assert shown["daemon"]["next_protect"].startswith("records 2 files again (resync")
     m.start()
     (m.mnt / "h").write_text("after the restart\n")
     assert m.stop() == 0

@@ -345,6 +345,9 @@ def cmd_spool(args: argparse.Namespace) -> int:
             if len(tail) > args.records:
                 tail.pop(0)
     incomplete = read_incomplete(args.spool)
+    if run is not None and daemon is not None and \
+            daemon["state"] == "died without a clean shutdown" and incomplete is None:
+        daemon["next_protect"] = _after_crash(run, stats)
     if args.json:
         out = dict(stats, source=identity.source, root_ident=identity.root_ident,
                    block_size=identity.block_size, incomplete=incomplete, daemon=daemon)
@@ -353,6 +356,8 @@ def cmd_spool(args: argparse.Namespace) -> int:
     print(f"spool {args.spool}: volume {identity.source} (root inode {identity.root_ident})")
     if daemon is not None:
         print(f"  mount daemon: pid {daemon['pid']}, {daemon['state']}")
+        if "next_protect" in daemon:
+            print(f"  next protect: {daemon['next_protect']}")
     if incomplete is not None:
         print(f"  INCOMPLETE: capture stopped after record {incomplete.get('last_seq')} "
               f"({incomplete.get('reason')}, {incomplete.get('time')})")
@@ -362,6 +367,21 @@ def cmd_spool(args: argparse.Namespace) -> int:
     for rec in tail:
         print("  " + _describe(rec))
     return 0
+
+
+def _after_crash(run: dict, stats: dict) -> str:
+    """What the next ``protect`` of a spool whose daemon died will do."""
+    from zfsrep.spool import dirty_idents, records_lost
+
+    spooled = stats.get("last_seq") or max((stats.get("first_seq") or 1) - 1, 0)
+    lost = records_lost(run, spooled)
+    if lost is None:
+        return "goes on (everything captured is in the spool)"
+    idents, why_not = dirty_idents(run, spooled)
+    if idents is None:
+        return f"refuses ({why_not}) and marks the spool incomplete"
+    return (f"records {len(idents)} file{'' if len(idents) == 1 else 's'} again (resync: "
+            "their last changes are not in the spool)")
 
 
 def _alive(pid: int) -> bool:
