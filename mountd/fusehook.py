@@ -262,6 +262,13 @@ class SessionHook:
         return True
 
     @staticmethod
+    def wake_on_record(on: bool) -> None:
+        """Signal the drain at the first record queued (the capture stream is idle), or
+        once a frame's worth is queued."""
+        if _fusehook is not None:
+            _fusehook.lib.zf_set_wake_on_record(int(on))
+
+    @staticmethod
     def mark_dirty(ident: int, seq: int) -> bool:
         """Mark file ``ident`` as changed by record ``seq``; False if the table is full."""
         return _fusehook is not None and _fusehook.lib.zf_mark_dirty(ident, 0, seq) == 0

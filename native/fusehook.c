@@ -854,6 +854,8 @@ void zf_set_run_counter(uint64_t *run) { zf_run = run; }
 
 void zf_set_dirty_table(uint64_t *dirty) { zf_dirty = dirty; }
 
+void zf_set_wake_on_record(int on) { zf_signal_at = on ? 0 : 4u << 20; }
+
 /* Called on the event-loop thread only (fast path and Python handlers alike), so the table has
  * one writer. A kill between two stores must never hide a change: a new slot gets its marks
  * before its ident (a torn slot marks its old ident, not yet changed files), and every mark is

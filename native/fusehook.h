@@ -82,6 +82,8 @@ void zf_set_run_counter(uint64_t *run);
  * NULL: no table. */
 enum { ZF_DIRTY_SLOTS = 512 };
 void zf_set_dirty_table(uint64_t *dirty);
+/* Signal the eventfd at the first record queued (1), or once a frame's worth is (0). */
+void zf_set_wake_on_record(int on);
 /* Mark ident as changed by the fast path's record number fast_mark (its count of queued
  * records once that one is queued), or by the record with sequence number seq_mark (set, not
  * raised, when nonzero); 0 leaves a mark as it is. Returns 0, or -1 if the table is full

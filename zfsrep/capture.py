@@ -37,8 +37,10 @@ FrameData = bytes | Sequence[bytes | memoryview]
 
 #: Frames encoded in parallel worker threads (hashing and compression release the GIL).
 ENCODERS = 2
-#: The open batch is handed on after this long without a new record (see _tick_loop).
+#: The open batch is handed on after this long without a new record; after IDLE_TICKS
+#: such ticks with nothing recorded the stream sleeps until the next record (_tick_loop).
 QUIET_S = 0.01
+IDLE_TICKS = 10
 
 #: Bytes a record without data counts for, against the memory limit.
 RECORD_OVERHEAD = 128
@@ -66,6 +68,10 @@ class ExternalWrites(Protocol):
     def take_chunk(self, max_bytes: int) -> ExternalChunk | None: ...
 
     def add_held(self, delta: int) -> None: ...  # captured bytes held outside the queue
+
+    # Optional: (True) signal the stream's drain at the first record queued, not at a
+    # frame's worth; (False) back to a frame's worth.
+    # def wake_on_record(self, on: bool) -> None: ...
 
 
 class FrameSink(Protocol):
@@ -129,6 +135,8 @@ class CaptureStream:
         self._pipeline: _Pipeline | None = None
         self._closed = False
         self._tick_scope = trio.CancelScope()
+        self._idle = False  # the tick loop sleeps until the next record (_wake)
+        self._wake = trio.Event()
         self.failed: str | None = None  # why capture stopped (the sink failed), if it did
         self.stats = CaptureStats(last_seq_sunk=next_seq - 1)
 
@@ -150,6 +158,8 @@ class CaptureStream:
             self._on_numbered(self._seq, 0)
         if self._on_changed is not None:
             self._on_changed(op, args[0] if args else None, self._seq)
+        if self._idle:
+            self._wake.set()
         self._batch.append([self._seq, time.time_ns(), op, *args])
         self._batch_bytes += RECORD_OVERHEAD
         self._held += RECORD_OVERHEAD
@@ -172,6 +182,8 @@ class CaptureStream:
             first = self._seq + 1
             self._seq += chunk.count
             self._fast_numbered += chunk.count
+            if self._idle:
+                self._wake.set()
             if self._on_numbered is not None:
                 self._on_numbered(self._seq, chunk.count)
             self._batch.append([first, time.time_ns(), CHUNK, chunk])
@@ -194,6 +206,8 @@ class CaptureStream:
             self._on_numbered(self._seq, 0)
         if self._on_changed is not None:
             self._on_changed(Op.WRITE, ident, self._seq)
+        if self._idle:
+            self._wake.set()
         self._batch.append([self._seq, time.time_ns(), Op.WRITE, ident, offset, data, None,
                             mtime_ns])
         size = len(data) + RECORD_OVERHEAD
@@ -274,15 +288,41 @@ class CaptureStream:
         """Hand the open batch on once it is ``flush_interval`` old, or as soon as nothing
         was recorded for QUIET_S: when the application pauses, what it did reaches the
         spool in milliseconds, not a quarter of a second (a daemon that dies then loses
-        less, and the link ships it sooner); while it keeps recording, frames stay large."""
+        less, and the link ships it sooner); while it keeps recording, frames stay large.
+
+        Ticking every QUIET_S costs an idle daemon 5% of a core, so after IDLE_TICKS empty
+        ticks the loop sleeps until the next record (or ``flush_interval``): a record of
+        Python's wakes it (``_wake``), and the fast path signals the first one it queues
+        (``ExternalWrites.wake_on_record``), which the drain task takes."""
         tick = min(QUIET_S, self._flush_interval)
-        seen, age = self._seq, 0.0
+        wake_on_record = getattr(self._external, "wake_on_record", None)
+        seen, age, empty = self._seq, 0.0, 0
         with self._tick_scope:
             while not self._closed:
+                if empty >= IDLE_TICKS:
+                    if not self._idle:
+                        self._idle = True
+                        if wake_on_record is not None:
+                            wake_on_record(True)
+                    with trio.move_on_after(self._flush_interval):
+                        await self._wake.wait()
+                    self.take_external()
+                    if not self._batch and not self._wake.is_set():
+                        continue  # nothing came: still idle
+                    self._idle, self._wake = False, trio.Event()
+                    if wake_on_record is not None:
+                        wake_on_record(False)
+                    seen, age, empty = self._seq, 0.0, 0
+                    continue  # the first record: ticks again
                 await trio.sleep(tick)
                 self.take_external()
-                age = age + tick if self._batch else 0.0
-                if self._batch and (self._seq == seen or age >= self._flush_interval):
+                if not self._batch:
+                    age, seen = 0.0, self._seq
+                    empty += 1
+                    continue
+                empty = 0
+                age += tick
+                if self._seq == seen or age >= self._flush_interval:
                     self._hand_off()
                     age = 0.0
                 seen = self._seq
