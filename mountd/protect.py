@@ -30,9 +30,8 @@ from zfsrep.spool import (
     RunState,
     SpoolWriter,
     VolumeIdentity,
-    dirty_idents,
+    after_crash,
     read_initial_sync,
-    records_lost,
     write_initial_sync,
 )
 from zfsrep.syscalls import keep_large_buffers, mount_at, try_lock
@@ -122,14 +121,12 @@ def _check_previous_run(spool: SpoolWriter, link: LinkOptions | None) -> set[int
     everything written only earns a warning."""
     previous = RunState.read(spool.path)
     spooled = spool.next_seq - 1
-    lost = records_lost(previous, spooled)
+    lost, idents, why_not = after_crash(previous, spooled)
     if lost is None:
         if previous is not None and not previous["clean"]:
             log.warning("the previous mount daemon (pid %d) stopped without a clean shutdown, "
                         "but everything it captured is in the spool", previous["pid"])
         return None
-    assert previous is not None
-    idents, why_not = dirty_idents(previous, spooled)
     if idents is None:
         spool.mark_incomplete(spooled, f"{lost}; {why_not}")
         spool.close()

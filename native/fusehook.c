@@ -797,8 +797,6 @@ int zf_wait_request(int timeout_us)
     return ppoll(&p, 1, &t, NULL) == 1 && (p.revents & POLLIN);
 }
 
-int zf_session_fd(void) { return zf_fd; }
-
 int zf_exited(void) { return zf_session == NULL || fuse_session_exited(zf_session); }
 
 int zf_register(uint64_t fh, uint64_t ident, uint32_t uid, int capture)

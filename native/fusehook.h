@@ -44,8 +44,6 @@ int zf_killpriv_v2(void);
 /* 1 if a request arrives on the session's descriptor within timeout_us (0: at once) and
  * the queue does not wait for the event loop. */
 int zf_wait_request(int timeout_us);
-/* The session's /dev/fuse descriptor (non-blocking once installed), or -1. */
-int zf_session_fd(void);
 /* 1 once the session was told to exit (or there is none). */
 int zf_exited(void);
 int zf_register(uint64_t fh, uint64_t ident, uint32_t uid, int capture);

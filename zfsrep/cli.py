@@ -371,13 +371,12 @@ def cmd_spool(args: argparse.Namespace) -> int:
 
 def _after_crash(run: dict, stats: dict) -> str:
     """What the next ``protect`` of a spool whose daemon died will do."""
-    from zfsrep.spool import dirty_idents, records_lost
+    from zfsrep.spool import after_crash
 
     spooled = stats.get("last_seq") or max((stats.get("first_seq") or 1) - 1, 0)
-    lost = records_lost(run, spooled)
+    lost, idents, why_not = after_crash(run, spooled)
     if lost is None:
         return "goes on (everything captured is in the spool)"
-    idents, why_not = dirty_idents(run, spooled)
     if idents is None:
         return f"refuses ({why_not}) and marks the spool incomplete"
     return (f"records {len(idents)} file{'' if len(idents) == 1 else 's'} again (resync: "

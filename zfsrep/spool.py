@@ -245,6 +245,19 @@ class RunState:
                 "slots": slots}
 
 
+def after_crash(state: dict | None, spooled_seq: int
+                ) -> tuple[str | None, set[int] | None, str]:
+    """What a spool whose daemon left ``state`` (:meth:`RunState.read`) needs, for a spool
+    holding records through ``spooled_seq``: (why records are missing or None, the files to
+    record again or None if that cannot repair it, why not). Nothing missing: (None, set(),
+    "")."""
+    lost = records_lost(state, spooled_seq)
+    if lost is None or state is None:
+        return None, set(), ""
+    idents, why_not = dirty_idents(state, spooled_seq)
+    return lost, idents, why_not
+
+
 def dirty_idents(state: dict, spooled_seq: int) -> tuple[set[int] | None, str]:
     """The files (idents) whose changes a daemon that died lost, from its
     :meth:`RunState.read`, for a spool holding records through ``spooled_seq``: recording
