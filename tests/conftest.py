@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -267,3 +268,34 @@ def checked_logs():
         logger.setLevel(old_level)
     unexpected = handler.take()
     assert not unexpected, f"unexpected warnings or errors logged: {unexpected}"
+
+
+def sweep_promotions(base: str) -> None:
+    """Unmount and stop every promotion mount and daemon (``zfsrep.mountd.promote``, started
+    in a session of its own) under ``base``."""
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f
+                  if " - fuse.zfsrep zfsrep-promote:" in line and line.split()[4].startswith(base)]
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"zfsrep.mountd.promote" in cmd and any(a.startswith(base.encode()) for a in cmd):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), 9)
+
+
+@pytest.fixture(autouse=True)
+def _no_promotion_left(request):
+    """A test that fails half-way through a live failover or move must not leave a
+    promotion's mount or daemon behind."""
+    base = (str(request.getfixturevalue("tmp_path")) if "tmp_path" in request.fixturenames
+            else None)  # (taken before: it is torn down after this fixture)
+    yield
+    if base is not None:
+        sweep_promotions(base)

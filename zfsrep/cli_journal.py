@@ -25,6 +25,15 @@ def json_text(obj: object) -> str:
 SNAPSHOT_FSNAME = "zfsrep-snapshot:"
 
 
+def _promotion_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--full-copy", action="store_true",
+                   help="copy every volume completely before the command returns, instead "
+                        "of serving it at once and promoting its data behind it")
+    p.add_argument("--promote-rate", type=float, metavar="MIB", default=None,
+                   help="MiB a second the background promotion may copy (default: no limit); "
+                        "files the applications change are copied at once whatever this is")
+
+
 def _server_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", metavar="HOST:PORT",
                    help="journal server (default $ZFSREP_SERVER, else 127.0.0.1:7450)")
@@ -140,12 +149,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                               "checkpoint",
         description="For when the protected site is lost: stop protection (the mounts are "
                     "disconnected and refused; their spools keep what they capture) and write "
-                    "every volume of VPG as it was at CHECKPOINT into RECOVERY_DIR/live/VOLUME, "
-                    "with progress. The VPG is then Failing Over / Before Commit: the copies "
-                    "are usable, and the failover is still reversible with rollback, or made "
-                    "final with commit. Run on the journal server's host.")
+                    "bring every volume of VPG up as it was at CHECKPOINT at "
+                    "RECOVERY_DIR/live/VOLUME. A volume is usable as soon as its names are "
+                    "written: a mount serves it while its data is promoted (copied in from the "
+                    "journal) behind it, and leaves a plain directory when that is done "
+                    "(--full-copy: copy everything first). The VPG is then Failing Over / "
+                    "Before Commit: still reversible with rollback, or made final with commit "
+                    "(which waits for the promotion). Run on the journal server's host.")
     fl.add_argument("vpg", metavar="VPG")
     fl.add_argument("checkpoint", metavar="CHECKPOINT")
+    _promotion_args(fl)
     cm = sub.add_parser("commit", help="make a live failover final (VPG Recovered)",
                         description="Make the failover of VPG final: it stays unprotected "
                                     "(Recovered) and its recovered volumes are the live copy. "
@@ -173,12 +186,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "move", help="planned move of a VPG to the recovery site, with no data loss",
         description="Hold every change on the VPG's protected mounts (writes wait; reads go "
                     "on), ship everything, record a final checkpoint that equals the protected "
-                    "directories exactly, and write every volume at it into "
-                    "RECOVERY_DIR/live/VOLUME (Moving: StartingMove, then MoveBeforeCommit). "
+                    "directories exactly, and bring every volume up at it at "
+                    "RECOVERY_DIR/live/VOLUME, promoted as failover-live does (Moving: "
+                    "StartingMove, then MoveBeforeCommit). "
                     "Then commit-move or rollback-move. Run on the journal server's host.")
     mv.add_argument("vpg", metavar="VPG")
     mv.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?", default="latest",
                     help="latest (the default): the move's own final checkpoint")
+    _promotion_args(mv)
     cmv = sub.add_parser("commit-move", help="finish a move: retire the protected side",
                          description="Unmount every protected mount of VPG, empty its source "
                                      "directory and spool, and delete the VPG; the moved "

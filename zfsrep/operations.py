@@ -203,6 +203,18 @@ async def _test_abort(server: JournalServer, args: dict) -> dict:
     return {"aborted": op["checkpoint"]["id"]}
 
 
+@handler("op.expect")
+async def _op_expect(server: JournalServer, args: dict) -> dict:
+    """The VPG's operation, if it is ``op`` in one of ``phases`` (else the refusal naming its
+    state): what a command checks before it waits on the recovery host."""
+    vpg = server.vpg(args.get("vpg"))
+    phases = args.get("phases")
+    if not isinstance(phases, list) or not all(isinstance(p, str) for p in phases):
+        raise UsageError("phases must be a list of names")
+    async with vpg.lock:
+        return _expect(vpg, _str(args, "op") or "", tuple(phases))
+
+
 # ---- failover (live) -----------------------------------------------------------------------
 @handler("live.start")
 async def _live_start(server: JournalServer, args: dict) -> dict:

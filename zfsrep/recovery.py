@@ -173,7 +173,7 @@ def _bring_up_live(args: argparse.Namespace, kind: str, req: dict) -> dict:
     _say(args, "quiescing the protected mounts and draining them" if kind == "move" else
          "stopping protection")
     op = _call(args, f"{kind}.start", req, timeout=900)
-    made: list[Path] = []
+    made: list[tuple[str, Path]] = []
     try:
         for name, vol in sorted(op["volumes"].items()):
             dest = Path(vol["path"])
@@ -182,19 +182,121 @@ def _bring_up_live(args: argparse.Namespace, kind: str, req: dict) -> dict:
             if not Path(vol["volume_dir"], "index.sqlite").exists():
                 raise StateError(f"the store of VPG {args.vpg} is not on this host "
                                  f"({vol['volume_dir']}); run this on the recovery-site host")
-            made.append(dest)
+            made.append((name, dest))
             dest.parent.mkdir(parents=True, exist_ok=True)
-            _materialise(args, name, vol, dest)
+            if args.full_copy:
+                _materialise(args, name, vol, dest)
+            else:
+                _start_promotion(args, op, name, vol)
     except BaseException:
         with contextlib.suppress(Exception):  # back to protecting, as if never started
             _call(args, f"{kind}.phase", {"vpg": args.vpg, "phase": "rolling-back"})
-            for dest in made:
+            for name, dest in made:
+                _stop_promotion(op, name, dest)
                 _remove_tree(dest)
             _call(args, f"{kind}.rolled-back", {"vpg": args.vpg})
         raise
     op = _call(args, f"{kind}.phase", {"vpg": args.vpg, "phase": "before-commit"})
     op["start_seconds"] = round(time.monotonic() - started, 3)
+    op["promotion"] = "full copy" if args.full_copy else "background"
     return op
+
+
+# ---- promotion: the volumes usable before their data is copied (zfsrep.promote) ------------
+def _live_work(op: dict, volume: str) -> Path:
+    return Path(op["recovery_dir"]) / ".work" / "live" / volume
+
+
+def _fuse_at(path: Path) -> bool:
+    """Whether a mount (live, or of a daemon that died) is at ``path``, from the mount table."""
+    from zfsrep.syscalls import mount_at
+
+    return mount_at(os.path.abspath(path)) is not None
+
+
+def _start_promotion(args: argparse.Namespace, op: dict, name: str, vol: dict,
+                     resume: bool = False) -> None:
+    """Start the promotion mount of one volume (``zfsrep.mountd.promote``); it returns once
+    the volume is served at its live path."""
+    from zfsrep.cli import spawn_daemon
+    from zfsrep.promote import LOG, pid_alive, read_state
+
+    work, dest = _live_work(op, name), Path(vol["path"])
+    if not resume:
+        old = read_state(work)
+        if old is not None and pid_alive(old.get("pid")):
+            raise StateError(f"a promotion of {dest} is still running (pid {old['pid']}); "
+                             "roll back the operation it belongs to first")
+        _remove_tree(work)  # what a failed earlier attempt left
+    dest.mkdir(parents=True, exist_ok=True)
+    argv = ["--volume-dir", vol["volume_dir"], "--seq", str(vol["seq"]), "--work", str(work),
+            "--label", f"{args.vpg}/{name}@{op['checkpoint']['id']}", "--log", str(work / LOG)]
+    rate = getattr(args, "promote_rate", None)
+    if rate:
+        argv += ["--rate", str(int(rate * (1 << 20)))]
+    spawn_daemon(args, [*argv, str(dest)], work / LOG, 120.0, module="zfsrep.mountd.promote")
+    _say(args, f"{name}: usable at {dest}; its data is promoted from the journal behind it")
+
+
+def _stop_promotion(op: dict, name: str, dest: Path, timeout: float = 30.0) -> None:
+    """Stop a volume's promotion mount, if any (processes inside it lose it)."""
+    import signal
+
+    from zfsrep.promote import pid_alive, read_state
+
+    work = _live_work(op, name)
+    state = read_state(work)
+    if _fuse_at(dest):
+        r = _run(["fusermount3", "-u", "-z", str(dest)])
+        if r.returncode != 0 and _fuse_at(dest):
+            raise OSFailure(f"cannot unmount {dest}: {r.stderr.strip() or 'unmount failed'}")
+    if state is not None and pid_alive(state.get("pid")):
+        pid = state["pid"]
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    _remove_tree(work)
+
+
+def _wait_promoted(args: argparse.Namespace, op: dict) -> None:
+    """Wait until every volume's data is promoted, with progress; a promotion that stopped
+    (its daemon killed, the host restarted) is started again and goes on where it was."""
+    from zfsrep.promote import pid_alive, read_state
+
+    for name, vol in sorted(op["volumes"].items()):
+        work, dest = _live_work(op, name), Path(vol["path"])
+        restarts, shown = 0, 0.0
+        while True:
+            state = read_state(work)
+            if state is None or state.get("state") == "promoted":
+                break  # (a full copy has no promotion)
+            if state.get("state") == "failed":
+                raise OSFailure(f"{name}: the promotion failed: {state.get('error')} (see "
+                                f"{work / 'promote.log'}); roll back, or fix and commit again")
+            if not pid_alive(state.get("pid")):
+                if restarts >= 3:
+                    raise OSFailure(f"{name}: the promotion stopped {restarts} times; see "
+                                    f"{work / 'promote.log'}")
+                restarts += 1
+                _say(args, f"{name}: the promotion was stopped; going on with it")
+                if _fuse_at(dest):  # (a daemon that died leaves its mount: ENOTCONN)
+                    _run(["fusermount3", "-u", "-z", str(dest)])
+                (work / "promote.json").unlink(missing_ok=True)
+                _start_promotion(args, op, name, vol, resume=True)
+                continue
+            now = time.monotonic()
+            if now - shown >= 1.0:
+                shown = now
+                _say(args, f"{name}: promoting, {state.get('files_left', 0)} files "
+                           f"({int(state.get('bytes_left', 0)) >> 20} MiB) left")
+            time.sleep(0.1)
+        _remove_tree(work)
+        _say(args, f"{name}: promoted; {dest} is a plain directory")
 
 
 def _materialise(args: argparse.Namespace, name: str, vol: dict, dest: Path) -> None:
@@ -237,7 +339,10 @@ def _remove_tree(path: Path) -> None:
 
 def commit(args: argparse.Namespace) -> dict:
     """Make a live failover final; with ``--reverse-protect``, protect every recovered
-    directory as a volume of a new VPG (a mount over it, on this host)."""
+    directory as a volume of a new VPG (a mount over it, on this host). Waits for the
+    promotion of every volume first."""
+    _wait_promoted(args, _call(args, "op.expect", {"vpg": args.vpg, "op": "failover-live",
+                                                   "phases": ["before-commit"]}))
     if not args.reverse_protect:
         if args.reverse_vpg or args.reverse_server or args.reverse_spool_dir:
             raise UsageError("--reverse-vpg, --reverse-server and --reverse-spool-dir go with "
@@ -283,13 +388,18 @@ def commit(args: argparse.Namespace) -> dict:
 def rollback(args: argparse.Namespace, kind: str = "live") -> dict:
     """Delete the recovered copies and return the VPG to protecting."""
     op = _call(args, f"{kind}.phase", {"vpg": args.vpg, "phase": "rolling-back"})
-    for name in sorted(op["volumes"]):
-        _remove_tree(Path(op["volumes"][name]["path"]))
+    for name in sorted(op.get("volumes") or {}):
+        dest = Path(op["volumes"][name]["path"])
+        _stop_promotion(op, name, dest)
+        _remove_tree(dest)
         _say(args, f"{name}: recovered copy removed")
     return _call(args, f"{kind}.rolled-back", {"vpg": args.vpg}, timeout=120)
 
 
 def commit_move(args: argparse.Namespace) -> dict:
+    # the promotion reads the journal, which the commit deletes with the VPG
+    _wait_promoted(args, _call(args, "op.expect", {"vpg": args.vpg, "op": "move",
+                                                   "phases": ["before-commit", "committing"]}))
     return _call(args, "move.commit", {"vpg": args.vpg, "force": args.force}, timeout=300)
 
 

@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from zfsrep import promote
 from zfsrep.blockhash import zero_blocks
 from zfsrep.errors import (
     CorruptDataError,
@@ -85,6 +86,8 @@ class RestoreStats:
         self.specials = 0
         self.bytes = 0  # file data written (holes excluded)
         self.owners_skipped = 0  # chown refused (not running as root)
+        self.marked = 0  # skeleton files left to fill (skeleton restores: zfsrep.promote)
+        self.marked_bytes = 0
 
 
 def safe_name(name: object) -> bytes:
@@ -133,9 +136,11 @@ def _entries(view: SnapshotView, ident: int):
 
 class _Restorer:
     def __init__(self, view: SnapshotView, force: bool,
-                 progress: Callable[[RestoreStats], None] | None) -> None:
+                 progress: Callable[[RestoreStats], None] | None,
+                 skeleton: bool = False) -> None:
         self.view = view
         self.force = force
+        self.skeleton = skeleton
         self.progress = progress
         self.stats = RestoreStats()
         self.base_fd = -1  # directory every recorded relative path starts from
@@ -257,7 +262,13 @@ class _Restorer:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600, dir_fd=dfd)
             try:
-                self._copy(node, fd)
+                if not self.skeleton:
+                    self._copy(node, fd)
+                elif node.size:  # the size now, the data later (zfsrep.promote)
+                    os.ftruncate(fd, node.size)
+                    promote.mark(fd, node.ident)
+                    self.stats.marked += 1
+                    self.stats.marked_bytes += node.size
                 self._finish_fd(fd, node)
             finally:
                 os.close(fd)
@@ -558,8 +569,11 @@ def _write_nonzero(fd: int, data: bytes | memoryview, off: int) -> int:
 
 
 def restore_tree(view: SnapshotView, path: bytes, dest: Path, *, force: bool = False,
-                 progress: Callable[[RestoreStats], None] | None = None) -> RestoreStats:
+                 progress: Callable[[RestoreStats], None] | None = None,
+                 skeleton: bool = False) -> RestoreStats:
     """Copy the file or tree at ``path`` in ``view`` to ``dest`` (see the module docstring).
+    With ``skeleton``, regular files get their size and a mark but no data
+    (``zfsrep.promote`` fills them).
 
     ``b"/"`` restores the whole volume into ``dest`` (created if missing). Any other path
     restores as ``dest/<basename>`` if ``dest`` is an existing directory, else as ``dest``.
@@ -569,7 +583,7 @@ def restore_tree(view: SnapshotView, path: bytes, dest: Path, *, force: bool = F
     packs = getattr(view, "packs", None)
     if packs is not None:
         packs.sequential = True
-    r = _Restorer(view, force, progress)
+    r = _Restorer(view, force, progress, skeleton)
     try:
         if name is None:
             parent, tname = dest, None

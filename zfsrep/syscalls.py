@@ -178,3 +178,12 @@ def try_lock(path: str | os.PathLike[str]) -> tuple[int | None, str]:
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             return fd, ""
         os.close(fd)
+
+
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def umount(path: str | os.PathLike[str], flags: int = 0) -> None:
+    """umount2(2): ``flags`` 2 (MNT_DETACH) detaches the mount at once; it goes away when the
+    last process using it leaves."""
+    _check(_libc.umount2(os.fsencode(path), flags), "umount2", os.fsencode(path))

@@ -1,0 +1,259 @@
+"""Promotion: a live failover or move brings the volumes up before their data is copied, and
+copies it in behind them (zfsrep.promote, zfsrep.mountd.promote).
+
+The unit tests write a skeleton from a fake view and fill it; the end-to-end tests run a real
+journal server, a real protected mount and the real promotion mount, with the background copy
+slowed down (--promote-rate) so that the volume is seen and changed while it is promoted."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import sweep_promotions
+from test_operations import _status, _wait_connected
+from test_replication import VPG, assert_tree, replicated, tag
+from test_snapshot_mount import sample_view
+from treesnap import tree_snapshot
+
+from zfsrep import promote
+from zfsrep.restore import restore_tree
+from zfsrep.syscalls import mount_at
+
+MIB = 1 << 20
+
+
+# ---- the skeleton and its marks, without a mount ---------------------------------------------
+def test_skeleton_marks_files_and_fill_copies_them_keeping_times(tmp_path: Path) -> None:
+    view = sample_view()
+    tree = tmp_path / "tree"
+    stats = restore_tree(view, b"/", tree, skeleton=True)
+    assert (stats.marked, stats.marked_bytes) == (1, len(b"hello world"))
+    f = tree / "file"
+    before = os.stat(f)
+    assert before.st_size == 11 and f.read_bytes() == bytes(11)  # the size, not the data
+    assert os.stat(tree / "dir" / "hard").st_ino == before.st_ino
+    assert os.getxattr(f, "user.colour") == b"blue"
+    assert promote.marked(f) == 11
+    assert promote.count_marked(tree) == (1, 11)
+
+    assert promote.fill(view, str(f), 11) == 11
+    assert f.read_bytes() == b"hello world"
+    after = os.stat(f)
+    assert after.st_mtime_ns == before.st_mtime_ns and after.st_mode == before.st_mode
+    assert promote.marked(f) is None and promote.count_marked(tree) == (0, 0)
+
+
+def test_a_walk_finds_every_marked_file_once_and_holds_few_descriptors(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    for d in range(3):
+        (root / f"d{d}").mkdir(parents=True)
+        for i in range(50):
+            p = root / f"d{d}" / f"f{i}"
+            p.write_bytes(b"x")
+            if i % 2 == 0:
+                fd = os.open(p, os.O_RDONLY)
+                promote.mark(fd, 1000 + i)
+                os.close(fd)
+    (root / "d0" / "link").symlink_to("f0")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    walk = promote.Walk(fd)
+    os.close(fd)
+    seen = []
+    while not walk.done:
+        batch = walk.step(limit=7)
+        assert len(batch) <= 7
+        for pfd, ino, ident, size in batch:
+            seen.append((ino, ident, size))
+            os.close(pfd)
+    assert len(seen) == 75 and len({s[0] for s in seen}) == 75
+    assert {s[1] for s in seen} == {1000 + i for i in range(0, 50, 2)}
+
+
+# ---- end to end ------------------------------------------------------------------------------
+@pytest.fixture
+def recovery():
+    """A recovery directory every user can reach (tmp_path is not); swept afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="zfsrep-promote-", dir="/var/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        sweep_promotions(str(path))
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _volume(journal_server, mount_factory, recovery: Path, files: int = 8):
+    """A VPG with one replicated volume: ``files`` files of 1 MiB in d/, a small file, a
+    hard link, a symlink and an xattr; tagged ``t``. Returns (mount, live path, oracle)."""
+    journal_server.cli("vpg", "create", VPG, "--checkpoint-interval", "1s", "--recovery-dir",
+                       str(recovery))
+    journal_server.expected_log += ["protection is stopped", "it protects nothing any more"]
+    m = replicated(mount_factory, journal_server)
+    m.start()
+    (m.mnt / "d").mkdir()
+    for i in range(files):
+        (m.mnt / "d" / f"f{i}").write_bytes(os.urandom(MIB))
+    (m.mnt / "small").write_text("small file\n")
+    os.chmod(m.mnt / "small", 0o644)
+    os.link(m.mnt / "small", m.mnt / "hard")
+    (m.mnt / "sym").symlink_to("d/f0")
+    os.setxattr(m.mnt / "d" / "f1", "user.note", b"kept")
+    tag(journal_server, "t")
+    return m, recovery / "live" / "vol", tree_snapshot(m.source)
+
+
+def _work(live: Path) -> Path:
+    return live.parent.parent / ".work" / "live" / live.name
+
+
+def _state(live: Path) -> dict:
+    return json.loads((_work(live) / "promote.json").read_text())
+
+
+def _still_marked(live: Path) -> list[str]:
+    """Files of d/ not yet promoted, read from the tree behind the mount."""
+    tree = _work(live) / "tree" / "d"
+    return sorted(p.name for p in tree.iterdir() if promote.marked(p) is not None)
+
+
+def _promote_daemons() -> list[int]:
+    r = subprocess.run(["pgrep", "-f", "zfsrep.mountd.promote"], capture_output=True,
+                       text=True)
+    return [int(x) for x in r.stdout.split()]
+
+
+def _no_marks(root: Path) -> None:
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                assert promote.MARKER.decode() not in os.listxattr(p), p
+
+
+@pytest.mark.mount
+def test_failover_live_is_usable_at_once_and_promoted_behind(
+        journal_server, mount_factory, recovery: Path) -> None:
+    m, live, oracle = _volume(journal_server, mount_factory, recovery)
+    original = {f"d/f{i}": (m.source / "d" / f"f{i}").read_bytes() for i in range(8)}
+    r = journal_server.cli("failover-live", VPG, "t", "--promote-rate", "1", "--json")
+    op = json.loads(r.stdout)
+    assert op["promotion"] == "background" and op["phase"] == "before-commit"
+    assert mount_at(live)[1] == "fuse.zfsrep"
+    assert _state(live)["state"] == "promoting"
+    pending = _still_marked(live)
+    assert len(pending) >= 5, pending
+
+    # usable at once: every file reads as at the checkpoint, filled or not
+    assert_tree(oracle, live, "the volume while it is promoted")
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat",
+                        str(live / "small")], capture_output=True)
+    assert r.returncode == 0 and r.stdout == b"small file\n"  # every user, as a directory
+    # the promotion's mark is never shown, and cannot be touched
+    f = live / "d" / pending[0]
+    assert promote.MARKER.decode() not in os.listxattr(f)
+    with pytest.raises(OSError) as e:
+        os.getxattr(f, promote.MARKER)
+    assert e.value.errno == errno.ENODATA
+    with pytest.raises(OSError) as e:
+        os.setxattr(f, promote.MARKER, b"x" * 8)
+    assert e.value.errno == errno.EPERM
+
+    # changes to files not yet promoted: the file is promoted first, then changed
+    with open(live / "d" / pending[0], "ab") as fh:
+        fh.write(b"appended")
+    assert promote.marked(_work(live) / "tree" / "d" / pending[0]) is None
+    os.truncate(live / "d" / pending[1], 1000)
+    os.rename(live / "d" / pending[2], live / "d" / "renamed")
+    os.unlink(live / "d" / pending[3])
+    with open(live / "d" / pending[4], "r+b") as fh:
+        fh.seek(10)
+        fh.write(b"XYZ")
+    assert len(_still_marked(live)) >= 1  # (still promoting behind all this)
+
+    journal_server.cli("commit", VPG)  # waits for the promotion
+    assert mount_at(live) is None, "the live path is a plain directory after promotion"
+    st = _status(journal_server)
+    assert (st["status"], st["substatus"]) == ("Recovered", "")
+    expect = dict(original)
+    expect[f"d/{pending[0]}"] = original[f"d/{pending[0]}"] + b"appended"
+    expect[f"d/{pending[1]}"] = original[f"d/{pending[1]}"][:1000]
+    expect["d/renamed"] = expect.pop(f"d/{pending[2]}")
+    del expect[f"d/{pending[3]}"]
+    b = bytearray(original[f"d/{pending[4]}"])
+    b[10:13] = b"XYZ"
+    expect[f"d/{pending[4]}"] = bytes(b)
+    got = {f"d/{p.name}": p.read_bytes() for p in (live / "d").iterdir()}
+    assert got == expect
+    assert (live / "small").read_text() == "small file\n"
+    assert os.stat(live / "small").st_ino == os.stat(live / "hard").st_ino
+    assert os.readlink(live / "sym") == "d/f0"
+    assert os.getxattr(live / "d" / "f1", "user.note") == b"kept"
+    untouched = {k: v for k, v in oracle.items()  # (d itself changed: rename, unlink)
+                 if k != "d" and (not k.startswith("d/") or k[2:] not in pending[:5])}
+    now = {k: v for k, v in tree_snapshot(live).items() if k in untouched}
+    assert now == untouched
+    _no_marks(live)
+    assert not _work(live).exists()
+    deadline = time.monotonic() + 10
+    while _promote_daemons() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _promote_daemons(), "the promotion daemon exits once nothing uses its mount"
+    assert m.stop() == 0
+    journal_server.cli("vpg", "delete", VPG, "--force")
+
+
+@pytest.mark.mount
+def test_a_promotion_killed_half_way_is_taken_up_again_by_commit(
+        journal_server, mount_factory, recovery: Path) -> None:
+    m, live, oracle = _volume(journal_server, mount_factory, recovery)
+    journal_server.cli("failover-live", VPG, "t", "--promote-rate", "1")
+    pending = _still_marked(live)
+    assert len(pending) >= 4
+    with open(live / "d" / pending[0], "ab") as fh:  # promoted on demand, then changed
+        fh.write(b"appended before the kill")
+        fh.flush()
+        os.fsync(fh.fileno())
+    pid = _state(live)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while promote.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # the daemon is gone: its mount answers ENOTCONN until commit takes the promotion up
+    r = journal_server.cli("commit", VPG)
+    assert "going on with it" in r.stderr
+    assert mount_at(live) is None
+    want = (m.source / "d" / pending[0]).read_bytes() + b"appended before the kill"
+    assert (live / "d" / pending[0]).read_bytes() == want
+    rest = {k: v for k, v in oracle.items() if k != f"d/{pending[0]}"}
+    assert {k: v for k, v in tree_snapshot(live).items() if k in rest} == rest
+    _no_marks(live)
+    assert m.stop() == 0
+    journal_server.cli("vpg", "delete", VPG, "--force")
+
+
+@pytest.mark.mount
+def test_rollback_during_promotion_stops_it_and_protection_resumes(
+        journal_server, mount_factory, recovery: Path) -> None:
+    m, live, _ = _volume(journal_server, mount_factory, recovery)
+    journal_server.cli("failover-live", VPG, "t", "--promote-rate", "0.5")
+    assert mount_at(live) is not None and _still_marked(live)
+    journal_server.cli("rollback", VPG)
+    assert mount_at(live) is None and not live.exists() and not _work(live).exists()
+    assert not _promote_daemons()
+    _wait_connected(journal_server)
+    tag(journal_server, "after")
+    # and a full copy, the old way, still works
+    r = journal_server.cli("failover-live", VPG, "after", "--full-copy", "--json")
+    assert json.loads(r.stdout)["promotion"] == "full copy"
+    assert mount_at(live) is None and (live / "small").read_text() == "small file\n"
+    journal_server.cli("rollback", VPG)
+    assert m.stop() == 0
