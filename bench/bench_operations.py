@@ -10,8 +10,12 @@ reports the median start time (the CLI's wall time: resolving the checkpoint, th
 mount, the overlay), the stop time, and checks that a file read through the test copy equals
 the backing file. Target: start under 2 s at either size (and so about equal for both).
 Then, ``--live-repeats`` times, with caches made cold before each: ``failover-live`` (then
-``rollback``), and ``cp -a`` of the backing directory followed by ``sync``, taking turns at
-going first; the ratio is the median of the pairs' ratios. Cold means, per ``--cold``:
+``rollback``), ``failover-live --full-copy`` (then ``rollback``) and ``cp -a`` of the backing
+directory followed by ``sync``, taking turns at going first; the ratio is the median of the
+pairs' ratios. ``failover-live`` returns once the volumes are usable (served at their live
+paths while their data is promoted behind them); the script also times a first read of 1 MiB
+of the data file through the live path and the end of the promotion (the live path a plain
+directory), both from the command's start. Cold means, per ``--cold``:
 ``all``, every cache dropped (``drop_caches``: the data, but also the Python modules the
 command starts from, which then cost 0.2-0.25 s more than with a warm cache), and ``data``,
 only the pages of the store's and the backing directory's files evicted (as on a recovery
@@ -147,9 +151,40 @@ def measure(env: Env, size: int, repeats: int, live_repeats: int,
             lives: dict[str, list[float]] = {mode: [] for mode in colds}
             copies: dict[str, list[float]] = {mode: [] for mode in colds}
 
+            live_file = os.path.join(rec, "live", "data", "data.bin")
+            state_file = os.path.join(rec, ".work", "live", "data", "promote.json")
+            reads: dict[str, list[float]] = {mode: [] for mode in colds}
+            promoted: dict[str, list[float]] = {mode: [] for mode in colds}
+            fulls: dict[str, list[float]] = {mode: [] for mode in colds}
+
             def live(mode: str) -> None:
-                lives[mode].append(timed_cli(env, "failover-live", VPG, "data", "--server",
-                                             srv.address))
+                """The command (to usable volumes), then a first read of 1 MiB of the data
+                file, then the end of the promotion (the tree left as a plain directory)."""
+                t0 = time.monotonic()
+                env.cli("failover-live", VPG, "data", "--server", srv.address, timeout=600)
+                lives[mode].append(time.monotonic() - t0)
+                with open(live_file, "rb") as f:
+                    if len(f.read(1 << 20)) != min(size, 1 << 20):
+                        raise RuntimeError("short read from the live volume")
+                reads[mode].append(time.monotonic() - t0)
+                deadline = t0 + 900
+                while True:
+                    try:
+                        with open(state_file) as f:
+                            state = json.load(f).get("state")
+                    except (OSError, ValueError):
+                        state = None
+                    if state == "promoted":
+                        break
+                    if state == "failed" or time.monotonic() > deadline:
+                        raise RuntimeError(f"the promotion did not finish: {state}")
+                    time.sleep(0.02)
+                promoted[mode].append(time.monotonic() - t0)
+                timed_cli(env, "rollback", VPG, "--server", srv.address)
+
+            def full(mode: str) -> None:
+                fulls[mode].append(timed_cli(env, "failover-live", VPG, "data", "--full-copy",
+                                             "--server", srv.address))
                 timed_cli(env, "rollback", VPG, "--server", srv.address)
 
             def copy(mode: str) -> None:
@@ -165,15 +200,16 @@ def measure(env: Env, size: int, repeats: int, live_repeats: int,
                 # dir), each going first in every other pair: neither always follows the
                 # other's deletion of what it wrote
                 for mode in colds:
-                    for step in ((live, copy) if i % 2 == 0 else (copy, live)):
+                    for step in ((live, copy, full) if i % 2 == 0 else (copy, full, live)):
                         os.sync()
                         if mode == "all":
                             drop_caches()
                         else:
                             evict(os.path.join(base, "store"), backing)
                         step(mode)
-                    log(f"   cold {mode}: failover-live {lives[mode][-1]:.2f} s, "
-                        f"cp -a {copies[mode][-1]:.2f} s")
+                    log(f"   cold {mode}: failover-live usable {lives[mode][-1]:.2f} s, first "
+                        f"MiB read {reads[mode][-1]:.2f} s, promoted {promoted[mode][-1]:.2f} "
+                        f"s; --full-copy {fulls[mode][-1]:.2f} s; cp -a {copies[mode][-1]:.2f} s")
             moves = {}
             stop_file = os.path.join(base, "stop-busy")
             wait_connected(srv)  # (after a rollback the mount reconnects within seconds)
@@ -204,9 +240,15 @@ def measure(env: Env, size: int, repeats: int, live_repeats: int,
                 "start_s": statistics.median(starts), "start_max_s": max(starts),
                 "stop_s": statistics.median(stops), "repeats": repeats,
                 "live": {mode: {"live_s": statistics.median(lives[mode]),
+                                "read_s": statistics.median(reads[mode]),
+                                "promoted_s": statistics.median(promoted[mode]),
+                                "full_s": statistics.median(fulls[mode]),
                                 "cp_s": statistics.median(copies[mode]),
                                 "ratio": statistics.median(
                                     a / b for a, b in zip(lives[mode], copies[mode],
+                                                          strict=True)),
+                                "full_ratio": statistics.median(
+                                    a / b for a, b in zip(fulls[mode], copies[mode],
                                                           strict=True))}
                          for mode in colds if lives[mode]}}
     finally:
@@ -260,15 +302,19 @@ def main() -> int:
         what = ("every cache dropped" if mode == "all" else
                 "the store's and the backing directory's files evicted")
         print(f"\nfailover-live (command to usable volumes; cold: {what}) vs cp -a of the "
-              f"backing directory (+ sync), median of {args.live_repeats}")
-        print(f"{'data':>8}  {'live s':>7}  {'cp -a s':>8}  {'ratio':>6}  target   result")
+              f"backing directory (+ sync), median of {args.live_repeats}; then the first MiB "
+              "read from the live volume and the end of the promotion (from the command's "
+              "start), and --full-copy (everything copied before the command returns)")
+        print(f"{'data':>8}  {'live s':>7}  {'cp -a s':>8}  {'ratio':>6}  target   result  "
+              f"{'1st MiB s':>9}  {'promoted s':>10}  {'full copy s':>11}  {'ratio':>6}")
         for r in rows:
             m = r["live"].get(mode)
             if m is None:
                 continue
             ok = "PASS" if m["ratio"] <= 1.0 else "MISS"
             print(f"{r['size'] >> 20:>5} MiB  {m['live_s']:>7.2f}  {m['cp_s']:>8.2f}  "
-                  f"{m['ratio']:>5.2f}x  <= 1.0x  {ok}")
+                  f"{m['ratio']:>5.2f}x  <= 1.0x  {ok:<6}  {m['read_s']:>9.2f}  "
+                  f"{m['promoted_s']:>10.2f}  {m['full_s']:>11.2f}  {m['full_ratio']:>5.2f}x")
     print("\nmove: writes held from the command until the volumes are up at the recovery "
           "site (MoveBeforeCommit), then rolled back; busy = a 4 KiB write+fdatasync loop runs")
     print(f"{'data':>8}  {'idle s':>7}  {'busy s':>7}  {'longest write s':>15}")
