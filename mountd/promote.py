@@ -314,8 +314,10 @@ async def run_promotion(opts: PromoteOptions, ready) -> None:
                 ready.progress(f"{opts.label}: {stats.files + stats.dirs} names written")
 
         if not tree.is_dir():
+            t0 = time.monotonic()
             files, size = await trio.to_thread.run_sync(_build_skeleton, view, opts.work,
                                                         progress)
+            log.info("%s: skeleton written in %.2f s", opts.label, time.monotonic() - t0)
         else:
             files, size = await trio.to_thread.run_sync(promote.count_marked, tree)
             log.info("going on with the promotion in %s: %d files (%d bytes) left", tree,

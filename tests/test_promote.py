@@ -151,6 +151,10 @@ def test_failover_live_is_usable_at_once_and_promoted_behind(
     assert _state(live)["state"] == "promoting"
     pending = _still_marked(live)
     assert len(pending) >= 5, pending
+    promo = _status(journal_server)["volumes"][0]["promotion"]
+    assert promo["state"] == "promoting" and promo["files_left"] >= 5
+    text = journal_server.cli("status", VPG).stdout
+    assert f"failover-live before-commit: {live}" in text and "promotion promoting" in text
 
     # usable at once: every file reads as at the checkpoint, filled or not
     assert_tree(oracle, live, "the volume while it is promoted")

@@ -554,8 +554,29 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 
 
 # ---- status --------------------------------------------------------------------------------
+def _promotion_state(recovery_dir: Path, volume: str) -> dict | None:
+    """A live volume's promotion (zfsrep.promote), from its progress file; None if none."""
+    from zfsrep.promote import pid_alive, read_state
+
+    state = read_state(recovery_dir / ".work" / "live" / volume)
+    if state is None:
+        return None
+    out = {k: state.get(k) for k in ("state", "files_left", "bytes_left", "files_done",
+                                      "bytes_done", "error")}
+    if out["state"] in ("building", "promoting") and not pid_alive(state.get("pid")):
+        out["state"] = "stopped"  # (commit or rollback takes it up)
+    return out
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     res = _call(args, "status", {"vpg": args.vpg} if args.vpg else {})
+    for v in res:  # promotions under way, when the recovery directory is on this host
+        op = v.get("operation") or {}
+        if op.get("op") in ("failover-live", "move") and v.get("recovery_dir"):
+            for vol in v["volumes"]:
+                state = _promotion_state(Path(v["recovery_dir"]), vol["name"])
+                if state is not None:
+                    vol["promotion"] = state
     if args.json:
         print(json_text(res))
         return 0
@@ -578,7 +599,14 @@ def cmd_status(args: argparse.Namespace) -> int:
                   f"{_size(vol['spool_bytes'])}; journal through {vol['durable_seq']}, "
                   f"indexed through {vol['indexed_seq']}")
             if op and vol["state"] != "protected":
-                print(f"    {vol['state']}: {vol['test_path']}")
+                where = vol["live_path"] if op["op"] in ("failover-live", "move") else \
+                    vol["test_path"]
+                print(f"    {vol['state']}: {where}")
+            promo = vol.get("promotion")
+            if promo:
+                print(f"    promotion {promo['state']}: {promo['files_left']} files "
+                      f"({_size(promo['bytes_left'])}) left, {promo['files_done']} done"
+                      + (f"; {promo['error']}" if promo.get("error") else ""))
             prog = vol.get("initial_sync_progress")
             if prog:
                 pct = "?" if prog["percent"] is None else f"{prog['percent']:g}%"

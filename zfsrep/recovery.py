@@ -263,18 +263,24 @@ def _stop_promotion(op: dict, name: str, dest: Path, timeout: float = 30.0) -> N
     _remove_tree(work)
 
 
-def _wait_promoted(args: argparse.Namespace, op: dict) -> None:
+def _wait_promoted(args: argparse.Namespace, op: dict) -> list[int]:
     """Wait until every volume's data is promoted, with progress; a promotion that stopped
-    (its daemon killed, the host restarted) is started again and goes on where it was."""
+    (its daemon killed, the host restarted) is started again and goes on where it was.
+    Returns the daemons still serving a detached mount to processes inside it."""
     from zfsrep.promote import pid_alive, read_state
 
+    lingering: list[int] = []
     for name, vol in sorted(op["volumes"].items()):
         work, dest = _live_work(op, name), Path(vol["path"])
         restarts, shown = 0, 0.0
         while True:
             state = read_state(work)
-            if state is None or state.get("state") == "promoted":
+            if state is None:
                 break  # (a full copy has no promotion)
+            if state.get("state") == "promoted":
+                if pid_alive(state.get("pid")):
+                    lingering.append(state["pid"])
+                break
             if state.get("state") == "failed":
                 raise OSFailure(f"{name}: the promotion failed: {state.get('error')} (see "
                                 f"{work / 'promote.log'}); roll back, or fix and commit again")
@@ -297,6 +303,7 @@ def _wait_promoted(args: argparse.Namespace, op: dict) -> None:
             time.sleep(0.1)
         _remove_tree(work)
         _say(args, f"{name}: promoted; {dest} is a plain directory")
+    return lingering
 
 
 def _materialise(args: argparse.Namespace, name: str, vol: dict, dest: Path) -> None:
@@ -341,8 +348,8 @@ def commit(args: argparse.Namespace) -> dict:
     """Make a live failover final; with ``--reverse-protect``, protect every recovered
     directory as a volume of a new VPG (a mount over it, on this host). Waits for the
     promotion of every volume first."""
-    _wait_promoted(args, _call(args, "op.expect", {"vpg": args.vpg, "op": "failover-live",
-                                                   "phases": ["before-commit"]}))
+    lingering = _wait_promoted(args, _call(args, "op.expect", {
+        "vpg": args.vpg, "op": "failover-live", "phases": ["before-commit"]}))
     if not args.reverse_protect:
         if args.reverse_vpg or args.reverse_server or args.reverse_spool_dir:
             raise UsageError("--reverse-vpg, --reverse-server and --reverse-spool-dir go with "
@@ -362,6 +369,14 @@ def commit(args: argparse.Namespace) -> dict:
         raise StateError(f"no VPG named {args.vpg}")
     op = _call(args, "live.commit", {"vpg": args.vpg,
                                      "reverse": {"vpg": name, "server": where}})
+    if lingering:  # their writes would bypass the protection: those processes must reopen
+        import signal
+
+        for pid in lingering:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        _say(args, f"stopped {len(lingering)} detached promotion mount(s) still in use: the "
+                   "processes inside must reopen their files from the live path")
     wire.call((host, port), "vpg.create", {
         "name": name, "history": settings["history_s"], "rpo": settings["rpo_s"],
         "checkpoint_interval": settings["checkpoint_interval_s"]})
