@@ -276,6 +276,23 @@ def check_options(opts: PromoteOptions) -> None:
     if not opts.volume_dir.is_dir():
         raise NotFoundError(f"volume directory {opts.volume_dir} does not exist")
     opts.work.mkdir(parents=True, exist_ok=True)
+    if os.stat(opts.work).st_dev != os.stat(opts.mountpoint).st_dev:
+        # the filled tree goes to the live path by rename: checked before anything is done
+        raise StateError(f"{opts.mountpoint} and {opts.work} are on different file systems")
+
+
+def _switched_already(opts: PromoteOptions) -> bool:
+    """Whether a daemon stopped between the exchange and removing the old mount point (the
+    live path holds the tree, the tree's path an empty directory); finishes that step."""
+    tree, live = opts.work / promote.TREE, opts.mountpoint
+    try:
+        if (tree.is_dir() and not any(tree.iterdir()) and live.is_dir()
+                and not os.path.ismount(live) and any(live.iterdir())):
+            tree.rmdir()
+            return True
+    except OSError:
+        return False
+    return False
 
 
 def _build_skeleton(view: SnapshotView, work: Path, progress) -> tuple[int, int]:
@@ -298,6 +315,12 @@ def _build_skeleton(view: SnapshotView, work: Path, progress) -> tuple[int, int]
 
 async def run_promotion(opts: PromoteOptions, ready) -> None:
     """Write (or find) the skeleton, serve it at the live path, fill it, switch."""
+    if _switched_already(opts):
+        promote.StateFile(opts.work / promote.STATE).update(force=True, state="promoted")
+        log.info("%s: promoted at %s (the tree was already there)", opts.label,
+                 opts.mountpoint)
+        ready()
+        return
     check_options(opts)
     state = promote.StateFile(opts.work / promote.STATE)
     state.update(force=True, state="building")

@@ -261,3 +261,47 @@ def test_rollback_during_promotion_stops_it_and_protection_resumes(
     assert mount_at(live) is None and (live / "small").read_text() == "small file\n"
     journal_server.cli("rollback", VPG)
     assert m.stop() == 0
+
+
+def test_a_stop_between_exchange_and_cleanup_is_finished_on_restart(tmp_path: Path) -> None:
+    from zfsrep.mountd.promote import PromoteOptions, _switched_already
+
+    live, work = tmp_path / "live", tmp_path / "work"
+    (work / "tree").mkdir(parents=True)  # the old, empty mount point, exchanged into work/
+    live.mkdir()
+    (live / "data").write_text("the promoted tree\n")
+    opts = PromoteOptions(volume_dir=tmp_path, seq=1, work=work, mountpoint=live, label="x")
+    assert _switched_already(opts) and not (work / "tree").exists()
+    (work / "tree").mkdir()
+    (work / "tree" / "f").write_text("a tree not yet exchanged\n")
+    assert not _switched_already(opts) and (work / "tree" / "f").exists()
+
+
+@pytest.mark.mount
+def test_a_failed_promotion_is_tried_again_by_commit_once_the_cause_is_gone(
+        journal_server, mount_factory, recovery: Path) -> None:
+    m, live, oracle = _volume(journal_server, mount_factory, recovery)
+    journal_server.cli("failover-live", VPG, "t", "--promote-rate", "4")
+    pending = _still_marked(live)
+    assert pending
+    stuck = _work(live) / "tree" / "d" / pending[-1]
+    subprocess.run(["chattr", "+i", str(stuck)], check=True)  # its fill cannot open it
+    try:
+        deadline = time.monotonic() + 60
+        while _state(live)["state"] != "failed" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        state = _state(live)
+        assert state["state"] == "failed" and "cannot fill" in state["error"]
+        promo = _status(journal_server)["volumes"][0]["promotion"]
+        assert promo["state"] == "failed" and promo["error"]
+        assert (live / "d" / pending[-1]).read_bytes() == (m.source / "d" / pending[-1]
+                                                           ).read_bytes()
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+    r = journal_server.cli("commit", VPG)
+    assert "starting it again" in r.stderr
+    assert mount_at(live) is None
+    assert {k: v for k, v in tree_snapshot(live).items()} == oracle
+    _no_marks(live)
+    assert m.stop() == 0
+    journal_server.cli("vpg", "delete", VPG, "--force")

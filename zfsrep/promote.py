@@ -203,6 +203,7 @@ def read_state(work: Path) -> dict[str, Any] | None:
 
 
 def pid_alive(pid: object) -> bool:
+    """Whether process ``pid`` runs (a zombie, one that exited unreaped, does not)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -211,7 +212,11 @@ def pid_alive(pid: object) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 Progress = Callable[[dict[str, Any]], None]

@@ -240,9 +240,7 @@ def _start_promotion(args: argparse.Namespace, op: dict, name: str, vol: dict,
 
 def _stop_promotion(op: dict, name: str, dest: Path, timeout: float = 30.0) -> None:
     """Stop a volume's promotion mount, if any (processes inside it lose it)."""
-    import signal
-
-    from zfsrep.promote import pid_alive, read_state
+    from zfsrep.promote import read_state
 
     work = _live_work(op, name)
     state = read_state(work)
@@ -250,17 +248,28 @@ def _stop_promotion(op: dict, name: str, dest: Path, timeout: float = 30.0) -> N
         r = _run(["fusermount3", "-u", "-z", str(dest)])
         if r.returncode != 0 and _fuse_at(dest):
             raise OSFailure(f"cannot unmount {dest}: {r.stderr.strip() or 'unmount failed'}")
-    if state is not None and pid_alive(state.get("pid")):
-        pid = state["pid"]
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if pid_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    if state is not None:
+        _stop_daemon(state.get("pid"), timeout)
     _remove_tree(work)
+
+
+def _stop_daemon(pid: object, timeout: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``: a daemon in the middle of a file's fill
+    finishes that file first."""
+    import signal
+
+    from zfsrep.promote import pid_alive
+
+    if not isinstance(pid, int) or not pid_alive(pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _wait_promoted(args: argparse.Namespace, op: dict) -> list[int]:
@@ -281,15 +290,20 @@ def _wait_promoted(args: argparse.Namespace, op: dict) -> list[int]:
                 if pid_alive(state.get("pid")):
                     lingering.append(state["pid"])
                 break
-            if state.get("state") == "failed":
-                raise OSFailure(f"{name}: the promotion failed: {state.get('error')} (see "
-                                f"{work / 'promote.log'}); roll back, or fix and commit again")
-            if not pid_alive(state.get("pid")):
+            failed = state.get("state") == "failed"
+            if failed or not pid_alive(state.get("pid")):
                 if restarts >= 3:
-                    raise OSFailure(f"{name}: the promotion stopped {restarts} times; see "
-                                    f"{work / 'promote.log'}")
+                    why = f": {state.get('error')}" if state.get("error") else ""
+                    raise OSFailure(f"{name}: the promotion stopped {restarts} times{why} "
+                                    f"(see {work / 'promote.log'}); roll back, or fix the "
+                                    "cause and commit again")
                 restarts += 1
-                _say(args, f"{name}: the promotion was stopped; going on with it")
+                if failed:  # (a cause fixed meanwhile, a full disk emptied: try again)
+                    _say(args, f"{name}: the promotion failed ({state.get('error')}); "
+                               "starting it again")
+                    _stop_daemon(state.get("pid"))
+                else:
+                    _say(args, f"{name}: the promotion was stopped; going on with it")
                 if _fuse_at(dest):  # (a daemon that died leaves its mount: ENOTCONN)
                     _run(["fusermount3", "-u", "-z", str(dest)])
                 (work / "promote.json").unlink(missing_ok=True)
