@@ -42,30 +42,15 @@ from zfsrep.mountd.passthrough import PassthroughOperations, translate_errors
 from zfsrep.mountd.signals import stop_on_signals
 
 from zfsrep import promote
-from zfsrep.errors import ExitCode, NotFoundError, OSFailure, StateError, ZfsrepError
+from zfsrep.errors import NotFoundError, OSFailure, StateError, ZfsrepError
 from zfsrep.syscalls import syncfs
 from zfsrep.view import SnapshotView, open_view
-from zfsrep.volume import BackingVolume, Inode
+from zfsrep.volume import BackingVolume, Inode, NullRecorder
 
 log = logging.getLogger(__name__)
 
 #: files taken from the tree walk at a time (each held by an O_PATH descriptor meanwhile)
 WALK_STEP = 256
-
-
-class NullRecorder:
-    """The promotion mount records nothing: the volume is not protected until commit."""
-
-    over_limit = False
-
-    def emit(self, op: int, *args: object) -> None:
-        pass
-
-    def emit_write(self, ident: int, offset: int, data: bytes, mtime_ns: int) -> None:
-        pass
-
-    async def wait_for_room(self) -> None:
-        pass
 
 
 class NullHook:
@@ -424,36 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from zfsrep.cli import run_foreground
+    from zfsrep.cli import daemon_main
 
     args = build_parser().parse_args(argv)
-    handler: logging.Handler = (logging.FileHandler(args.log) if args.log
-                                else logging.StreamHandler(sys.stderr))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler],
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opts = PromoteOptions(volume_dir=args.volume_dir, seq=args.seq, work=args.work,
                           mountpoint=args.mountpoint, label=args.label,
                           rate=args.rate if args.rate and args.rate > 0 else None)
-    try:
-        return run_foreground(run_promotion, opts,
-                              mount_error=f"cannot mount {args.mountpoint}")
-    except ZfsrepError as e:
-        return _failed(args, str(e), e.exit_code)
-    except OSError as e:
-        return _failed(args, f"{e.strerror or e}: {e.filename or ''}".rstrip(": "),
-                       ExitCode.IO)
-    except KeyboardInterrupt:
-        return 130
-    except Exception:
-        log.exception("promotion mount failed")
-        return ExitCode.FAILURE
-
-
-def _failed(args: argparse.Namespace, message: str, code: int) -> int:
-    if args.log:
-        log.error("%s", message)
-    print(f"zfsrep: {message}", file=sys.stderr)
-    return code
+    return daemon_main(args, run_promotion, opts, "zfsrep.mountd.promote")
 
 
 if __name__ == "__main__":

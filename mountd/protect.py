@@ -21,7 +21,7 @@ from zfsrep.mountd.passthrough import PassthroughOperations
 from zfsrep.mountd.signals import stop_on_signals
 
 from zfsrep.barrier import CompletionGate
-from zfsrep.capture import CaptureStream, NullRecorder
+from zfsrep.capture import CaptureStream
 from zfsrep.errors import NotFoundError, StateError, UsageError
 from zfsrep.link import LinkOptions, VolumeShipper
 from zfsrep.records import BLOCK_SIZE, Op
@@ -35,7 +35,7 @@ from zfsrep.spool import (
     write_initial_sync,
 )
 from zfsrep.syscalls import keep_large_buffers, mount_at, try_lock
-from zfsrep.volume import ROOT_NODE, BackingVolume
+from zfsrep.volume import ROOT_NODE, BackingVolume, NullRecorder
 
 log = logging.getLogger(__name__)
 

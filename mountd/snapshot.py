@@ -33,7 +33,7 @@ import trio
 from zfsrep.mountd.passthrough import translate_errors
 from zfsrep.mountd.signals import stop_on_signals
 
-from zfsrep.errors import ExitCode, NotFoundError, OSFailure, StateError, ZfsrepError
+from zfsrep.errors import NotFoundError, OSFailure, StateError
 from zfsrep.syscalls import mount_at
 from zfsrep.view import Node, SnapshotView, open_view
 
@@ -409,36 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``python -m zfsrep.mountd.snapshot``: serve in the foreground, reporting readiness on
     the ready pipe of ``zfsrep.cli`` (the protocol of ``zfsrep protect``'s daemon)."""
-    from zfsrep.cli import run_foreground
+    from zfsrep.cli import daemon_main
 
     args = build_parser().parse_args(argv)
-    handler: logging.Handler = (logging.FileHandler(args.log) if args.log
-                                else logging.StreamHandler(sys.stderr))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler],
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opts = SnapshotOptions(volume_dir=args.volume_dir, seq=args.seq,
                            mountpoint=args.mountpoint, label=args.label,
                            allow_other=args.allow_other)
-    try:
-        return run_foreground(run_snapshot_mount, opts,
-                              mount_error=f"cannot mount {args.mountpoint}")
-    except ZfsrepError as e:
-        return _failed(args, str(e), e.exit_code)
-    except OSError as e:
-        return _failed(args, f"{e.strerror or e}: {e.filename or ''}".rstrip(": "),
-                       ExitCode.IO)
-    except KeyboardInterrupt:  # before the signal handlers were installed
-        return 130
-    except Exception:
-        log.exception("snapshot mount failed")
-        return ExitCode.FAILURE
-
-
-def _failed(args: argparse.Namespace, message: str, code: int) -> int:
-    if args.log:
-        log.error("%s", message)
-    print(f"zfsrep: {message}", file=sys.stderr)
-    return code
+    return daemon_main(args, run_snapshot_mount, opts, "zfsrep.mountd.snapshot")
 
 
 if __name__ == "__main__":

@@ -530,19 +530,3 @@ def encode_batch(batch: list[list], level: int, *, deferred: bool = False
     if deferred:
         return frames.prepare_frame(batch, level=level, large=large)
     return frames.encode_frame_iov(batch, level=level, large=large)
-
-
-class NullRecorder:
-    """A recorder that records nothing (``zfsrep protect --no-capture``, benchmarks)."""
-
-    over_limit = False
-    last_seq = 0
-
-    def emit(self, op: int, *args: object) -> None:
-        pass
-
-    def emit_write(self, ident: int, offset: int, data: bytes, mtime_ns: int) -> None:
-        pass
-
-    async def wait_for_room(self) -> None:
-        pass

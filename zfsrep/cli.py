@@ -224,6 +224,38 @@ def run_foreground(async_fn, *fn_args, mount_error: str | None = None) -> int:
     return 0
 
 
+def daemon_main(args: argparse.Namespace, async_fn, opts, what: str) -> int:
+    """The foreground entry point of a mount daemon module (``python -m
+    zfsrep.mountd.snapshot`` / ``.promote``): log to ``args.log`` (else stderr) at
+    ``args.log_level``, run ``async_fn(opts, ready)`` with ``run_foreground``, and turn its
+    errors into one line on stderr (and the log) and an exit code."""
+    import logging
+
+    log = logging.getLogger(what)
+    handler: logging.Handler = (logging.FileHandler(args.log) if args.log
+                                else logging.StreamHandler(sys.stderr))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler],
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def failed(message: str, code: int) -> int:
+        if args.log:
+            log.error("%s", message)
+        print(f"zfsrep: {message}", file=sys.stderr)
+        return code
+
+    try:
+        return run_foreground(async_fn, opts, mount_error=f"cannot mount {args.mountpoint}")
+    except ZfsrepError as e:
+        return failed(str(e), e.exit_code)
+    except OSError as e:
+        return failed(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "), ExitCode.IO)
+    except KeyboardInterrupt:  # before the signal handlers were installed
+        return 130
+    except Exception:
+        log.exception("%s failed", what)
+        return ExitCode.FAILURE
+
+
 def _single_error(group: BaseExceptionGroup) -> BaseException:
     """The one user-facing error inside a nursery's exception group, else the group."""
     leaves: list[BaseException] = []

@@ -35,6 +35,23 @@ class Recorder(Protocol):
     def emit_write(self, ident: int, offset: int, data: bytes, mtime_ns: int) -> None: ...
 
 
+class NullRecorder:
+    """A recorder that records nothing (``zfsrep protect --no-capture``, benchmarks, the
+    promotion mount)."""
+
+    over_limit = False
+    last_seq = 0
+
+    def emit(self, op: int, *args: object) -> None:
+        pass
+
+    def emit_write(self, ident: int, offset: int, data: bytes, mtime_ns: int) -> None:
+        pass
+
+    async def wait_for_room(self) -> None:
+        pass
+
+
 class Inode:
     """An object of the backing tree known to the kernel, held by an O_PATH descriptor."""
 
