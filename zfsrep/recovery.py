@@ -15,9 +15,12 @@ Layout under the VPG's recovery directory::
     DIR/.work/test/VOLUME/work     overlayfs work directory
     DIR/.work/test/VOLUME/snapshot.log
 
-A live failover writes every volume at the checkpoint into ``DIR/live/VOLUME`` (a real
-directory, with metadata, through ``zfsrep.restore``), with progress; rollback deletes
-those directories again.
+A live failover (or a move) brings every volume at the checkpoint up at
+``DIR/live/VOLUME``: a promotion mount (``zfsrep.mountd.promote``, ``docs/promotion.md``)
+serves the volume's skeleton there at once while its data is promoted from the journal
+behind it, then leaves the filled tree as a plain directory; its work directory is
+``DIR/.work/live/VOLUME``. Commit waits for the promotion; rollback stops it and deletes the
+directories. With ``--full-copy`` the volume is written out whole first (``zfsrep.restore``).
 
 The server holds the operation's state (``zfsrep.operations``); every step here is reported
 to it, so a stop after a crash of this command, or of the server, finds what to undo.
