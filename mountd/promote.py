@@ -130,6 +130,19 @@ class Promoter:
     def is_done(self, ino: int) -> bool:
         return self.finished or ino in self.done
 
+    async def before_open(self, inode: Inode, flags: int) -> int | None:
+        """Before a file is opened: one that will change is filled first; for one only read
+        while still marked, the view identity its reads come from (else None)."""
+        ident = self.pending(inode)
+        if ident is not None and (flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC):
+            await self.ensure(inode.ident, inode.proc.decode())
+            return None
+        return ident
+
+    async def before_truncate(self, inode: Inode) -> None:
+        if self.pending(inode) is not None:
+            await self.ensure(inode.ident, inode.proc.decode())
+
     async def ensure(self, ino: int, target: str, background: bool = False) -> None:
         """Fill file ``ino`` (reachable as ``target``) unless it is filled already."""
         while True:
@@ -208,10 +221,7 @@ class PromoteOperations(PassthroughOperations):
     @translate_errors
     async def open(self, inode, flags, ctx):
         obj = self.vol.inode(inode)
-        ident = self.promoter.pending(obj)
-        if ident is not None and (flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC):
-            await self.promoter.ensure(obj.ident, obj.proc.decode())
-            ident = None
+        ident = await self.promoter.before_open(obj, flags)
         fh = self.vol.open(inode, flags, ctx.uid)
         if ident is not None:
             self._from_view[fh] = (obj.ident, ident)
@@ -234,9 +244,7 @@ class PromoteOperations(PassthroughOperations):
     @translate_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
         if fields.update_size:
-            obj = self.vol.inode(inode)
-            if self.promoter.pending(obj) is not None:
-                await self.promoter.ensure(obj.ident, obj.proc.decode())
+            await self.promoter.before_truncate(self.vol.inode(inode))
         return await super().setattr(inode, attr, fields, fh, ctx)
 
 
