@@ -25,7 +25,7 @@ import os
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +217,3 @@ def pid_alive(pid: object) -> bool:
             return f.read().rpartition(b")")[2].split()[0] != b"Z"
     except (OSError, IndexError):
         return False
-
-
-Progress = Callable[[dict[str, Any]], None]

@@ -279,7 +279,7 @@ def _wait_promoted(args: argparse.Namespace, op: dict) -> list[int]:
     """Wait until every volume's data is promoted, with progress; a promotion that stopped
     (its daemon killed, the host restarted) is started again and goes on where it was.
     Returns the daemons still serving a detached mount to processes inside it."""
-    from zfsrep.promote import pid_alive, read_state
+    from zfsrep.promote import LOG, STATE, pid_alive, read_state
 
     lingering: list[int] = []
     for name, vol in sorted(op["volumes"].items()):
@@ -298,7 +298,7 @@ def _wait_promoted(args: argparse.Namespace, op: dict) -> list[int]:
                 if restarts >= 3:
                     why = f": {state.get('error')}" if state.get("error") else ""
                     raise OSFailure(f"{name}: the promotion stopped {restarts} times{why} "
-                                    f"(see {work / 'promote.log'}); roll back, or fix the "
+                                    f"(see {work / LOG}); roll back, or fix the "
                                     "cause and commit again")
                 restarts += 1
                 if failed:  # (a cause fixed meanwhile, a full disk emptied: try again)
@@ -309,7 +309,7 @@ def _wait_promoted(args: argparse.Namespace, op: dict) -> list[int]:
                     _say(args, f"{name}: the promotion was stopped; going on with it")
                 if _fuse_at(dest):  # (a daemon that died leaves its mount: ENOTCONN)
                     _run(["fusermount3", "-u", "-z", str(dest)])
-                (work / "promote.json").unlink(missing_ok=True)
+                (work / STATE).unlink(missing_ok=True)
                 _start_promotion(args, op, name, vol, resume=True)
                 continue
             now = time.monotonic()
