@@ -4,9 +4,10 @@ in from the journal (``zfsrep.promote`` describes the tree and its marks).
 It is the protected mount's passthrough (``mountd.passthrough`` over
 ``zfsrep.volume.BackingVolume``) without capture, over the skeleton tree, with three changes:
 
-- a file still marked is read from the journal's view until it is filled;
-- anything that would change a marked file's data (an open for writing or with O_TRUNC, a
-  truncation) first fills it, ahead of the background copy;
+- a chunk of a marked file that is not yet filled is read from the journal's view;
+- a write to a marked file first fills the chunks it touches (and records them, durably),
+  ahead of the background copy; a write past the end, or a truncation that grows the file,
+  first records where the view's data stops; nothing else waits for data;
 - the mark is never shown (``listxattr``/``getxattr``) and cannot be set or removed.
 
 In the background the daemon fills every marked file, in tree order, at most
@@ -45,12 +46,16 @@ from zfsrep import promote
 from zfsrep.errors import NotFoundError, OSFailure, StateError, ZfsrepError
 from zfsrep.syscalls import syncfs
 from zfsrep.view import SnapshotView, open_view
-from zfsrep.volume import BackingVolume, Inode, NullRecorder
+from zfsrep.volume import BackingVolume, NullRecorder
 
 log = logging.getLogger(__name__)
 
 #: files taken from the tree walk at a time (each held by an O_PATH descriptor meanwhile)
 WALK_STEP = 256
+#: bytes the background fills of one file at a time (a write to that file may wait as long)
+SEGMENT = 32 << 20
+#: bytes the background fills of one file before recording them in its map
+RECORD_EVERY = 512 << 20
 
 
 class NullHook:
@@ -93,9 +98,26 @@ class PromotingVolume(BackingVolume):
         super().removexattr(node, name)
 
 
+class PromotedFile:
+    """A marked file the mount or the background has met: its map, and the lock that every
+    fill of it and every change to it (write, truncation, times) holds, so that a fill
+    never copies over a change nor puts back times that a change has set."""
+
+    __slots__ = ("fmap", "lock", "complete")
+
+    def __init__(self, fmap: promote.FileMap) -> None:
+        self.fmap = fmap
+        self.lock = trio.Lock()
+        self.complete = False
+
+
+def _proc(fd: int) -> bytes:
+    return b"/proc/self/fd/%d" % fd
+
+
 class Promoter:
-    """Fills marked files: on demand (``ensure``, before a change) and in the background
-    (``run``); each file once, whoever asks first."""
+    """Fills marked files by chunks: those a write touches first (``before_write``), the
+    rest in the background (``run``)."""
 
     def __init__(self, tree_fd: int, view: SnapshotView, state: promote.StateFile,
                  rate: float | None = None) -> None:
@@ -108,11 +130,12 @@ class Promoter:
         self._background_view = reopen()
         self.state = state
         self.rate = rate
-        self.done: set[int] = set()  # inode numbers this daemon filled (or found filled)
-        self._filling: dict[int, trio.Event] = {}
+        self.files: dict[int, PromotedFile] = {}  # by inode number: marked files met so far
+        self.done: set[int] = set()  # inode numbers found or made complete
         self.finished = False
         self.error: str | None = None
-        # one copy at a time each: a file asked for is not queued behind the background's
+        # one copy at a time each: chunks a write waits for are not queued behind the
+        # background's
         self._demand = trio.CapacityLimiter(1)
         self._background = trio.CapacityLimiter(1)
 
@@ -121,67 +144,141 @@ class Promoter:
             if view is not self.read_view:
                 view.close()
 
-    def pending(self, inode: Inode) -> int | None:
-        """The view identity a file is to be filled from, None if it needs nothing."""
-        if self.finished or inode.ident in self.done:
+    def lookup(self, ino: int, target: bytes | str) -> PromotedFile | None:
+        """File ``ino`` (reachable as ``target``) if it is still marked, else None."""
+        if self.finished or ino in self.done:
             return None
-        return promote.marked(inode.proc)
+        pf = self.files.get(ino)
+        if pf is None:
+            fmap = promote.read_map(target)
+            if fmap is None:
+                self.done.add(ino)
+                return None
+            pf = self.files[ino] = PromotedFile(fmap)
+        return pf
 
-    def is_done(self, ino: int) -> bool:
-        return self.finished or ino in self.done
-
-    async def before_open(self, inode: Inode, flags: int) -> int | None:
-        """Before a file is opened: one that will change is filled first; for one only read
-        while still marked, the view identity its reads come from (else None)."""
-        ident = self.pending(inode)
-        if ident is not None and (flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC):
-            await self.ensure(inode.ident, inode.proc.decode())
-            return None
-        return ident
-
-    async def before_truncate(self, inode: Inode) -> None:
-        if self.pending(inode) is not None:
-            await self.ensure(inode.ident, inode.proc.decode())
-
-    async def ensure(self, ino: int, target: str, background: bool = False) -> None:
-        """Fill file ``ino`` (reachable as ``target``) unless it is filled already."""
-        while True:
-            if self.is_done(ino):
-                return
-            event = self._filling.get(ino)
-            if event is None:
+    def read(self, pf: PromotedFile, fd: int, off: int, size: int) -> bytes:
+        """Bytes of a marked file open as ``fd``: each chunk from the file once filled,
+        from the view until then."""
+        fsize = os.fstat(fd).st_size
+        parts = []
+        for lo, hi, from_view in pf.fmap.runs(off, min(off + size, fsize), fsize):
+            if from_view:
+                data = self.read_view.read(pf.fmap.ident, lo, hi - lo)
+            else:
+                data = os.pread(fd, hi - lo, lo)
+            parts.append(data)
+            if len(data) < hi - lo:
                 break
-            await event.wait()
-        ident = promote.marked(target)
-        if ident is None:
-            self.done.add(ino)
+        return b"".join(parts)
+
+    async def before_write(self, pf: PromotedFile, fd: int, off: int, length: int) -> None:
+        """Make bytes off..off+length of a marked file open as ``fd`` safe to change (its
+        lock held): the chunks they touch filled and recorded, and, for a write past the
+        end, the view's end recorded (what lies past it is the file's from now on)."""
+        fmap = pf.fmap
+        fsize = os.fstat(fd).st_size
+        missing = fmap.missing(off, off + length, fsize)
+        grow = off + length > fsize and fmap.limit > fsize
+        if not (missing or grow or fmap.unrecorded(off, off + length, fsize)):
             return
-        event = self._filling[ino] = trio.Event()
+        target = _proc(fd)
         started = time.monotonic()
         try:
-            view = self._background_view if background else self._demand_view
-            limiter = self._background if background else self._demand
-            size = os.stat(target).st_size
-            await trio.to_thread.run_sync(promote.fill, view, target, ident, limiter=limiter)
+            if missing:
+                covered = await trio.to_thread.run_sync(
+                    promote.fill_chunks, self._demand_view, target, fmap, missing,
+                    limiter=self._demand)
+                fmap.set_filled(missing)
+                self._progress(covered)
+            if grow:
+                fmap.limit = fsize
+            await trio.to_thread.run_sync(promote.persist, target, fmap, limiter=self._demand)
         except OSError as e:
-            self.error = f"cannot fill inode {ino}: {e.strerror or e}"
-            log.error("%s", self.error)
-            self.state.update(force=True, error=self.error)
-            raise OSError(errno.EIO, self.error) from None
-        finally:
-            del self._filling[ino]
-            event.set()
+            raise self._failed(f"cannot fill a file before a write: {e.strerror or e}") from None
+        if missing:
+            log.debug("filled %d chunks before a write in %.3f s", len(missing),
+                      time.monotonic() - started)
+
+    async def before_resize(self, pf: PromotedFile, target: bytes, size: int) -> None:
+        """Before a marked file is truncated to ``size`` (its lock held): growing it
+        records the view's end first. Shrinking needs nothing: the file's size bounds
+        what is read from the view."""
+        fsize = os.stat(target).st_size
+        if size > fsize and pf.fmap.limit > fsize:
+            pf.fmap.limit = fsize
+            try:
+                await trio.to_thread.run_sync(promote.persist, target, pf.fmap,
+                                              limiter=self._demand)
+            except OSError as e:
+                raise self._failed(f"cannot record a truncation: {e.strerror or e}") from None
+
+    async def emptied(self, ino: int, pf: PromotedFile, target: bytes) -> None:
+        """A marked file was opened with O_TRUNC (its lock held): nothing is left to fill."""
+        try:
+            await trio.to_thread.run_sync(promote.finish, target, limiter=self._demand)
+        except OSError as e:
+            raise self._failed(f"cannot record a truncation: {e.strerror or e}") from None
+        self._complete(ino, pf)
+
+    def _failed(self, message: str) -> OSError:
+        self.error = message
+        log.error("%s", message)
+        self.state.update(force=True, error=message)
+        return OSError(errno.EIO, message)
+
+    def _progress(self, covered: int) -> None:
+        data = self.state.data
+        self.state.update(bytes_left=max(0, data["bytes_left"] - covered),
+                          bytes_done=data["bytes_done"] + covered)
+
+    def _complete(self, ino: int, pf: PromotedFile) -> None:
+        pf.complete = True
+        self.files.pop(ino, None)
         self.done.add(ino)
         data = self.state.data
         self.state.update(files_left=max(0, data["files_left"] - 1),
-                          bytes_left=max(0, data["bytes_left"] - size),
-                          files_done=data["files_done"] + 1,
-                          bytes_done=data["bytes_done"] + size)
-        if not background:
-            log.info("filled inode %d (%d bytes) on demand in %.2f s", ino, size,
-                     time.monotonic() - started)
-        elif self.rate:
-            await trio.sleep(size / self.rate)
+                          files_done=data["files_done"] + 1)
+
+    async def promote_file(self, ino: int, target: str) -> None:
+        """Fill every chunk file ``ino`` (reachable as ``target``) misses, SEGMENT bytes
+        at a time (a write to it waits for one segment at most), then remove its mark."""
+        try:
+            pf = self.lookup(ino, target)
+        except OSError as e:
+            raise self._failed(f"cannot read the map of inode {ino}: {e.strerror or e}") from None
+        if pf is None:
+            return
+        cursor = unrecorded = 0
+        while True:
+            async with pf.lock:
+                if pf.complete:
+                    return
+                fmap = pf.fmap
+                try:
+                    size = os.stat(target).st_size
+                    chunks = fmap.missing(cursor << fmap.shift, size, size,
+                                          limit=max(1, SEGMENT >> fmap.shift))
+                    if not chunks:  # (those before the cursor are filled: none is emptied)
+                        await trio.to_thread.run_sync(promote.finish, target,
+                                                      limiter=self._background)
+                        self._complete(ino, pf)
+                        return
+                    covered = await trio.to_thread.run_sync(
+                        promote.fill_chunks, self._background_view, target, fmap, chunks,
+                        limiter=self._background)
+                    fmap.set_filled(chunks)
+                    cursor = chunks[-1] + 1
+                    unrecorded += covered
+                    if unrecorded >= RECORD_EVERY:  # (how much a restart copies again)
+                        await trio.to_thread.run_sync(promote.persist, target, fmap,
+                                                      limiter=self._background)
+                        unrecorded = 0
+                except OSError as e:
+                    raise self._failed(f"cannot fill inode {ino}: {e.strerror or e}") from None
+            self._progress(covered)
+            if self.rate:
+                await trio.sleep(covered / self.rate)
 
     async def run(self) -> None:
         """Fill every marked file; walk the tree again until a walk finds none (a file
@@ -195,9 +292,9 @@ class Promoter:
                     try:
                         while batch:
                             pfd, ino, _ident, _size = batch[-1]
-                            if not self.is_done(ino):
+                            if ino not in self.done:
                                 found += 1
-                                await self.ensure(ino, f"/proc/self/fd/{pfd}", background=True)
+                                await self.promote_file(ino, f"/proc/self/fd/{pfd}")
                             os.close(pfd)
                             batch.pop()
                     finally:
@@ -216,36 +313,53 @@ class PromoteOperations(PassthroughOperations):
     def __init__(self, volume: PromotingVolume, promoter: Promoter) -> None:
         super().__init__(volume, NullRecorder(), NullHook(), trio.CapacityLimiter(4))
         self.promoter = promoter
-        self._from_view: dict[int, tuple[int, int]] = {}  # fh -> (inode number, view ident)
 
     @translate_errors
     async def open(self, inode, flags, ctx):
         obj = self.vol.inode(inode)
-        ident = await self.promoter.before_open(obj, flags)
-        fh = self.vol.open(inode, flags, ctx.uid)
-        if ident is not None:
-            self._from_view[fh] = (obj.ident, ident)
+        pf = self.promoter.lookup(obj.ident, obj.proc)
+        if pf is not None and flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            async with pf.lock:
+                fh = self.vol.open(inode, flags, ctx.uid)
+                if not pf.complete:
+                    try:
+                        await self.promoter.emptied(obj.ident, pf, _proc(fh))
+                    except BaseException:
+                        self.vol.release(fh)
+                        raise
+        else:
+            fh = self.vol.open(inode, flags, ctx.uid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @translate_errors
     async def read(self, fh, off, size):
-        pending = self._from_view.get(fh)
-        if pending is not None:
-            if not self.promoter.is_done(pending[0]):
-                return self.promoter.read_view.read(pending[1], off, size)
-            del self._from_view[fh]  # filled since it was opened: the file itself from now
-        return self.vol.read(fh, off, size)
+        of = self.vol.handle(fh)
+        pf = self.promoter.lookup(of.inode.ident, _proc(of.fd))
+        if pf is None:
+            return self.vol.read(fh, off, size)
+        return self.promoter.read(pf, of.fd, off, size)
 
     @translate_errors
-    async def release(self, fh):
-        self._from_view.pop(fh, None)
-        self.vol.release(fh)
+    async def write(self, fh, off, buf):
+        of = self.vol.handle(fh)
+        pf = self.promoter.lookup(of.inode.ident, _proc(of.fd))
+        if pf is None:
+            return self.vol.write(fh, off, buf)
+        async with pf.lock:
+            if not pf.complete:
+                await self.promoter.before_write(pf, of.fd, off, len(buf))
+            return self.vol.write(fh, off, buf)
 
     @translate_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
-        if fields.update_size:
-            await self.promoter.before_truncate(self.vol.inode(inode))
-        return await super().setattr(inode, attr, fields, fh, ctx)
+        obj = self.vol.inode(inode)
+        pf = self.promoter.lookup(obj.ident, obj.proc)
+        if pf is None:
+            return await super().setattr(inode, attr, fields, fh, ctx)
+        async with pf.lock:  # (and times set here are not put back by a fill)
+            if fields.update_size and not pf.complete:
+                await self.promoter.before_resize(pf, obj.proc, attr.st_size)
+            return await super().setattr(inode, attr, fields, fh, ctx)
 
 
 # ---- the daemon ----------------------------------------------------------------------------

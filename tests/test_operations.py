@@ -216,6 +216,8 @@ def test_live_failover_refusals(journal_server, tmp_path: Path) -> None:
     for args in (("commit", VPG), ("rollback", VPG)):
         r = journal_server.cli(*args, check=False)
         assert r.returncode == 4 and "no failover-live under way" in r.stderr
+    r = journal_server.cli("resume", VPG, check=False)
+    assert r.returncode == 4 and "no failover-live or move under way" in r.stderr
     r = journal_server.cli("failover-live", "nope", "latest", check=False)
     assert r.returncode == 3
 

@@ -21,8 +21,9 @@ import pytest
 from conftest import sweep_promotions
 from test_operations import _status, _wait_connected
 from test_replication import VPG, assert_tree, replicated, tag
-from test_snapshot_mount import sample_view
+from test_snapshot_mount import REG, ROOT, FakeView, T, sample_view
 from treesnap import tree_snapshot
+from zfsrep.mountd.promote import Promoter
 
 from zfsrep import promote
 from zfsrep.restore import restore_tree
@@ -45,7 +46,7 @@ def test_skeleton_marks_files_and_fill_copies_them_keeping_times(tmp_path: Path)
     assert promote.marked(f) == 11
     assert promote.count_marked(tree) == (1, 11)
 
-    assert promote.fill(view, str(f), 11) == 11
+    assert promote.fill(view, str(f)) == 11
     assert f.read_bytes() == b"hello world"
     after = os.stat(f)
     assert after.st_mtime_ns == before.st_mtime_ns and after.st_mode == before.st_mode
@@ -78,6 +79,129 @@ def test_a_walk_finds_every_marked_file_once_and_holds_few_descriptors(tmp_path:
     assert {s[1] for s in seen} == {1000 + i for i in range(0, 50, 2)}
 
 
+def test_a_file_map_says_which_chunks_hold_their_data() -> None:
+    fm = promote.FileMap.decode((7).to_bytes(8, "little"), 10 * MIB + 5)
+    assert (fm.ident, fm.limit, fm.shift) == (7, promote.NO_LIMIT, 20)
+    size = 10 * MIB + 5
+    assert fm.missing(0, size, size) == list(range(11))
+    fm.set_filled([2, 3, 7])
+    assert fm.missing(MIB, 5 * MIB, size) == [1, 4]
+    assert list(fm.runs(MIB + 10, 4 * MIB + 1, size)) == [
+        (MIB + 10, 2 * MIB, True), (2 * MIB, 4 * MIB, False), (4 * MIB, 4 * MIB + 1, True)]
+    assert fm.unrecorded(2 * MIB, 2 * MIB + 1, size)  # filled, not yet durable
+    fm.limit = 3 * MIB + 100  # past the limit the file itself is the data
+    assert list(fm.runs(3 * MIB, 5 * MIB, size)) == [(3 * MIB, 5 * MIB, False)]
+    assert fm.missing(0, size, size) == [0, 1]
+    assert list(fm.runs(0, 5, 5)) == [(0, 5, True)]  # (a file truncated to 5 bytes)
+    value = fm.encode(fm.filled)
+    back = promote.FileMap.decode(value, 99)
+    assert (back.ident, back.limit, back.shift) == (7, 3 * MIB + 100, 20)
+    assert [k for k in range(11) if back.is_filled(k)] == [2, 3, 7]
+    # the map stays small whatever the size: the chunks grow instead
+    for size in (1, MIB, 16 << 30, 100 << 30, 1 << 40, (1 << 50) + 1):
+        shift = promote.chunk_shift(size)
+        assert shift >= 20 and -(-size >> shift) <= promote.MAX_CHUNKS, size
+    with pytest.raises(ValueError):
+        promote.FileMap.decode(b"\x01" * 12, 1)
+
+
+def _big_skeleton(tmp_path: Path, size: int = 5 * MIB + 123):
+    """A view with one file of ``size`` random bytes, its skeleton written in tmp_path."""
+    view = FakeView()
+    data = os.urandom(size)
+    view.add(ROOT, b"big", 21, REG | 0o644, data=data, mtime_ns=T)
+    tree = tmp_path / "tree"
+    restore_tree(view, b"/", tree, skeleton=True)
+    return view, tree, data
+
+
+async def test_a_write_fills_only_the_chunks_it_touches_and_records_them_first(
+        tmp_path: Path) -> None:
+    view, tree, data = _big_skeleton(tmp_path)
+    state = promote.StateFile(tmp_path / "promote.json")
+    tree_fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    promoter = Promoter(tree_fd, view, state)
+    f = tree / "big"
+    ino = os.stat(f).st_ino
+    fd = os.open(f, os.O_RDWR)
+    try:
+        pf = promoter.lookup(ino, f"/proc/self/fd/{fd}")
+        assert pf is not None and pf.fmap.ident == 21
+        # reads come from the view where nothing is filled
+        assert promoter.read(pf, fd, 3 * MIB - 10, 20) == data[3 * MIB - 10:3 * MIB + 10]
+        # a write across chunks 2 and 3 fills those two, and records them, before it lands
+        async with pf.lock:
+            await promoter.before_write(pf, fd, 3 * MIB - 2, 4)
+            os.pwrite(fd, b"WXYZ", 3 * MIB - 2)
+        assert [k for k in range(6) if pf.fmap.is_filled(k)] == [2, 3]
+        on_disk = promote.read_map(f)
+        assert on_disk is not None and [k for k in range(6) if on_disk.is_filled(k)] == [2, 3]
+        assert os.pread(fd, 10, 0) == bytes(10)  # chunk 0 is not filled in the file itself
+        expect = bytearray(data)
+        expect[3 * MIB - 2:3 * MIB + 2] = b"WXYZ"
+        assert promoter.read(pf, fd, 0, len(data)) == bytes(expect)
+        # a write past the end records where the view stops before the file grows
+        size = len(data)
+        async with pf.lock:
+            await promoter.before_write(pf, fd, size + 10, 3)
+            os.pwrite(fd, b"end", size + 10)
+        assert promote.read_map(f).limit == size
+        expect += bytes(10) + b"end"
+        assert promoter.read(pf, fd, 0, 2 * size) == bytes(expect)
+    finally:
+        os.close(fd)
+    # a daemon started again goes on from the map: the chunks written are never filled over
+    promoter.close()
+    again = Promoter(tree_fd, view, promote.StateFile(tmp_path / "promote.json"))
+    await again.run()
+    assert promote.marked(f) is None and f.read_bytes() == bytes(expect)
+    assert os.stat(f).st_mtime_ns != T  # (the write changed it; the fills keep it)
+    again.close()
+    os.close(tree_fd)
+
+
+async def test_truncation_and_o_trunc_keep_the_view_out_of_what_the_file_now_holds(
+        tmp_path: Path) -> None:
+    view, tree, data = _big_skeleton(tmp_path)
+    tree_fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    promoter = Promoter(tree_fd, view, promote.StateFile(tmp_path / "promote.json"))
+    f = tree / "big"
+    ino = os.stat(f).st_ino
+    pf = promoter.lookup(ino, str(f))
+    assert pf is not None
+    # shrink (nothing recorded), then grow: the grown part is zeros, not the old data
+    async with pf.lock:
+        await promoter.before_resize(pf, os.fsencode(f), 2 * MIB + 7)
+        os.truncate(f, 2 * MIB + 7)
+        await promoter.before_resize(pf, os.fsencode(f), 4 * MIB)
+        os.truncate(f, 4 * MIB)
+    assert promote.read_map(f).limit == 2 * MIB + 7
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert promoter.read(pf, fd, 0, 8 * MIB) == data[:2 * MIB + 7] + bytes(2 * MIB - 7)
+    finally:
+        os.close(fd)
+    await promoter.run()
+    assert f.read_bytes() == data[:2 * MIB + 7] + bytes(2 * MIB - 7)
+    promoter.close()
+    # O_TRUNC: the file holds nothing of the view any more
+    (tmp_path / "2").mkdir()
+    view, tree2, _ = _big_skeleton(tmp_path / "2")
+    tree_fd2 = os.open(tree2, os.O_RDONLY | os.O_DIRECTORY)
+    p2 = Promoter(tree_fd2, view, promote.StateFile(tmp_path / "promote2.json"))
+    f2 = tree2 / "big"
+    pf2 = p2.lookup(os.stat(f2).st_ino, str(f2))
+    fd = os.open(f2, os.O_WRONLY | os.O_TRUNC)
+    try:
+        await p2.emptied(os.stat(f2).st_ino, pf2, b"/proc/self/fd/%d" % fd)
+    finally:
+        os.close(fd)
+    assert promote.marked(f2) is None and p2.lookup(os.stat(f2).st_ino, str(f2)) is None
+    p2.close()
+    os.close(tree_fd)
+    os.close(tree_fd2)
+
+
 # ---- end to end ------------------------------------------------------------------------------
 @pytest.fixture
 def recovery():
@@ -91,9 +215,10 @@ def recovery():
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _volume(journal_server, mount_factory, recovery: Path, files: int = 8):
+def _volume(journal_server, mount_factory, recovery: Path, files: int = 8, big: int = 0):
     """A VPG with one replicated volume: ``files`` files of 1 MiB in d/, a small file, a
-    hard link, a symlink and an xattr; tagged ``t``. Returns (mount, live path, oracle)."""
+    hard link, a symlink and an xattr (and, with ``big``, a file ``big`` of that size);
+    tagged ``t``. Returns (mount, live path, oracle)."""
     journal_server.cli("vpg", "create", VPG, "--checkpoint-interval", "1s", "--recovery-dir",
                        str(recovery))
     journal_server.expected_log += ["protection is stopped", "it protects nothing any more"]
@@ -107,6 +232,10 @@ def _volume(journal_server, mount_factory, recovery: Path, files: int = 8):
     os.link(m.mnt / "small", m.mnt / "hard")
     (m.mnt / "sym").symlink_to("d/f0")
     os.setxattr(m.mnt / "d" / "f1", "user.note", b"kept")
+    if big:
+        with open(m.mnt / "big", "wb") as f:
+            for _ in range(big // MIB):
+                f.write(os.urandom(MIB))
     tag(journal_server, "t")
     return m, recovery / "live" / "vol", tree_snapshot(m.source)
 
@@ -171,10 +300,9 @@ def test_failover_live_is_usable_at_once_and_promoted_behind(
         os.setxattr(f, promote.MARKER, b"x" * 8)
     assert e.value.errno == errno.EPERM
 
-    # changes to files not yet promoted: the file is promoted first, then changed
+    # changes to files not yet promoted: what they touch is promoted first, then changed
     with open(live / "d" / pending[0], "ab") as fh:
         fh.write(b"appended")
-    assert promote.marked(_work(live) / "tree" / "d" / pending[0]) is None
     os.truncate(live / "d" / pending[1], 1000)
     os.rename(live / "d" / pending[2], live / "d" / "renamed")
     os.unlink(live / "d" / pending[3])
@@ -238,6 +366,46 @@ def test_a_promotion_killed_half_way_is_taken_up_again_by_commit(
     want = (m.source / "d" / pending[0]).read_bytes() + b"appended before the kill"
     assert (live / "d" / pending[0]).read_bytes() == want
     rest = {k: v for k, v in oracle.items() if k != f"d/{pending[0]}"}
+    assert {k: v for k, v in tree_snapshot(live).items() if k in rest} == rest
+    _no_marks(live)
+    assert m.stop() == 0
+    journal_server.cli("vpg", "delete", VPG, "--force")
+
+
+@pytest.mark.mount
+def test_a_write_into_a_large_file_waits_only_for_the_chunks_it_touches(
+        journal_server, mount_factory, recovery: Path) -> None:
+    m, live, oracle = _volume(journal_server, mount_factory, recovery, files=2, big=48 * MIB)
+    original = (m.source / "big").read_bytes()
+    journal_server.cli("failover-live", VPG, "t", "--promote-rate", "0.5")
+    with open(live / "big", "r+b") as fh:
+        fh.seek(45 * MIB + 5)
+        fh.write(b"changed")
+        fh.flush()
+        os.fsync(fh.fileno())
+    fmap = promote.read_map(_work(live) / "tree" / "big")
+    assert fmap is not None, "the file is promoted by chunks, not before the write"
+    assert fmap.is_durable(45) and not fmap.is_filled(46)  # (recorded before the write)
+    want = bytearray(original)
+    want[45 * MIB + 5:45 * MIB + 12] = b"changed"
+    assert (live / "big").read_bytes() == want  # filled chunks and the view, as one file
+    r = journal_server.cli("resume", VPG)
+    assert "nothing to resume" in r.stdout
+    pid = _state(live)["pid"]
+    os.kill(pid, signal.SIGKILL)  # a crash half-way: the next daemon goes on from the map
+    deadline = time.monotonic() + 10
+    while promote.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _status(journal_server)["volumes"][0]["promotion"]["state"] == "stopped"
+    assert "zfsrep resume brings it back up" in journal_server.cli("status", VPG).stdout
+    r = journal_server.cli("resume", VPG, "--json")  # served again, without a commit
+    assert json.loads(r.stdout)["resumed"] == ["vol"]
+    assert mount_at(live)[1] == "fuse.zfsrep" and _state(live)["pid"] != pid
+    assert (live / "big").read_bytes() == want
+    journal_server.cli("commit", VPG)
+    assert mount_at(live) is None
+    assert (live / "big").read_bytes() == want
+    rest = {k: v for k, v in oracle.items() if k != "big"}
     assert {k: v for k, v in tree_snapshot(live).items() if k in rest} == rest
     _no_marks(live)
     assert m.stop() == 0

@@ -148,8 +148,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "failover-live", help="fail over: stop protection, bring every volume up at a "
                               "checkpoint",
         description="For when the protected site is lost: stop protection (the mounts are "
-                    "disconnected and refused; their spools keep what they capture) and write "
-                    "bring every volume of VPG up as it was at CHECKPOINT at "
+                    "disconnected and refused; their spools keep what they capture) and bring "
+                    "every volume of VPG up as it was at CHECKPOINT at "
                     "RECOVERY_DIR/live/VOLUME. A volume is usable as soon as its names are "
                     "written: a mount serves it while its data is promoted (copied in from the "
                     "journal) behind it, and leaves a plain directory when that is done "
@@ -182,6 +182,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                     "protecting: the mounts reconnect and ship what their "
                                     "spools captured meanwhile.")
     rb.add_argument("vpg", metavar="VPG")
+    rsm = sub.add_parser(
+        "resume", help="bring recovered volumes back up after a restart, before commit",
+        description="For a live failover or a move that is before commit: start again every "
+                    "promotion that stopped (the recovery host restarted, a promotion daemon "
+                    "was killed, or a fill failed), so that each volume is served at "
+                    "RECOVERY_DIR/live/VOLUME again and its promotion goes on where it was. "
+                    "Commit does the same before it waits. Run on the journal server's host.")
+    rsm.add_argument("vpg", metavar="VPG")
     mv = sub.add_parser(
         "move", help="planned move of a VPG to the recovery site, with no data loss",
         description="Hold every change on the VPG's protected mounts (writes wait; reads go "
@@ -226,7 +234,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          description="Put every volume back exactly as it was before the "
                                      "restore (changes made since the restore are dropped).")
     rrs.add_argument("vpg", metavar="VPG")
-    for p in (fl, cm, rb, mv, cmv, rmv, rs, crs, rrs):
+    for p in (fl, cm, rb, rsm, mv, cmv, rmv, rs, crs, rrs):
         _server_arg(p)
         _json_arg(p)
 
@@ -469,6 +477,16 @@ def cmd_rollback(args: argparse.Namespace) -> int:
                                       "resumes as the mounts reconnect")
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    from zfsrep.recovery import resume
+
+    op = resume(args)
+    done = op["resumed"]
+    return _output(args, op, lambda: f"VPG {args.vpg}: " + (
+        f"promotion resumed for {', '.join(done)}" if done else
+        "nothing to resume: every promotion runs or is done"))
+
+
 def cmd_move(args: argparse.Namespace) -> int:
     from zfsrep.recovery import move
 
@@ -564,7 +582,7 @@ def _promotion_state(recovery_dir: Path, volume: str) -> dict | None:
     out = {k: state.get(k) for k in ("state", "files_left", "bytes_left", "files_done",
                                       "bytes_done", "error")}
     if out["state"] in ("building", "promoting") and not pid_alive(state.get("pid")):
-        out["state"] = "stopped"  # (commit or rollback takes it up)
+        out["state"] = "stopped"  # (resume, commit or rollback takes it up)
     return out
 
 
@@ -606,7 +624,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             if promo:
                 print(f"    promotion {promo['state']}: {promo['files_left']} files "
                       f"({_size(promo['bytes_left'])}) left, {promo['files_done']} done"
-                      + (f"; {promo['error']}" if promo.get("error") else ""))
+                      + (f"; {promo['error']}" if promo.get("error") else "")
+                      + ("; zfsrep resume brings it back up" if promo["state"] in
+                         ("stopped", "failed") else ""))
             prog = vol.get("initial_sync_progress")
             if prog:
                 pct = "?" if prog["percent"] is None else f"{prog['percent']:g}%"
@@ -721,6 +741,7 @@ def cmd_restore_file(args: argparse.Namespace) -> int:
 COMMANDS = {"serve": cmd_serve, "vpg": cmd_vpg, "tag": cmd_tag, "checkpoints": cmd_checkpoints,
             "failover-test": cmd_failover_test, "stop-test": cmd_stop_test,
             "failover-live": cmd_failover_live, "commit": cmd_commit, "rollback": cmd_rollback,
+            "resume": cmd_resume,
             "move": cmd_move, "commit-move": cmd_commit_move,
             "rollback-move": cmd_rollback_move, "restore": cmd_restore,
             "commit-restore": cmd_commit_restore, "rollback-restore": cmd_rollback_restore,

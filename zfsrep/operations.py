@@ -89,11 +89,12 @@ async def _save(server: JournalServer, vpg: VpgRuntime, op: dict | None) -> None
     vpg.operation = op
 
 
-def _expect(vpg: VpgRuntime, op_name: str, phases: tuple[str, ...]) -> dict:
+def _expect(vpg: VpgRuntime, op_name: str | tuple[str, ...], phases: tuple[str, ...]) -> dict:
+    names = (op_name,) if isinstance(op_name, str) else op_name
     op = vpg.operation
     if op is None:
-        raise StateError(f"VPG {vpg.name} has no {op_name} under way")
-    if op.get("op") != op_name or op.get("phase") not in phases:
+        raise StateError(f"VPG {vpg.name} has no {' or '.join(names)} under way")
+    if op.get("op") not in names or op.get("phase") not in phases:
         raise StateError(f"VPG {vpg.name} is {describe(op)}")
     return op
 
@@ -205,14 +206,19 @@ async def _test_abort(server: JournalServer, args: dict) -> dict:
 
 @handler("op.expect")
 async def _op_expect(server: JournalServer, args: dict) -> dict:
-    """The VPG's operation, if it is ``op`` in one of ``phases`` (else the refusal naming its
-    state): what a command checks before it waits on the recovery host."""
+    """The VPG's operation, if it is ``op`` (a name, or a list of them) in one of ``phases``
+    (else the refusal naming its state): what a command checks before it waits on the
+    recovery host."""
     vpg = server.vpg(args.get("vpg"))
-    phases = args.get("phases")
+    phases, ops = args.get("phases"), args.get("op")
     if not isinstance(phases, list) or not all(isinstance(p, str) for p in phases):
         raise UsageError("phases must be a list of names")
+    if isinstance(ops, list) and ops and all(isinstance(o, str) for o in ops):
+        names: str | tuple[str, ...] = tuple(ops)
+    else:
+        names = _str(args, "op") or ""
     async with vpg.lock:
-        return _expect(vpg, _str(args, "op") or "", tuple(phases))
+        return _expect(vpg, names, tuple(phases))
 
 
 # ---- failover (live) -----------------------------------------------------------------------

@@ -279,7 +279,7 @@ def _wait_promoted(args: argparse.Namespace, op: dict) -> list[int]:
     """Wait until every volume's data is promoted, with progress; a promotion that stopped
     (its daemon killed, the host restarted) is started again and goes on where it was.
     Returns the daemons still serving a detached mount to processes inside it."""
-    from zfsrep.promote import LOG, STATE, pid_alive, read_state
+    from zfsrep.promote import LOG, pid_alive, read_state
 
     lingering: list[int] = []
     for name, vol in sorted(op["volumes"].items()):
@@ -301,16 +301,7 @@ def _wait_promoted(args: argparse.Namespace, op: dict) -> list[int]:
                                     f"(see {work / LOG}); roll back, or fix the "
                                     "cause and commit again")
                 restarts += 1
-                if failed:  # (a cause fixed meanwhile, a full disk emptied: try again)
-                    _say(args, f"{name}: the promotion failed ({state.get('error')}); "
-                               "starting it again")
-                    _stop_daemon(state.get("pid"))
-                else:
-                    _say(args, f"{name}: the promotion was stopped; going on with it")
-                if _fuse_at(dest):  # (a daemon that died leaves its mount: ENOTCONN)
-                    _run(["fusermount3", "-u", "-z", str(dest)])
-                (work / STATE).unlink(missing_ok=True)
-                _start_promotion(args, op, name, vol, resume=True)
+                _restart_promotion(args, op, name, vol, state)
                 continue
             now = time.monotonic()
             if now - shown >= 1.0:
@@ -321,6 +312,44 @@ def _wait_promoted(args: argparse.Namespace, op: dict) -> list[int]:
         _remove_tree(work)
         _say(args, f"{name}: promoted; {dest} is a plain directory")
     return lingering
+
+
+def _restart_promotion(args: argparse.Namespace, op: dict, name: str, vol: dict,
+                       state: dict) -> None:
+    """Start a volume's promotion again where it stopped (its daemon dead, or failed)."""
+    from zfsrep.promote import STATE
+
+    work, dest = _live_work(op, name), Path(vol["path"])
+    if state.get("state") == "failed":  # (a cause fixed meanwhile, a full disk emptied)
+        _say(args, f"{name}: the promotion failed ({state.get('error')}); starting it again")
+        _stop_daemon(state.get("pid"))
+    else:
+        _say(args, f"{name}: the promotion was stopped; going on with it")
+    if _fuse_at(dest):  # (a daemon that died leaves its mount: ENOTCONN)
+        _run(["fusermount3", "-u", "-z", str(dest)])
+    (work / STATE).unlink(missing_ok=True)
+    _start_promotion(args, op, name, vol, resume=True)
+
+
+def resume(args: argparse.Namespace) -> dict:
+    """Bring the volumes of a live failover or move that is before commit back up where
+    their promotion stopped (the recovery host restarted, a daemon was killed), without
+    committing. ``resumed``: the volumes started again."""
+    from zfsrep.promote import pid_alive, read_state
+
+    op = _call(args, "op.expect", {"vpg": args.vpg, "op": ["failover-live", "move"],
+                                   "phases": ["before-commit"]})
+    resumed = []
+    for name, vol in sorted(op["volumes"].items()):
+        state = read_state(_live_work(op, name))
+        if state is None or state.get("state") == "promoted":
+            continue  # (a full copy, or done)
+        if state.get("state") != "failed" and pid_alive(state.get("pid")):
+            continue
+        _restart_promotion(args, op, name, vol, state)
+        resumed.append(name)
+    op["resumed"] = resumed
+    return op
 
 
 def _materialise(args: argparse.Namespace, name: str, vol: dict, dest: Path) -> None:

@@ -411,6 +411,10 @@ class BackingVolume:
         self.collect_released()
         return len(self._files)
 
+    def handle(self, fh: int) -> OpenFile:
+        """The open file behind handle ``fh``."""
+        return self._files[fh]
+
     def read(self, fh: int, offset: int, size: int) -> bytes:
         return os.pread(self._files[fh].fd, size, offset)
 
