@@ -157,6 +157,12 @@ class Promoter:
             pf = self.files[ino] = PromotedFile(fmap)
         return pf
 
+    def created(self, ino: int) -> None:
+        """A file was created as inode ``ino``: it holds its own data, even if the inode
+        number is one that a marked file, now gone, had."""
+        self.files.pop(ino, None)
+        self.done.add(ino)
+
     def read(self, pf: PromotedFile, fd: int, off: int, size: int) -> bytes:
         """Bytes of a marked file open as ``fd``: each chunk from the file once filled,
         from the view until then."""
@@ -330,6 +336,16 @@ class PromoteOperations(PassthroughOperations):
         else:
             fh = self.vol.open(inode, flags, ctx.uid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        info, entry = await super().create(parent_inode, name, mode, flags, ctx)
+        self.promoter.created(self.vol.inode(entry.st_ino).ident)
+        return info, entry
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        entry = await super().mknod(parent_inode, name, mode, rdev, ctx)
+        self.promoter.created(self.vol.inode(entry.st_ino).ident)
+        return entry
 
     @translate_errors
     async def read(self, fh, off, size):

@@ -197,6 +197,12 @@ async def test_truncation_and_o_trunc_keep_the_view_out_of_what_the_file_now_hol
     finally:
         os.close(fd)
     assert promote.marked(f2) is None and p2.lookup(os.stat(f2).st_ino, str(f2)) is None
+    # a file created where a marked file's inode number was is never taken for it
+    f3 = tree2 / "new"
+    f3.write_bytes(b"new")
+    p2.files[os.stat(f3).st_ino] = pf2
+    p2.created(os.stat(f3).st_ino)
+    assert p2.lookup(os.stat(f3).st_ino, str(f3)) is None
     p2.close()
     os.close(tree_fd)
     os.close(tree_fd2)
