@@ -108,6 +108,16 @@ static pthread_mutex_t zf_pool_mu = PTHREAD_MUTEX_INITIALIZER;
  * how long it may serve requests in all before it returns. */
 #define ZF_LINGER_NS 200000
 #define ZF_BUDGET_NS 5000000
+/* After answering a request, wait for the next one awake (polling) for up to ZF_SPIN_NS
+ * before sleeping: an application that waits for each answer (random reads, one at a time)
+ * sends its next request a few microseconds later, and waking a sleeping thread costs more
+ * than that on a virtual machine (random 4 KiB reads: 21k requests/s asleep, 51k awake, as
+ * libfuse's multi-threaded loop gets with a thread always waiting). A wait that ends asleep
+ * means requests are further apart: the next ZF_SPIN_BACKOFF waits sleep at once, so a
+ * trickle of requests costs at most 1/ZF_SPIN_BACKOFF of ZF_SPIN_NS each. */
+#define ZF_SPIN_NS 50000
+#define ZF_SPIN_BACKOFF 64
+static unsigned zf_spin_skip;
 static zf_counters zf_count;
 /* The spool's run state (zf_set_run_counter): [0] records queued, [3] 1 while a mutating
  * request is being served here (from before the backing file changes until its record is
@@ -721,11 +731,28 @@ static ssize_t read_and_serve(int fd, void *buf, size_t len)
          * frame's worth of writes waits for the capture stream. Otherwise let the event loop
          * run (libfuse turns EINTR into "nothing read, try again"). */
         struct pollfd p = {.fd = fd, .events = POLLIN};
-        const struct timespec linger = {0, ZF_LINGER_NS};
-        if (zf_signalled || now_ns() - start > ZF_BUDGET_NS ||
-            ppoll(&p, 1, &linger, NULL) != 1 || !(p.revents & POLLIN)) {
+        if (zf_signalled || now_ns() - start > ZF_BUDGET_NS) {
             errno = EINTR;
             return -1;
+        }
+        int ready = 0;
+        if (zf_spin_skip > 0) {
+            zf_spin_skip--;
+        } else {
+            const uint64_t spin_until = now_ns() + ZF_SPIN_NS;
+            do {
+                const struct timespec zero = {0, 0};
+                ready = ppoll(&p, 1, &zero, NULL) == 1 && (p.revents & POLLIN);
+            } while (!ready && now_ns() < spin_until);
+            if (!ready)
+                zf_spin_skip = ZF_SPIN_BACKOFF;
+        }
+        if (!ready) {
+            const struct timespec linger = {0, ZF_LINGER_NS - ZF_SPIN_NS};
+            if (ppoll(&p, 1, &linger, NULL) != 1 || !(p.revents & POLLIN)) {
+                errno = EINTR;
+                return -1;
+            }
         }
     }
 }
