@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -389,11 +390,16 @@ def test_a_write_into_a_large_file_waits_only_for_the_chunks_it_touches(
         fh.write(b"changed")
         fh.flush()
         os.fsync(fh.fileno())
+    with open(live / "big", "r+b") as fh, mmap.mmap(fh.fileno(), 0) as mm:
+        mm[40 * MIB + 100:40 * MIB + 106] = b"mapped"  # (written back through the mount)
+        mm.flush()
     fmap = promote.read_map(_work(live) / "tree" / "big")
     assert fmap is not None, "the file is promoted by chunks, not before the write"
     assert fmap.is_durable(45) and not fmap.is_filled(46)  # (recorded before the write)
+    assert fmap.is_durable(40)
     want = bytearray(original)
     want[45 * MIB + 5:45 * MIB + 12] = b"changed"
+    want[40 * MIB + 100:40 * MIB + 106] = b"mapped"
     assert (live / "big").read_bytes() == want  # filled chunks and the view, as one file
     r = journal_server.cli("resume", VPG)
     assert "nothing to resume" in r.stdout
