@@ -312,3 +312,27 @@ int zb_write_parts(int fd, int64_t offset, const uint8_t *const *ptrs, const siz
     XXH128_canonicalFromHash((XXH128_canonical_t *)(void *)out, XXH3_128bits_digest(&state));
     return 0;
 }
+
+int zb_stage_parts(uint8_t *dst, const uint8_t *const *ptrs, const size_t *lens,
+                   uint8_t *const *digests, size_t n, size_t block_size, size_t piece,
+                   uint8_t out[16])
+{
+    if (block_size == 0 || piece == 0 || piece % block_size)
+        return EINVAL;
+    XXH3_state_t state;
+    XXH3_INITSTATE(&state);
+    XXH3_128bits_reset(&state);
+    for (size_t i = 0; i < n; i++) {
+        for (size_t at = 0; at < lens[i]; at += piece) {
+            size_t len = lens[i] - at < piece ? lens[i] - at : piece;
+            const uint8_t *p = ptrs[i] + at;
+            if (digests != NULL && digests[i] != NULL)
+                zb_hash_blocks(p, len, block_size, digests[i] + at / block_size * ZB_DIGEST_SIZE);
+            zb_update(&state, p, len);
+            memcpy(dst, p, len);
+            dst += len;
+        }
+    }
+    XXH128_canonicalFromHash((XXH128_canonical_t *)(void *)out, XXH3_128bits_digest(&state));
+    return 0;
+}

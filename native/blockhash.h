@@ -51,6 +51,14 @@ int zb_write_parts(int fd, int64_t offset, const uint8_t *const *ptrs, const siz
                    uint8_t *const *digests, size_t n, size_t block_size, size_t piece,
                    uint8_t out[16]);
 
+/* The same pass as zb_write_parts, but the parts are copied one after another into dst
+ * (room for the sum of lens) instead of written to a file: for a file opened with
+ * O_DIRECT, whose writes must come from an aligned buffer. Returns 0, or EINVAL for a
+ * bad piece size. */
+int zb_stage_parts(uint8_t *dst, const uint8_t *const *ptrs, const size_t *lens,
+                   uint8_t *const *digests, size_t n, size_t block_size, size_t piece,
+                   uint8_t out[16]);
+
 /* Name of the XXH3 kernel chosen at load time: "avx512", "avx2" or "default"
  * (the header's compile-time choice: SSE2 on x86_64, NEON on aarch64, ...),
  * or "shared"/"shared-dispatch" when built against libxxhash.so. The

@@ -139,6 +139,21 @@ class reference:
         return reference.digest_parts(parts)
 
     @staticmethod
+    def stage_parts(dst: memoryview, parts: Sequence[Buffer],
+                    digests: Sequence[bytearray | None], block_size: int,
+                    piece: int = WRITE_PIECE) -> bytes:
+        _check_piece(block_size, piece)
+        for part, out in zip(parts, digests, strict=True):
+            if out is not None:
+                out[:] = reference.hash_blocks(part, block_size)
+        at = 0
+        for p in parts:
+            view = _byte_view(p)
+            dst[at:at + len(view)] = view
+            at += len(view)
+        return reference.digest_parts(parts)
+
+    @staticmethod
     def kernel() -> str:
         return "reference"
 
@@ -238,6 +253,40 @@ def write_parts(fd: int, offset: int, parts: Sequence[Buffer],
     targets = _ffi.new("uint8_t *[]", outs)
     result = _ffi.new("uint8_t[]", DIGEST_SIZE)
     err = _lib.zb_write_parts(fd, offset, ptrs, lens, targets, len(srcs), block_size, piece,
+                              result)
+    if err:
+        raise OSError(err, os.strerror(err))
+    return cast(bytes, _ffi.buffer(result, DIGEST_SIZE)[:])
+
+
+def stage_parts(dst: memoryview, parts: Sequence[Buffer],
+                digests: Sequence[bytearray | None], block_size: int,
+                piece: int = WRITE_PIECE) -> bytes:
+    """As :func:`write_parts`, but the parts are copied back to back into ``dst`` (a
+    writable buffer of at least their total size) instead of written to a file."""
+    _check_piece(block_size, piece)
+    if len(digests) != len(parts):
+        raise ValueError(f"{len(parts)} parts but {len(digests)} digest targets")
+    if _lib is None:
+        return reference.stage_parts(dst, parts, digests, block_size, piece)
+    srcs = [_cbuf(p) for p in parts]
+    total = sum(len(b) for b in srcs)
+    out_buf = _ffi.from_buffer("uint8_t[]", dst, require_writable=True)
+    if len(out_buf) < total:
+        raise ValueError(f"{len(out_buf)} bytes of room for {total} bytes of parts")
+    outs = []
+    for src, out in zip(srcs, digests, strict=True):
+        if out is None:
+            outs.append(_ffi.NULL)
+            continue
+        if len(out) != block_count(len(src), block_size) * DIGEST_SIZE:
+            raise ValueError(f"digest target of {len(out)} bytes for {len(src)} bytes of data")
+        outs.append(_ffi.from_buffer("uint8_t[]", out, require_writable=True))
+    ptrs = _ffi.new("uint8_t *[]", srcs)
+    lens = _ffi.new("size_t[]", [len(b) for b in srcs])
+    targets = _ffi.new("uint8_t *[]", outs)
+    result = _ffi.new("uint8_t[]", DIGEST_SIZE)
+    err = _lib.zb_stage_parts(out_buf, ptrs, lens, targets, len(srcs), block_size, piece,
                               result)
     if err:
         raise OSError(err, os.strerror(err))

@@ -315,17 +315,35 @@ class PendingFrame:
         first. OSError if a write fails."""
         from zfsrep import blockhash
 
-        sizes = {d.block_size for d in self._targets.values()}
-        if len(sizes) > 1:
-            raise ValueError(f"block digests of one frame in several block sizes: {sizes}")
-        block_size = sizes.pop() if sizes else blockhash.WRITE_PIECE
-        digests = [self._targets.get(i) for i in range(len(self.parts))]
+        block_size, digests = self._digest_targets()
         checksum = blockhash.write_parts(fd, offset + HEADER_SIZE, self.parts, digests,
                                          block_size)
         head = self.header(checksum)
         if os.pwrite(fd, head, offset) != len(head):
             raise OSError(errno.EIO, "short write of a frame header")
         return [head, *self.parts]
+
+    def stage(self, dst: memoryview) -> list[bytes | memoryview]:
+        """Copy the frame into ``dst`` (``size`` bytes, header first), the payload hashed
+        and checksummed as it is copied (for a file written with O_DIRECT). Returns the
+        frame as buffers, header first."""
+        from zfsrep import blockhash
+
+        block_size, digests = self._digest_targets()
+        checksum = blockhash.stage_parts(dst[HEADER_SIZE:self.size], self.parts, digests,
+                                         block_size)
+        head = self.header(checksum)
+        dst[:HEADER_SIZE] = head
+        return [head, *self.parts]
+
+    def _digest_targets(self) -> tuple[int, list[bytearray | None]]:
+        from zfsrep import blockhash
+
+        sizes = {d.block_size for d in self._targets.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"block digests of one frame in several block sizes: {sizes}")
+        block_size = sizes.pop() if sizes else blockhash.WRITE_PIECE
+        return block_size, [self._targets.get(i) for i in range(len(self.parts))]
 
 
 def _fill(records: Sequence[Sequence], large: Sequence[int] | None) -> None:
@@ -551,14 +569,16 @@ def _read_into(f: BinaryIO, buf: bytearray) -> int:
     return got
 
 
-def read_frame(f: BinaryIO) -> tuple[FrameHeader, list[list]] | None:
-    """Read one frame from a blocking binary stream; ``None`` at a clean EOF.
+def read_frame(f: BinaryIO, *, padded: bool = False) -> tuple[FrameHeader, list[list]] | None:
+    """Read one frame from a blocking binary stream; ``None`` at a clean EOF, and with
+    ``padded`` (a spool segment) also at zero bytes where a header would start (the
+    padding after a segment's last frame).
 
     A stream that ends inside a frame raises :class:`FrameError`; ``OSError`` propagates.
     """
     head = bytearray(HEADER_SIZE)
     got = _read_into(f, head)
-    if got == 0:
+    if got == 0 or (padded and padding_to_end(f, head[:got])):
         return None
     if got < HEADER_SIZE:
         raise FrameError(f"frame header: truncated, {got} of {HEADER_SIZE} bytes")
@@ -568,6 +588,24 @@ def read_frame(f: BinaryIO) -> tuple[FrameHeader, list[list]] | None:
     if got < header.comp_len:
         raise FrameError(f"frame payload: truncated, {got} of {header.comp_len} bytes")
     return header, decode_payload(header, payload)
+
+
+#: A spool segment written with O_DIRECT ends with fewer than this many zero bytes.
+SEGMENT_PAD = 4096
+
+
+def padding_to_end(f: BinaryIO, head: bytes | bytearray) -> bool:
+    """Whether ``head``, just read from ``f`` where a frame header would start, begins a
+    spool segment's padding: zero bytes (a header starts with the magic), fewer than
+    SEGMENT_PAD of them, through the end of the file. Zero bytes followed by data (a frame
+    whose header was not written) are no padding; ``f`` is then moved past ``head``."""
+    if any(head):
+        return False
+    rest = f.read(SEGMENT_PAD)
+    if len(head) + len(rest) < SEGMENT_PAD and not any(rest):
+        return True
+    f.seek(-len(rest), os.SEEK_CUR)
+    return False
 
 
 def iter_frames(f: BinaryIO) -> Iterator[tuple[FrameHeader, list[list]]]:
