@@ -339,12 +339,13 @@ def _try_direct(fd: int) -> bool:
 class SpoolWriter:
     """Appends frames to a spool directory (a :class:`zfsrep.capture.FrameSink`).
 
-    Where the file system takes it, segments are written with O_DIRECT: each frame is
-    copied (hashed and checksummed on the way) into an aligned buffer after the bytes of
-    the segment's last partial block, padded with zeros to a whole block and written in one
-    call. Buffered, the data was copied into the page cache and written back from there,
-    which on a virtual machine costs about a CPU-second per GiB, as much as the
-    application's own write; the copy into the buffer costs a tenth of that."""
+    Where the file system takes it and ``direct`` is on, segments are written with
+    O_DIRECT: each frame is copied (hashed and checksummed on the way) into an aligned
+    buffer after the bytes of the segment's last partial block, padded with zeros to a
+    whole block and written in one call. Buffered, the data is copied into the page cache
+    and written back from there, which on a virtual machine costs about a CPU-second per
+    GiB, as much as the application's own write; the copy into the buffer costs a tenth of
+    that."""
 
     def __init__(self, spool: Path, identity: VolumeIdentity, *,
                  segment_bytes: int = 64 << 20, limit: int | None = None) -> None:
@@ -353,6 +354,10 @@ class SpoolWriter:
         self._segment_bytes = segment_bytes
         self._fd: int | None = None
         self._size = 0
+        #: Write new segments with O_DIRECT where the file system takes it. Off where the
+        #: spool is read back soon (a replication link that falls behind reads what it has
+        #: not sent from the page cache; from the disk, that costs more than it saves).
+        self.direct = DIRECT
         self._direct = False  # the segment is written with O_DIRECT
         self._tail = b""  # its last partial block (O_DIRECT rewrites it with the next frame)
         self._stage: mmap.mmap | None = None
@@ -441,7 +446,7 @@ class SpoolWriter:
         path = self.path / SEGMENTS / _segment_name(first_seq)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._size = 0
-        self._direct = DIRECT and _try_direct(self._fd)
+        self._direct = self.direct and _try_direct(self._fd)
         self._tail = b""
         self._closing.append(self._closer.submit(_retire, old, self.path / SEGMENTS))
 
