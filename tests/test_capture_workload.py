@@ -257,8 +257,9 @@ def test_large_writes_reuse_request_buffers(mount_factory) -> None:
     allocated, reused = int(found[1]), int(found[2])
     # (writes over the limit go to Python, in buffers of its own: fewer than 256 are used)
     assert allocated <= 64 and reused >= 2 * allocated, (allocated, reused)
-    # the limit, plus what writes waiting for the spool hold (see the next test)
-    assert grown < 48 << 10, f"peak memory grew {grown >> 10} MiB for a 16 MiB limit"
+    # the limit, plus what writes waiting for the spool hold (see the next test), plus the
+    # O_DIRECT spool's buffer of one frame (4-6 MiB; 54 MiB seen with an 8 MiB buffer)
+    assert grown < 56 << 10, f"peak memory grew {grown >> 10} MiB for a 16 MiB limit"
 
 
 def test_writers_waiting_for_the_spool_keep_memory_bounded(mount_factory) -> None:

@@ -518,10 +518,11 @@ class SpoolWriter:
 
     def _staging(self, need: int) -> memoryview:
         """An aligned buffer (anonymous memory is page-aligned) of at least ``need`` bytes,
-        kept for the next frames."""
+        in whole MiB, kept for the next frames: about one frame (4-6 MiB) of memory beyond
+        ``--memory-limit``."""
         if self._stage_view is None or len(self._stage_view) < need:
             self._free_staging()
-            self._stage = mmap.mmap(-1, max(1 << 20, 1 << (need - 1).bit_length()))
+            self._stage = mmap.mmap(-1, -(-need >> 20) << 20)
             self._stage_view = memoryview(self._stage)
         return self._stage_view
 
