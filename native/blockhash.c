@@ -284,16 +284,18 @@ static int zb_queue(struct zb_out *o, const uint8_t *p, size_t len, size_t piece
     return 0;
 }
 
-int zb_write_parts(int fd, int64_t offset, const uint8_t *const *ptrs, const size_t *lens,
-                   uint8_t *const *digests, size_t n, size_t block_size, size_t piece,
-                   uint8_t out[16])
+/* The pass both of the next two make: each piece of each part hashed block by block (where
+ * a digest target is given), checksummed, and then either queued for writing (o) or copied
+ * to dst. */
+static int zb_parts(struct zb_out *o, uint8_t *dst, const uint8_t *const *ptrs,
+                    const size_t *lens, uint8_t *const *digests, size_t n, size_t block_size,
+                    size_t piece, uint8_t out[16])
 {
     if (block_size == 0 || piece == 0 || piece % block_size)
         return EINVAL;
     XXH3_state_t state;
     XXH3_INITSTATE(&state);
     XXH3_128bits_reset(&state);
-    struct zb_out o = {.fd = fd, .at = (off_t)offset};
     for (size_t i = 0; i < n; i++) {
         for (size_t at = 0; at < lens[i]; at += piece) {
             size_t len = lens[i] - at < piece ? lens[i] - at : piece;
@@ -301,38 +303,36 @@ int zb_write_parts(int fd, int64_t offset, const uint8_t *const *ptrs, const siz
             if (digests != NULL && digests[i] != NULL)
                 zb_hash_blocks(p, len, block_size, digests[i] + at / block_size * ZB_DIGEST_SIZE);
             zb_update(&state, p, len);
-            int err = zb_queue(&o, p, len, piece);
-            if (err)
-                return err;
+            if (dst != NULL) {
+                memcpy(dst, p, len);
+                dst += len;
+            } else {
+                int err = zb_queue(o, p, len, piece);
+                if (err)
+                    return err;
+            }
         }
     }
-    int err = zb_flush(&o);
-    if (err)
-        return err;
+    if (o != NULL) {
+        int err = zb_flush(o);
+        if (err)
+            return err;
+    }
     XXH128_canonicalFromHash((XXH128_canonical_t *)(void *)out, XXH3_128bits_digest(&state));
     return 0;
+}
+
+int zb_write_parts(int fd, int64_t offset, const uint8_t *const *ptrs, const size_t *lens,
+                   uint8_t *const *digests, size_t n, size_t block_size, size_t piece,
+                   uint8_t out[16])
+{
+    struct zb_out o = {.fd = fd, .at = (off_t)offset};
+    return zb_parts(&o, NULL, ptrs, lens, digests, n, block_size, piece, out);
 }
 
 int zb_stage_parts(uint8_t *dst, const uint8_t *const *ptrs, const size_t *lens,
                    uint8_t *const *digests, size_t n, size_t block_size, size_t piece,
                    uint8_t out[16])
 {
-    if (block_size == 0 || piece == 0 || piece % block_size)
-        return EINVAL;
-    XXH3_state_t state;
-    XXH3_INITSTATE(&state);
-    XXH3_128bits_reset(&state);
-    for (size_t i = 0; i < n; i++) {
-        for (size_t at = 0; at < lens[i]; at += piece) {
-            size_t len = lens[i] - at < piece ? lens[i] - at : piece;
-            const uint8_t *p = ptrs[i] + at;
-            if (digests != NULL && digests[i] != NULL)
-                zb_hash_blocks(p, len, block_size, digests[i] + at / block_size * ZB_DIGEST_SIZE);
-            zb_update(&state, p, len);
-            memcpy(dst, p, len);
-            dst += len;
-        }
-    }
-    XXH128_canonicalFromHash((XXH128_canonical_t *)(void *)out, XXH3_128bits_digest(&state));
-    return 0;
+    return zb_parts(NULL, dst, ptrs, lens, digests, n, block_size, piece, out);
 }

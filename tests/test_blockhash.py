@@ -300,6 +300,19 @@ def test_write_parts_writes_hashes_and_checksums_like_the_separate_calls(
         assert got == blockhash.digest(expected)
         for i in hashed:
             assert targets[i] == blockhash.hash_blocks(parts[i], 4096)
+    # staged into a buffer (the O_DIRECT spool) instead of written: the same bytes and sums
+    for stage in (blockhash.stage_parts, reference.stage_parts):
+        targets = [bytearray(blockhash.block_count(len(parts[i]), 4096) * DIGEST_SIZE)
+                   if i in hashed else None for i in range(len(parts))]
+        given = [targets[i - 1] if p is None else p for i, p in enumerate(parts)]
+        dst = bytearray(len(expected) + 3)
+        assert stage(memoryview(dst), given, targets, 4096, piece) == blockhash.digest(expected)
+        assert bytes(dst[:len(expected)]) == expected
+    if expected:
+        with pytest.raises(ValueError, match="room"):
+            blockhash.stage_parts(memoryview(bytearray(len(expected) - 1)),
+                                  [targets[i - 1] if p is None else p
+                                   for i, p in enumerate(parts)], targets, 4096, piece)
 
 
 def test_write_parts_reports_a_failed_write_and_bad_arguments(tmp_path: Path) -> None:

@@ -129,14 +129,12 @@ class reference:
     def write_parts(fd: int, offset: int, parts: Sequence[Buffer],
                     digests: Sequence[bytearray | None], block_size: int,
                     piece: int = WRITE_PIECE) -> bytes:
-        _check_piece(block_size, piece)
-        for part, out in zip(parts, digests, strict=True):
-            if out is not None:
-                out[:] = reference.hash_blocks(part, block_size)
         from zfsrep.syscalls import pwritev_all
 
-        pwritev_all(fd, offset, [_byte_view(p) for p in parts])
-        return reference.digest_parts(parts)
+        buf = bytearray(sum(len(_byte_view(p)) for p in parts))
+        checksum = reference.stage_parts(memoryview(buf), parts, digests, block_size, piece)
+        pwritev_all(fd, offset, [memoryview(buf)])
+        return checksum
 
     @staticmethod
     def stage_parts(dst: memoryview, parts: Sequence[Buffer],
@@ -239,6 +237,18 @@ def write_parts(fd: int, offset: int, parts: Sequence[Buffer],
         raise ValueError(f"{len(parts)} parts but {len(digests)} digest targets")
     if _lib is None:
         return reference.write_parts(fd, offset, parts, digests, block_size, piece)
+    ptrs, lens, targets, count = _part_args(parts, digests, block_size)
+    result = _ffi.new("uint8_t[]", DIGEST_SIZE)
+    err = _lib.zb_write_parts(fd, offset, ptrs, lens, targets, count, block_size, piece, result)
+    if err:
+        raise OSError(err, os.strerror(err))
+    return cast(bytes, _ffi.buffer(result, DIGEST_SIZE)[:])
+
+
+def _part_args(parts: Sequence[Buffer], digests: Sequence[bytearray | None],
+               block_size: int) -> tuple[Any, Any, Any, int]:
+    """The C arrays for ``zb_write_parts`` / ``zb_stage_parts``: parts, their lengths,
+    their digest targets (checked for size), and how many."""
     srcs = [_cbuf(p) for p in parts]
     outs = []
     for src, out in zip(srcs, digests, strict=True):
@@ -248,15 +258,8 @@ def write_parts(fd: int, offset: int, parts: Sequence[Buffer],
         if len(out) != block_count(len(src), block_size) * DIGEST_SIZE:
             raise ValueError(f"digest target of {len(out)} bytes for {len(src)} bytes of data")
         outs.append(_ffi.from_buffer("uint8_t[]", out, require_writable=True))
-    ptrs = _ffi.new("uint8_t *[]", srcs)
-    lens = _ffi.new("size_t[]", [len(b) for b in srcs])
-    targets = _ffi.new("uint8_t *[]", outs)
-    result = _ffi.new("uint8_t[]", DIGEST_SIZE)
-    err = _lib.zb_write_parts(fd, offset, ptrs, lens, targets, len(srcs), block_size, piece,
-                              result)
-    if err:
-        raise OSError(err, os.strerror(err))
-    return cast(bytes, _ffi.buffer(result, DIGEST_SIZE)[:])
+    return (_ffi.new("uint8_t *[]", srcs), _ffi.new("size_t[]", [len(b) for b in srcs]),
+            _ffi.new("uint8_t *[]", outs), len(srcs))
 
 
 def stage_parts(dst: memoryview, parts: Sequence[Buffer],
@@ -269,25 +272,13 @@ def stage_parts(dst: memoryview, parts: Sequence[Buffer],
         raise ValueError(f"{len(parts)} parts but {len(digests)} digest targets")
     if _lib is None:
         return reference.stage_parts(dst, parts, digests, block_size, piece)
-    srcs = [_cbuf(p) for p in parts]
-    total = sum(len(b) for b in srcs)
     out_buf = _ffi.from_buffer("uint8_t[]", dst, require_writable=True)
+    total = sum(len(_byte_view(p)) for p in parts)
     if len(out_buf) < total:
         raise ValueError(f"{len(out_buf)} bytes of room for {total} bytes of parts")
-    outs = []
-    for src, out in zip(srcs, digests, strict=True):
-        if out is None:
-            outs.append(_ffi.NULL)
-            continue
-        if len(out) != block_count(len(src), block_size) * DIGEST_SIZE:
-            raise ValueError(f"digest target of {len(out)} bytes for {len(src)} bytes of data")
-        outs.append(_ffi.from_buffer("uint8_t[]", out, require_writable=True))
-    ptrs = _ffi.new("uint8_t *[]", srcs)
-    lens = _ffi.new("size_t[]", [len(b) for b in srcs])
-    targets = _ffi.new("uint8_t *[]", outs)
+    ptrs, lens, targets, count = _part_args(parts, digests, block_size)
     result = _ffi.new("uint8_t[]", DIGEST_SIZE)
-    err = _lib.zb_stage_parts(out_buf, ptrs, lens, targets, len(srcs), block_size, piece,
-                              result)
+    err = _lib.zb_stage_parts(out_buf, ptrs, lens, targets, count, block_size, piece, result)
     if err:
         raise OSError(err, os.strerror(err))
     return cast(bytes, _ffi.buffer(result, DIGEST_SIZE)[:])
