@@ -425,6 +425,30 @@ def test_a_write_into_a_large_file_waits_only_for_the_chunks_it_touches(
 
 
 @pytest.mark.mount
+def test_resume_brings_a_moved_volume_back_up_before_commit_move(
+        journal_server, mount_factory, recovery: Path) -> None:
+    m, live, _ = _volume(journal_server, mount_factory, recovery, files=4)
+    m.expected_log.append("the move of VPG")
+    _wait_connected(journal_server)
+    journal_server.cli("move", VPG, "--promote-rate", "1")
+    oracle = tree_snapshot(m.source)  # (the move's final checkpoint equals the directory)
+    pid = _state(live)["pid"]
+    os.kill(pid, signal.SIGKILL)  # as after a restart of the recovery host
+    deadline = time.monotonic() + 10
+    while promote.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    r = json.loads(journal_server.cli("resume", VPG, "--json").stdout)
+    assert r["resumed"] == ["vol"] and r["op"] == "move"
+    assert mount_at(live)[1] == "fuse.zfsrep"
+    assert_tree(oracle, live, "the moved volume, served again before commit-move")
+    journal_server.cli("commit-move", VPG)
+    m.proc.wait(timeout=30)  # the protected mount retired itself
+    assert mount_at(live) is None
+    assert_tree(oracle, live, "the committed move")
+    _no_marks(live)
+
+
+@pytest.mark.mount
 def test_rollback_during_promotion_stops_it_and_protection_resumes(
         journal_server, mount_factory, recovery: Path) -> None:
     m, live, _ = _volume(journal_server, mount_factory, recovery)
