@@ -446,7 +446,7 @@ async def run_promotion(opts: PromoteOptions, ready) -> None:
         return
     check_options(opts)
     state = promote.StateFile(opts.work / promote.STATE)
-    state.update(force=True, state="building")
+    state.update(force=True, state="building", rate=int(opts.rate) if opts.rate else None)
     tree = opts.work / promote.TREE
     async with contextlib.AsyncExitStack() as stack:
         view = open_view(opts.volume_dir, opts.seq)

@@ -410,8 +410,9 @@ def test_a_write_into_a_large_file_waits_only_for_the_chunks_it_touches(
         time.sleep(0.05)
     assert _status(journal_server)["volumes"][0]["promotion"]["state"] == "stopped"
     assert "zfsrep resume brings it back up" in journal_server.cli("status", VPG).stdout
-    r = journal_server.cli("resume", VPG, "--json")  # served again, without a commit
-    assert json.loads(r.stdout)["resumed"] == ["vol"]
+    r = journal_server.cli("resume", VPG, "--promote-rate", "1024", "--json")  # served
+    assert json.loads(r.stdout)["resumed"] == ["vol"]  # again, without a commit
+    assert _state(live)["rate"] == 1024 * MIB
     assert mount_at(live)[1] == "fuse.zfsrep" and _state(live)["pid"] != pid
     assert (live / "big").read_bytes() == want
     journal_server.cli("commit", VPG)
@@ -440,6 +441,7 @@ def test_resume_brings_a_moved_volume_back_up_before_commit_move(
     r = json.loads(journal_server.cli("resume", VPG, "--json").stdout)
     assert r["resumed"] == ["vol"] and r["op"] == "move"
     assert mount_at(live)[1] == "fuse.zfsrep"
+    assert _state(live)["rate"] == MIB  # (started again with the move's --promote-rate)
     assert_tree(oracle, live, "the moved volume, served again before commit-move")
     journal_server.cli("commit-move", VPG)
     m.proc.wait(timeout=30)  # the protected mount retired itself

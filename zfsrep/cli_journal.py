@@ -190,6 +190,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "RECOVERY_DIR/live/VOLUME again and its promotion goes on where it was. "
                     "Commit does the same before it waits. Run on the journal server's host.")
     rsm.add_argument("vpg", metavar="VPG")
+    rsm.add_argument("--promote-rate", type=float, metavar="MIB", default=None,
+                     help="MiB a second the background promotion may copy from now on "
+                          "(default: the limit the operation was started with)")
     mv = sub.add_parser(
         "move", help="planned move of a VPG to the recovery site, with no data loss",
         description="Hold every change on the VPG's protected mounts (writes wait; reads go "

@@ -364,7 +364,8 @@ def switch(tree: Path, live: Path, detach: bool = True) -> None:
 class StateFile:
     """The daemon's progress in ``promote.json`` (written whole, by rename): ``state``
     (``building``, ``promoting``, ``promoted`` or ``failed``), ``pid``, ``files_left``,
-    ``bytes_left``, ``files_done``, ``bytes_done``, ``error``."""
+    ``bytes_left``, ``files_done``, ``bytes_done``, ``error``, and ``rate`` (the background
+    copy's bytes a second, or None; a daemon started again keeps it)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

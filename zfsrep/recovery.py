@@ -218,7 +218,7 @@ def _fuse_at(path: Path) -> bool:
 
 
 def _start_promotion(args: argparse.Namespace, op: dict, name: str, vol: dict,
-                     resume: bool = False) -> None:
+                     resume: bool = False, rate: int | None = None) -> None:
     """Start the promotion mount of one volume (``zfsrep.mountd.promote``); it returns once
     the volume is served at its live path."""
     from zfsrep.cli import spawn_daemon
@@ -234,9 +234,11 @@ def _start_promotion(args: argparse.Namespace, op: dict, name: str, vol: dict,
     dest.mkdir(parents=True, exist_ok=True)
     argv = ["--volume-dir", vol["volume_dir"], "--seq", str(vol["seq"]), "--work", str(work),
             "--label", f"{args.vpg}/{name}@{op['checkpoint']['id']}", "--log", str(work / LOG)]
-    rate = getattr(args, "promote_rate", None)
+    mib = getattr(args, "promote_rate", None)
+    if mib:
+        rate = int(mib * (1 << 20))
     if rate:
-        argv += ["--rate", str(int(rate * (1 << 20)))]
+        argv += ["--rate", str(rate)]
     spawn_daemon(args, [*argv, str(dest)], work / LOG, 120.0, module="zfsrep.mountd.promote")
     _say(args, f"{name}: usable at {dest}; its data is promoted from the journal behind it")
 
@@ -328,7 +330,9 @@ def _restart_promotion(args: argparse.Namespace, op: dict, name: str, vol: dict,
     if _fuse_at(dest):  # (a daemon that died leaves its mount: ENOTCONN)
         _run(["fusermount3", "-u", "-z", str(dest)])
     (work / STATE).unlink(missing_ok=True)
-    _start_promotion(args, op, name, vol, resume=True)
+    rate = state.get("rate")  # (the limit it was started with, unless the command gives one)
+    _start_promotion(args, op, name, vol, resume=True,
+                     rate=int(rate) if isinstance(rate, int | float) and rate > 0 else None)
 
 
 def resume(args: argparse.Namespace) -> dict:
