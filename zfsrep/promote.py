@@ -356,8 +356,9 @@ def switch(tree: Path, live: Path, detach: bool = True) -> None:
     it until they leave), exchange the tree with the now empty mount point in one rename, and
     remove that directory. Blocking, and never on the event loop of the mount at ``live``."""
     if detach:  # (not by stat: the mount may be this very process's)
-        syscalls.umount(live, MNT_DETACH)
-    syscalls.renameat2(-100, os.fsencode(live), -100, os.fsencode(tree), RENAME_EXCHANGE)
+        syscalls.umount_and_exchange(os.fsencode(live), os.fsencode(tree))
+    else:
+        syscalls.renameat2(-100, os.fsencode(live), -100, os.fsencode(tree), RENAME_EXCHANGE)
     os.rmdir(tree)  # (the old mount point: created empty, and nothing can be written to it)
 
 

@@ -183,6 +183,23 @@ def try_lock(path: str | os.PathLike[str]) -> tuple[int | None, str]:
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
+# The same calls without giving up the GIL between them (for umount_and_exchange).
+_libc_held = ctypes.PyDLL(None, use_errno=True)
+_libc_held.renameat2.argtypes = _libc.renameat2.argtypes
+
+
+def umount_and_exchange(mountpoint: bytes, other: bytes) -> None:
+    """Detach the mount at ``mountpoint`` (umount2 MNT_DETACH) and at once exchange that
+    path with ``other`` (renameat2 RENAME_EXCHANGE). Between the two, new lookups of
+    ``mountpoint`` see the empty directory the mount was on: both calls are made holding the
+    GIL, so no other thread of this process (such as a FUSE daemon's event loop, busy with
+    those lookups) runs between them and the gap is that of two system calls. If the
+    exchange fails the mount stays detached: OSError."""
+    _check(_libc_held.umount2(mountpoint, 2), "umount2", mountpoint)
+    _check(_libc_held.renameat2(AT_FDCWD, mountpoint, AT_FDCWD, other, 2), "renameat2",
+           mountpoint)
+
+
 def umount(path: str | os.PathLike[str], flags: int = 0) -> None:
     """umount2(2): ``flags`` 2 (MNT_DETACH) detaches the mount at once; it goes away when the
     last process using it leaves."""
