@@ -267,6 +267,31 @@ def _promote_daemons() -> list[int]:
     return [int(x) for x in r.stdout.split()]
 
 
+def _kill_daemon(live: Path) -> int:
+    """kill -9 the promotion daemon of ``live`` and wait until it is gone; its pid."""
+    pid = _state(live)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while promote.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pid
+
+
+def _assert_committed(journal_server, m, live: Path, oracle: dict,
+                      changed: dict[str, bytes]) -> None:
+    """After commit: the live path is a plain directory, the ``changed`` files hold what
+    they should and everything else is as at the checkpoint, with no mark left; then the
+    protected mount stops and the VPG is deleted."""
+    assert mount_at(live) is None
+    for rel, data in changed.items():
+        assert (live / rel).read_bytes() == data, rel
+    rest = {k: v for k, v in oracle.items() if k not in changed}
+    assert {k: v for k, v in tree_snapshot(live).items() if k in rest} == rest
+    _no_marks(live)
+    assert m.stop() == 0
+    journal_server.cli("vpg", "delete", VPG, "--force")
+
+
 def _no_marks(root: Path) -> None:
     for dirpath, _, names in os.walk(root):
         for name in names:
@@ -361,22 +386,12 @@ def test_a_promotion_killed_half_way_is_taken_up_again_by_commit(
         fh.write(b"appended before the kill")
         fh.flush()
         os.fsync(fh.fileno())
-    pid = _state(live)["pid"]
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while promote.pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _kill_daemon(live)
     # the daemon is gone: its mount answers ENOTCONN until commit takes the promotion up
     r = journal_server.cli("commit", VPG)
     assert "going on with it" in r.stderr
-    assert mount_at(live) is None
     want = (m.source / "d" / pending[0]).read_bytes() + b"appended before the kill"
-    assert (live / "d" / pending[0]).read_bytes() == want
-    rest = {k: v for k, v in oracle.items() if k != f"d/{pending[0]}"}
-    assert {k: v for k, v in tree_snapshot(live).items() if k in rest} == rest
-    _no_marks(live)
-    assert m.stop() == 0
-    journal_server.cli("vpg", "delete", VPG, "--force")
+    _assert_committed(journal_server, m, live, oracle, {f"d/{pending[0]}": want})
 
 
 @pytest.mark.mount
@@ -403,11 +418,7 @@ def test_a_write_into_a_large_file_waits_only_for_the_chunks_it_touches(
     assert (live / "big").read_bytes() == want  # filled chunks and the view, as one file
     r = journal_server.cli("resume", VPG)
     assert "nothing to resume" in r.stdout
-    pid = _state(live)["pid"]
-    os.kill(pid, signal.SIGKILL)  # a crash half-way: the next daemon goes on from the map
-    deadline = time.monotonic() + 10
-    while promote.pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    pid = _kill_daemon(live)  # a crash half-way: the next daemon goes on from the map
     assert _status(journal_server)["volumes"][0]["promotion"]["state"] == "stopped"
     assert "zfsrep resume brings it back up" in journal_server.cli("status", VPG).stdout
     r = journal_server.cli("resume", VPG, "--promote-rate", "1024", "--json")  # served
@@ -416,13 +427,7 @@ def test_a_write_into_a_large_file_waits_only_for_the_chunks_it_touches(
     assert mount_at(live)[1] == "fuse.zfsrep" and _state(live)["pid"] != pid
     assert (live / "big").read_bytes() == want
     journal_server.cli("commit", VPG)
-    assert mount_at(live) is None
-    assert (live / "big").read_bytes() == want
-    rest = {k: v for k, v in oracle.items() if k != "big"}
-    assert {k: v for k, v in tree_snapshot(live).items() if k in rest} == rest
-    _no_marks(live)
-    assert m.stop() == 0
-    journal_server.cli("vpg", "delete", VPG, "--force")
+    _assert_committed(journal_server, m, live, oracle, {"big": bytes(want)})
 
 
 @pytest.mark.mount
@@ -433,11 +438,7 @@ def test_resume_brings_a_moved_volume_back_up_before_commit_move(
     _wait_connected(journal_server)
     journal_server.cli("move", VPG, "--promote-rate", "1")
     oracle = tree_snapshot(m.source)  # (the move's final checkpoint equals the directory)
-    pid = _state(live)["pid"]
-    os.kill(pid, signal.SIGKILL)  # as after a restart of the recovery host
-    deadline = time.monotonic() + 10
-    while promote.pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _kill_daemon(live)  # as after a restart of the recovery host
     r = json.loads(journal_server.cli("resume", VPG, "--json").stdout)
     assert r["resumed"] == ["vol"] and r["op"] == "move"
     assert mount_at(live)[1] == "fuse.zfsrep"
