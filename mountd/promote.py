@@ -34,6 +34,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,10 +179,27 @@ class Promoter:
                 break
         return b"".join(parts)
 
-    async def before_write(self, pf: PromotedFile, fd: int, off: int, length: int) -> None:
+    @contextlib.asynccontextmanager
+    async def changing(self, ino: int, target: bytes | str) -> AsyncIterator[
+            PromotedFile | None]:
+        """Around a change to file ``ino``'s data, size or times: while the file is marked,
+        its lock is held (so no fill runs meanwhile); yields it, or None if it needs
+        nothing (not marked, or complete by the time the lock was taken)."""
+        pf = self.lookup(ino, target)
+        if pf is None:
+            yield None
+            return
+        async with pf.lock:
+            yield None if pf.complete else pf
+
+    async def before_write(self, pf: PromotedFile | None, fd: int, off: int,
+                           length: int) -> None:
         """Make bytes off..off+length of a marked file open as ``fd`` safe to change (its
-        lock held): the chunks they touch filled and recorded, and, for a write past the
-        end, the view's end recorded (what lies past it is the file's from now on)."""
+        lock held, ``changing``): the chunks they touch filled and recorded, and, for a
+        write past the end, the view's end recorded (what lies past it is the file's from
+        now on)."""
+        if pf is None:
+            return
         fmap = pf.fmap
         fsize = os.fstat(fd).st_size
         missing = fmap.missing(off, off + length, fsize)
@@ -206,10 +224,12 @@ class Promoter:
             log.debug("filled %d chunks before a write in %.3f s", len(missing),
                       time.monotonic() - started)
 
-    async def before_resize(self, pf: PromotedFile, target: bytes, size: int) -> None:
-        """Before a marked file is truncated to ``size`` (its lock held): growing it
-        records the view's end first. Shrinking needs nothing: the file's size bounds
-        what is read from the view."""
+    async def before_resize(self, pf: PromotedFile | None, target: bytes, size: int) -> None:
+        """Before a marked file is truncated to ``size`` (its lock held, ``changing``):
+        growing it records the view's end first. Shrinking needs nothing: the file's size
+        bounds what is read from the view."""
+        if pf is None:
+            return
         fsize = os.stat(target).st_size
         if size > fsize and pf.fmap.limit > fsize:
             pf.fmap.limit = fsize
@@ -219,8 +239,11 @@ class Promoter:
             except OSError as e:
                 raise self._failed(f"cannot record a truncation: {e.strerror or e}") from None
 
-    async def emptied(self, ino: int, pf: PromotedFile, target: bytes) -> None:
-        """A marked file was opened with O_TRUNC (its lock held): nothing is left to fill."""
+    async def emptied(self, ino: int, pf: PromotedFile | None, target: bytes) -> None:
+        """A marked file was opened with O_TRUNC (its lock held, ``changing``): nothing is
+        left to fill."""
+        if pf is None:
+            return
         try:
             await trio.to_thread.run_sync(promote.finish, target, limiter=self._demand)
         except OSError as e:
@@ -323,18 +346,15 @@ class PromoteOperations(PassthroughOperations):
     @translate_errors
     async def open(self, inode, flags, ctx):
         obj = self.vol.inode(inode)
-        pf = self.promoter.lookup(obj.ident, obj.proc)
-        if pf is not None and flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
-            async with pf.lock:
-                fh = self.vol.open(inode, flags, ctx.uid)
-                if not pf.complete:
-                    try:
-                        await self.promoter.emptied(obj.ident, pf, _proc(fh))
-                    except BaseException:
-                        self.vol.release(fh)
-                        raise
-        else:
+        if not flags & os.O_TRUNC or flags & os.O_ACCMODE == os.O_RDONLY:
+            return pyfuse3.FileInfo(fh=self.vol.open(inode, flags, ctx.uid), keep_cache=True)
+        async with self.promoter.changing(obj.ident, obj.proc) as pf:
             fh = self.vol.open(inode, flags, ctx.uid)
+            try:
+                await self.promoter.emptied(obj.ident, pf, _proc(fh))
+            except BaseException:
+                self.vol.release(fh)
+                raise
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -358,22 +378,15 @@ class PromoteOperations(PassthroughOperations):
     @translate_errors
     async def write(self, fh, off, buf):
         of = self.vol.handle(fh)
-        pf = self.promoter.lookup(of.inode.ident, _proc(of.fd))
-        if pf is None:
-            return self.vol.write(fh, off, buf)
-        async with pf.lock:
-            if not pf.complete:
-                await self.promoter.before_write(pf, of.fd, off, len(buf))
+        async with self.promoter.changing(of.inode.ident, _proc(of.fd)) as pf:
+            await self.promoter.before_write(pf, of.fd, off, len(buf))
             return self.vol.write(fh, off, buf)
 
     @translate_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
         obj = self.vol.inode(inode)
-        pf = self.promoter.lookup(obj.ident, obj.proc)
-        if pf is None:
-            return await super().setattr(inode, attr, fields, fh, ctx)
-        async with pf.lock:  # (and times set here are not put back by a fill)
-            if fields.update_size and not pf.complete:
+        async with self.promoter.changing(obj.ident, obj.proc) as pf:  # (times set here are
+            if fields.update_size:  # not put back by a fill either)
                 await self.promoter.before_resize(pf, obj.proc, attr.st_size)
             return await super().setattr(inode, attr, fields, fh, ctx)
 
