@@ -257,7 +257,6 @@ async def _run_protected_mount(opts: ProtectOptions, ready: Callable[[], None]) 
                                  on_written=run_state.written)
         if opts.link is not None:
             spool.keep_recent = RECENT_FRAMES_BYTES
-            spool.direct = False  # (a link that falls behind reads the spool back)
             shipper = VolumeShipper(opts.link, spool, recorder, progress, synced_seq,
                                     CompletionGate(hook.set_frozen))
             shipper.on_retire = pyfuse3.terminate

@@ -220,3 +220,28 @@ async def test_a_frame_in_a_file_goes_over_a_stream_without_a_socket_too(tmp_pat
             await left.send_file_data(fd, 11, len(frame))
     finally:
         os.close(fd)
+
+
+def test_background_work_runs_at_idle_cpu_priority_and_gives_the_thread_back() -> None:
+    """A link's data sends run in trio's pooled worker threads: SCHED_IDLE while they send,
+    the thread's own policy again afterwards (the next job on that thread is not one)."""
+    import os
+    import threading
+
+    seen: list[int] = []
+
+    def job() -> str:
+        seen.append(os.sched_getscheduler(0))
+        return "done"
+
+    def in_thread() -> None:
+        assert protocol.in_background(job) == "done"
+        seen.append(os.sched_getscheduler(0))
+        with pytest.raises(ZeroDivisionError):
+            protocol.in_background(lambda: 1 / 0)
+        seen.append(os.sched_getscheduler(0))
+
+    t = threading.Thread(target=in_thread)
+    t.start()
+    t.join()
+    assert seen == [os.SCHED_IDLE, os.SCHED_OTHER, os.SCHED_OTHER]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -395,6 +396,38 @@ def test_cli_errors_have_distinct_exit_codes(journal_server, vpg, tmp_path: Path
     cli("vpg", "delete", VPG)
     assert cli("vpg", "delete", VPG, check=False).returncode == 3
     assert json.loads(cli("vpg", "list", "--json").stdout) == []
+
+
+def _policies(pid: int) -> set[int]:
+    return {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_the_server_takes_only_idle_cpu_unless_told_otherwise(journal_server,
+                                                            tmp_path: Path) -> None:
+    """By default every thread of the journal server runs under SCHED_IDLE, so a server on
+    the host of protected applications never takes the CPU from them; --cpu-priority normal
+    (here through the daemon's own start, which passes it on) runs it ordinarily."""
+    from conftest import free_port
+
+    assert journal_server.proc is not None
+    journal_server.cli("status")  # (its threads have started)
+    assert _policies(journal_server.proc.pid) == {os.SCHED_IDLE}
+    address = f"127.0.0.1:{free_port()}"
+    r = zfsrep("serve", "--store", str(tmp_path / "store2"), "--listen", address,
+               "--cpu-priority", "normal")
+    pid = int(r.stdout.split("(pid ")[1].split(",")[0])
+    try:
+        zfsrep("vpg", "list", "--server", address)
+        assert _policies(pid) == {os.SCHED_OTHER}
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}")
+    bad = zfsrep("serve", "--store", str(tmp_path / "s3"), "--cpu-priority", "high",
+                 check=False)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
 def free_closed_port() -> int:

@@ -108,6 +108,31 @@ def test_direct_segments_end_in_zero_padding_that_readers_take_as_their_end(spoo
 
 
 @pytest.mark.direct
+def test_the_link_reader_follows_a_writer_appending_to_a_direct_segment(spool: Path):
+    """The replication link reads a segment while the capture appends to it. A small frame
+    ends inside a block whose padding is on disk until the next frame overwrites it: what
+    the reader saw of that padding must not be taken for the next frame later."""
+    from zfsrep.spool import SpoolReader
+
+    w = SpoolWriter(spool, IDENT)
+    _write(w, 1, 1)
+    _direct_or_skip(w)
+    reader = SpoolReader(spool)
+    try:
+        seq = 2
+        got = reader.read(1, 1, 1 << 20)
+        for count in (1, 3, 1, 50, 2, 1, 200, 1):  # each frame read as soon as it is written
+            _write(w, seq, count)
+            got = reader.read(seq, seq + count - 1, 1 << 20)
+            assert [(a, b) for a, b, _ in got] == [(seq, seq + count - 1)]
+            assert frames.decode_frame(got[0][2])[1] == _records(seq, count)
+            seq += count
+    finally:
+        reader.close()
+        w.close()
+
+
+@pytest.mark.direct
 def test_direct_torn_frame_is_cut_on_reopen(spool: Path, caplog):
     w = SpoolWriter(spool, IDENT)
     _write(w, 1, 3)

@@ -182,6 +182,7 @@ class VolumeShipper:
 
     async def _session(self, conn: protocol.MessageStream, welcome: dict) -> None:
         durable = int(welcome.get("durable_seq", 0))
+        conn.background = True  # (the frames it sends: see protocol.in_background)
         async with conn:
             self.state.connected = True
             log.info("replication link up: %s:%d holds records through %d",
@@ -229,8 +230,8 @@ class VolumeShipper:
                 continue
             held = self.spool.recent(seq, written, READ_BYTES)
             if held is None:  # behind what memory holds: from the spool's files
-                batch: list = await trio.to_thread.run_sync(reader.read, seq, written,
-                                                            READ_BYTES)
+                batch: list = await trio.to_thread.run_sync(
+                    protocol.in_background, reader.read, seq, written, READ_BYTES)
             else:
                 batch = held
             try:

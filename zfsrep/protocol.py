@@ -15,12 +15,13 @@ import os
 import select
 import socket
 import struct
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import trio
 
 from zfsrep.errors import ZfsrepError
+from zfsrep.syscalls import IdleCPU
 from zfsrep.wire import (  # noqa: F401  (the wire format, re-exported for the daemons)
     DEFAULT_PORT,
     DEFAULT_SERVER,
@@ -80,6 +81,17 @@ def _sendfile_all(sock: socket.socket, head: bytes, fd: int, offset: int, size: 
         size -= n
 
 
+T = TypeVar("T")
+
+
+def in_background(fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` at background CPU priority (:class:`zfsrep.syscalls.IdleCPU`): for a
+    worker thread's share of replication, which must not take the CPU from the application
+    whose changes it ships."""
+    with IdleCPU():
+        return fn(*args)
+
+
 def _pread_all(fd: int, offset: int, size: int) -> bytes:
     data = os.pread(fd, size, offset)
     if len(data) != size:
@@ -108,6 +120,8 @@ class MessageStream:
         self._send_lock = trio.Lock()
         self._sock: socket.socket | None = None
         self._pool: list[bytearray] = []
+        #: data sends run at background CPU priority (in_background)
+        self.background = False
 
     async def send(self, msg: Mapping[str, Any]) -> None:
         head, body = pack_parts(msg)
@@ -132,7 +146,7 @@ class MessageStream:
             if sock is not None and size >= _DIRECT_MIN:
                 # a worker thread does the copying into the kernel (on loopback also the
                 # peer's receive processing), so the event loop goes on serving meanwhile
-                await trio.to_thread.run_sync(_sendall, sock, [head, *parts])
+                await trio.to_thread.run_sync(self._worker, _sendall, sock, [head, *parts])
                 return
             await self.stream.send_all(head)
             for part in parts:
@@ -151,7 +165,14 @@ class MessageStream:
                 data = await trio.to_thread.run_sync(_pread_all, fd, offset, size)
                 await self.stream.send_all(head + data)
                 return
-            await trio.to_thread.run_sync(_sendfile_all, sock, head, fd, offset, size)
+            await trio.to_thread.run_sync(self._worker, _sendfile_all, sock, head, fd, offset,
+                                          size)
+
+    def _worker(self, fn: Callable[..., None], *args: object) -> None:
+        if self.background:
+            in_background(fn, *args)
+        else:
+            fn(*args)
 
     def _blocking_socket(self) -> socket.socket | None:
         """A second socket object on a duplicate of the connection's descriptor, used from

@@ -354,9 +354,9 @@ class SpoolWriter:
         self._segment_bytes = segment_bytes
         self._fd: int | None = None
         self._size = 0
-        #: Write new segments with O_DIRECT where the file system takes it. Off where the
-        #: spool is read back soon (a replication link that falls behind reads what it has
-        #: not sent from the page cache; from the disk, that costs more than it saves).
+        #: Write new segments with O_DIRECT where the file system takes it. A replication
+        #: link sends recent frames from memory (keep_recent); what falls further behind it
+        #: reads back from the disk, at background CPU priority.
         self.direct = DIRECT
         self._direct = False  # the segment is written with O_DIRECT
         self._tail = b""  # its last partial block (O_DIRECT rewrites it with the next frame)
@@ -745,7 +745,7 @@ class SpoolReader:
         segs = [p for p in segment_paths(self.path) if _segment_first_seq(p) <= seq]
         if not segs:
             raise CorruptDataError(f"spool {self.path}: record {seq} is no longer in the spool")
-        f = open(segs[-1], "rb")  # noqa: SIM115 (kept open across calls)
+        f = open(segs[-1], "rb", buffering=0)  # noqa: SIM115 (kept open across calls; see read)
         while True:
             head = f.read(frames.HEADER_SIZE)
             if len(head) < frames.HEADER_SIZE or frames.padding_to_end(f, head):
@@ -783,7 +783,11 @@ class SpoolReader:
         """Frames (first_seq, last_seq, frame) from ``start_seq`` through at most
         ``upto_seq``, at least one and about ``max_bytes`` in all. A frame of SENDFILE_MIN
         bytes or more is not read: it comes as a :class:`FileRange` (its own descriptor of
-        the segment, which the caller closes) for the kernel to send from the page cache."""
+        the segment, which the caller closes) for the kernel to send from the page cache.
+
+        The segments are read unbuffered: the writer appends while they are read, and bytes
+        read ahead past the last frame written (a payload whose header is not yet written,
+        or an O_DIRECT segment's padding) must not be taken for what is there later."""
         out: list[tuple[int, int, bytes | FileRange]] = []
         if start_seq > upto_seq:
             return out
@@ -800,7 +804,7 @@ class SpoolReader:
                     nxt = self.path / SEGMENTS / _segment_name(self._next)
                     f.close()
                     try:
-                        self._f = open(nxt, "rb")  # noqa: SIM115
+                        self._f = open(nxt, "rb", buffering=0)  # noqa: SIM115
                     except FileNotFoundError:
                         self._f = None
                         raise CorruptDataError(f"spool {self.path}: segment {nxt.name} is "

@@ -7,6 +7,7 @@ changed without following it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 
@@ -102,11 +103,43 @@ def pwritev_all(fd: int, offset: int, parts: list[memoryview]) -> None:
 def lower_thread_priority(nice: int) -> None:
     """Give the calling thread (only it) the niceness ``nice``: for background work whose
     wakeups should not preempt the application or a request path. Best effort."""
-    import contextlib
     import threading
 
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+
+def use_idle_cpu() -> bool:
+    """Run the calling thread, and every thread or process it starts from now on, under
+    SCHED_IDLE: it gets the CPU only when no ordinary thread of the host wants it (and
+    preempts none), so it never slows an application on the same host. False where the
+    system refuses."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+class IdleCPU:
+    """``with IdleCPU():`` runs the body under SCHED_IDLE (see :func:`use_idle_cpu`) and then
+    puts the calling thread's policy back: for work in a pooled worker thread (trio's), which
+    would otherwise keep the policy for whatever it runs next."""
+
+    def __enter__(self) -> None:
+        try:
+            self._policy: int | None = os.sched_getscheduler(0)
+            self._param = os.sched_getparam(0)
+        except OSError:
+            self._policy = None
+            return
+        if self._policy != os.SCHED_IDLE:
+            use_idle_cpu()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._policy is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(0, self._policy, self._param)
 
 
 M_TRIM_THRESHOLD = -1
