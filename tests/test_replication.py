@@ -398,27 +398,63 @@ def test_cli_errors_have_distinct_exit_codes(journal_server, vpg, tmp_path: Path
     assert json.loads(cli("vpg", "list", "--json").stdout) == []
 
 
-def _policies(pid: int) -> set[int]:
-    return {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+def _policies(pid: int) -> dict[str, set[int]]:
+    """The scheduling policies of a process's threads: the pacer's, and all others'."""
+    out: dict[str, set[int]] = {"pacer": set(), "others": set()}
+    for t in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            comm = Path(f"/proc/{pid}/task/{t}/comm").read_text().strip()
+            out["pacer" if comm == "zfsrep-pacer" else "others"].add(os.sched_getscheduler(int(t)))
+    return out
 
 
-def test_the_server_takes_only_idle_cpu_unless_told_otherwise(journal_server,
-                                                            tmp_path: Path) -> None:
-    """By default every thread of the journal server runs under SCHED_IDLE, so a server on
-    the host of protected applications never takes the CPU from them; --cpu-priority normal
-    (here through the daemon's own start, which passes it on) runs it ordinarily."""
+def _wait_policies(pid: int, want: dict[str, set[int]], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (got := _policies(pid)) != want:
+        assert time.monotonic() < deadline, f"server threads {got}, expected {want}"
+        time.sleep(0.1)
+
+
+def test_the_server_takes_idle_cpu_until_a_vpg_falls_behind_its_rpo_target(
+        journal_server, mount_factory, tmp_path: Path) -> None:
+    """--cpu-priority background (the default): every thread of the journal server but its
+    pacer runs under SCHED_IDLE while the VPGs are within their RPO targets. A VPG whose
+    RPO goes half way from its checkpoint interval to its target (here: a mount that stops
+    answering, so no checkpoint is made) brings them, and the links' sending, back to normal
+    priority until it has caught up."""
+    idle, other = os.SCHED_IDLE, os.SCHED_OTHER
+    journal_server.cli("vpg", "create", VPG, "--checkpoint-interval", "1s", "--rpo", "3s")
+    m = replicated(mount_factory, journal_server)
+    m.start()
+    (m.mnt / "f").write_bytes(b"x" * 100_000)
+    tag(journal_server, "first")
+    assert journal_server.proc is not None and m.proc is not None
+    pid = journal_server.proc.pid
+    _wait_policies(pid, {"pacer": {other}, "others": {idle}})
+    os.kill(m.proc.pid, signal.SIGSTOP)
+    try:
+        _wait_policies(pid, {"pacer": {other}, "others": {other}})
+    finally:
+        os.kill(m.proc.pid, signal.SIGCONT)
+    _wait_policies(pid, {"pacer": {other}, "others": {idle}})
+    tag(journal_server, "after")
+    assert m.stop() == 0
+    text = m.log.read_text()
+    assert text.index("replication at normal CPU priority") < text.index(
+        "replication at background CPU priority")
+
+
+def test_serve_cpu_priority_normal_runs_the_server_ordinarily(tmp_path: Path) -> None:
+    """--cpu-priority normal (here through the daemon's own start, which passes it on)."""
     from conftest import free_port
 
-    assert journal_server.proc is not None
-    journal_server.cli("status")  # (its threads have started)
-    assert _policies(journal_server.proc.pid) == {os.SCHED_IDLE}
     address = f"127.0.0.1:{free_port()}"
-    r = zfsrep("serve", "--store", str(tmp_path / "store2"), "--listen", address,
+    r = zfsrep("serve", "--store", str(tmp_path / "store"), "--listen", address,
                "--cpu-priority", "normal")
     pid = int(r.stdout.split("(pid ")[1].split(",")[0])
     try:
         zfsrep("vpg", "list", "--server", address)
-        assert _policies(pid) == {os.SCHED_OTHER}
+        assert _policies(pid) == {"pacer": set(), "others": {os.SCHED_OTHER}}
     finally:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 30

@@ -157,3 +157,88 @@ def test_a_volume_no_checkpoint_holds_is_discarded_whole(tmp_path) -> None:
     store.discard_volume("g", "v")
     assert store.volume_names("g") == [] and store.removed_volumes("g") == []
     assert not any((store.vpg_dir("g") / "volumes").iterdir())
+
+
+def _vpg(interval: float, rpo: float, checkpoint_age: float | None, *,
+         connected: bool = True, synced: bool = True, volumes: int = 1):
+    from types import SimpleNamespace
+
+    now = 1_000_000.0
+    latest = (None if checkpoint_age is None
+              else SimpleNamespace(time_ns=int((now - checkpoint_age) * 1e9)))
+    vols = {f"v{i}": SimpleNamespace(conn=object() if connected else None,
+                                     meta=SimpleNamespace(synced_seq=5 if synced else 0))
+            for i in range(volumes)}
+    return now, SimpleNamespace(volumes=vols, log=SimpleNamespace(latest=lambda: latest),
+                                settings=SimpleNamespace(checkpoint_interval_s=interval,
+                                                         rpo_s=rpo))
+
+
+def test_rpo_pressure_measures_the_way_from_the_interval_to_the_target() -> None:
+    from zfsrep.pacer import rpo_pressure
+
+    for age, want in ((0.5, 0.0), (5.0, 0.0), (7.5, 0.5), (10.0, 1.0), (15.0, 2.0)):
+        now, vpg = _vpg(5.0, 10.0, age)
+        assert rpo_pressure(vpg, now) == want, age
+    now, vpg = _vpg(5.0, 5.0, 5.5)  # no slack: late at once
+    assert rpo_pressure(vpg, now) == 1.0
+    now, vpg = _vpg(5.0, 5.0, 4.0)
+    assert rpo_pressure(vpg, now) == 0.0
+    # nothing a faster server could change: no checkpoint, a volume away or still syncing
+    for kw in ({"checkpoint_age": None}, {"connected": False}, {"synced": False},
+               {"volumes": 0}):
+        args = {"checkpoint_age": 30.0, **kw}
+        now, vpg = _vpg(5.0, 10.0, args.pop("checkpoint_age"), **args)
+        assert rpo_pressure(vpg, now) is None, kw
+
+
+def test_the_pacer_switches_with_hysteresis_and_puts_threads_back(monkeypatch) -> None:
+    """A pacer in this process: hurries past HURRY_AT, calms below CALM_AT (not between),
+    announces each change once, and the threads it put in the background come back."""
+    import os
+    import threading
+    import time
+
+    from zfsrep import pacer as pacer_mod
+
+    monkeypatch.setattr(pacer_mod, "PACE_INTERVAL", 0.02)
+    state = {"age": 0.0}
+
+    class Log:
+        @staticmethod
+        def latest():
+            from types import SimpleNamespace
+            return SimpleNamespace(time_ns=int((time.time() - state["age"]) * 1e9))
+
+    _, vpg = _vpg(1.0, 5.0, 0.0)  # hurry at RPO 3 s, calm below 2 s
+    vpg.log = Log()
+    said: list[bool] = []
+    p = pacer_mod.Pacer({"v": vpg}, said.append)
+    worker = threading.Thread(target=threading.Event().wait, args=(5,), daemon=True)
+    worker.start()
+
+    def wait_for(cond) -> None:
+        deadline = time.monotonic() + 5
+        while not cond():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    try:
+        p.start()
+        wait_for(lambda: os.sched_getscheduler(worker.native_id) == os.SCHED_IDLE)
+        assert p.background and said == []
+        state["age"] = 3.5
+        wait_for(lambda: not p.background)
+        wait_for(lambda: os.sched_getscheduler(worker.native_id) == os.SCHED_OTHER)
+        state["age"] = 2.5  # between the two marks: stays
+        time.sleep(0.1)
+        assert not p.background
+        state["age"] = 1.0
+        wait_for(lambda: p.background)
+        assert said == [False, True]
+    finally:
+        p.stop()
+        from zfsrep.syscalls import set_threads_idle
+
+        set_threads_idle(False)  # (this is the test process)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -56,12 +55,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     help="address to listen on (default 127.0.0.1:7450)")
     sv.add_argument("--foreground", "-f", action="store_true", help="stay attached")
     sv.add_argument("--cpu-priority", choices=("background", "normal"), default="background",
-                    help="background (default): the server takes only CPU time no other "
-                         "program on the host wants (SCHED_IDLE), so on the same host as "
-                         "protected mounts it never slows their applications; while they "
-                         "keep every CPU busy, the frames wait in their spools and the RPO "
-                         "grows until they pause. normal: ordinary time-sharing, for a host "
-                         "where the server must keep up against other busy programs")
+                    help="background (default): while every VPG is within its RPO target, "
+                         "the server and the mounts' sending take only CPU time no other "
+                         "program on the host wants (SCHED_IDLE), so a burst of writes on "
+                         "the same host is not slowed by its replication, which catches up "
+                         "after it; once a VPG's RPO is half way from its checkpoint "
+                         "interval to its target they run ordinarily until it is back. "
+                         "normal: always ordinary time-sharing")
     sv.add_argument("--log", type=Path, metavar="FILE",
                     help="server log file when in the background (default STORE/server.log)")
     sv.add_argument("--ready-timeout", type=float, default=120.0, help=argparse.SUPPRESS)
@@ -336,16 +336,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     listen = wire.parse_address(args.listen)
     if args.foreground:
+        import functools
+
         from zfsrep.server import serve
-        from zfsrep.syscalls import use_idle_cpu
 
         args.store.mkdir(parents=True, exist_ok=True)
-        # (before any thread starts: the threads inherit it)
-        if args.cpu_priority == "background" and not use_idle_cpu():
-            logging.getLogger("zfsrep.server").warning(
-                "cannot run at background CPU priority (SCHED_IDLE): running at normal "
-                "priority")
-        return run_foreground(serve, args.store.resolve(), listen)
+        main = functools.partial(serve, background=args.cpu_priority == "background")
+        return run_foreground(main, args.store.resolve(), listen)
     args.store.mkdir(parents=True, exist_ok=True)
     log_path = args.log or (args.store / "server.log")
     argv = ["serve", "--store", str(args.store.resolve()), "--listen", args.listen,

@@ -182,7 +182,8 @@ class VolumeShipper:
 
     async def _session(self, conn: protocol.MessageStream, welcome: dict) -> None:
         durable = int(welcome.get("durable_seq", 0))
-        conn.background = True  # (the frames it sends: see protocol.in_background)
+        # the frames go at background CPU priority while the server says so (zfsrep.pacer)
+        conn.background = bool(welcome.get("background", False))
         async with conn:
             self.state.connected = True
             log.info("replication link up: %s:%d holds records through %d",
@@ -230,8 +231,7 @@ class VolumeShipper:
                 continue
             held = self.spool.recent(seq, written, READ_BYTES)
             if held is None:  # behind what memory holds: from the spool's files
-                batch: list = await trio.to_thread.run_sync(
-                    protocol.in_background, reader.read, seq, written, READ_BYTES)
+                batch: list = await conn.in_worker(reader.read, seq, written, READ_BYTES)
             else:
                 batch = held
             try:
@@ -265,6 +265,10 @@ class VolumeShipper:
             kind = msg["t"]
             if kind == "ack":
                 self._ack(int(msg["seq"]))
+            elif kind == "pace":  # the links' CPU priority (zfsrep.pacer)
+                conn.background = bool(msg.get("background"))
+                log.info("the journal server asks for replication at %s CPU priority",
+                         "background" if conn.background else "normal")
             elif kind == "mark":
                 seq, why = self.mark()
                 await conn.send({"t": "marked", "id": msg.get("id"), "seq": seq,

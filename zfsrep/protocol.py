@@ -168,11 +168,12 @@ class MessageStream:
             await trio.to_thread.run_sync(self._worker, _sendfile_all, sock, head, fd, offset,
                                           size)
 
-    def _worker(self, fn: Callable[..., None], *args: object) -> None:
-        if self.background:
-            in_background(fn, *args)
-        else:
-            fn(*args)
+    def _worker(self, fn: Callable[..., T], *args: object) -> T:
+        return in_background(fn, *args) if self.background else fn(*args)
+
+    async def in_worker(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` in a worker thread, at background CPU priority if :attr:`background`."""
+        return await trio.to_thread.run_sync(self._worker, fn, *args)
 
     def _blocking_socket(self) -> socket.socket | None:
         """A second socket object on a duplicate of the connection's descriptor, used from

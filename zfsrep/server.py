@@ -44,6 +44,7 @@ from zfsrep.errors import (
 from zfsrep.index import VolumeIndex
 from zfsrep.journal import VolumeJournal
 from zfsrep.operations import describe, move_holds, protection_refused
+from zfsrep.pacer import Pacer
 from zfsrep.store import RemovedVolume, Store, VolumeMeta, VpgSettings, check_name
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,8 @@ class JournalServer:
         self.vpgs: dict[str, VpgRuntime] = {}
         self._nursery: trio.Nursery | None = None
         self.started = time.time()
+        #: set by serve() for --cpu-priority background (zfsrep.pacer)
+        self.pacer: Pacer | None = None
 
     # ---- startup -----------------------------------------------------------------------
     async def run(self, listen: tuple[str, int], *,
@@ -635,13 +638,32 @@ class JournalServer:
                 await conn.send({"t": "welcome", "proto": protocol.PROTOCOL,
                                  "durable_seq": vol.durable_seq,
                                  "checkpoint_interval": vpg.settings.checkpoint_interval_s,
-                                 "hold": hold})
+                                 "hold": hold, "background": self.background})
                 await self._volume_messages(vpg, vol, vc)
             finally:
                 if vol.conn is vc:
                     vol.conn = None
                     vol.disconnected_since = time.time()
                     log.info("volume %s/%s disconnected", vpg.name, vol.name)
+
+    @property
+    def background(self) -> bool:
+        """Whether the links should send at background CPU priority (zfsrep.pacer)."""
+        return self.pacer is not None and self.pacer.background
+
+    def announce_pace(self) -> None:
+        """(event loop) Tell every connected mount the links' CPU priority now."""
+        assert self._nursery is not None
+        msg = {"t": "pace", "background": self.background}
+        for vpg in self.vpgs.values():
+            for vol in vpg.volumes.values():
+                if vol.conn is not None:
+                    self._nursery.start_soon(self._send_quietly, vol.conn.conn, msg)
+
+    @staticmethod
+    async def _send_quietly(conn: protocol.MessageStream, msg: dict) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await conn.send(msg)
 
     async def _set_synced(self, vpg: VpgRuntime, vol: VolumeRuntime, seq: int) -> None:
         vol.meta.synced_seq = seq
@@ -749,8 +771,10 @@ class JournalServer:
         log.info("VPG %s deleted", name)
 
 
-async def serve(store_dir: Path, listen: tuple[str, int], ready: Callable[[], None]) -> None:
-    """The wiring of ``zfsrep serve``: the store, the server, signals for an orderly stop."""
+async def serve(store_dir: Path, listen: tuple[str, int], ready: Callable[[], None], *,
+                background: bool = True) -> None:
+    """The wiring of ``zfsrep serve``: the store, the server, signals for an orderly stop.
+    ``background``: --cpu-priority background (zfsrep.pacer)."""
     import signal
 
     from zfsrep.syscalls import keep_large_buffers
@@ -758,11 +782,20 @@ async def serve(store_dir: Path, listen: tuple[str, int], ready: Callable[[], No
     keep_large_buffers()
     store = Store(store_dir)
     server = JournalServer(store)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run, listen)
-        ready()
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-            async for signum in sigs:
-                log.info("received %s: stopping", signal.Signals(signum).name)
-                break
-        nursery.cancel_scope.cancel()
+    if background:  # (before any other thread starts)
+        token = trio.lowlevel.current_trio_token()
+        server.pacer = Pacer(server.vpgs, lambda _bg: token.run_sync_soon(server.announce_pace))
+        server.pacer.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run, listen)
+            ready()
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                           signal.SIGHUP) as sigs:
+                async for signum in sigs:
+                    log.info("received %s: stopping", signal.Signals(signum).name)
+                    break
+            nursery.cancel_scope.cancel()
+    finally:
+        if server.pacer is not None:
+            server.pacer.stop()

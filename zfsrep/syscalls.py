@@ -121,6 +121,26 @@ def use_idle_cpu() -> bool:
     return True
 
 
+def name_thread(name: str) -> None:
+    """Name the calling thread for ``top -H``, ``ps -L`` and /proc (at most 15 bytes)."""
+    _libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+
+
+def set_threads_idle(idle: bool, *, skip: int = 0) -> None:
+    """Put every thread of this process but ``skip`` (a native thread id) under SCHED_IDLE
+    (``idle``) or back to ordinary time-sharing. Best effort: a thread that ends meanwhile,
+    or a switch the system refuses, is passed over."""
+    policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return
+    for tid in tids:
+        if tid != skip:
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(tid, policy, os.sched_param(0))
+
+
 class IdleCPU:
     """``with IdleCPU():`` runs the body under SCHED_IDLE (see :func:`use_idle_cpu`) and then
     puts the calling thread's policy back: for work in a pooled worker thread (trio's), which
