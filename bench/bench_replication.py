@@ -295,7 +295,8 @@ def journal_server(env: Env, store: str) -> Iterator[Server]:
         address = f"127.0.0.1:{free_port()}"
         d = Daemon(
             "serve",
-            env.zargv("serve", "--store", store, "--listen", address, "--foreground"),
+            env.zargv("serve", "--store", store, "--listen", address, "--foreground",
+                      "--cpu-priority", env.args.server_cpu_priority),
             os.path.join(os.path.dirname(store), "serve.log"),
             env.zenv(),
             env.root,
@@ -957,7 +958,8 @@ def print_report(report: dict) -> None:
           f"{m['libfuse']}, python {m['python']}, git {m['git']}")
     print(f"workdir: {m['workdir']} ({m['workdir_fs']}); runs={report['runs']} (medians, "
           f"interleaved, ratio = median of per-run value/baseline); sizes={report['sizes_name']}"
-          f"; elapsed {report['elapsed']:.0f}s")
+          f"; elapsed {report['elapsed']:.0f}s; server --cpu-priority "
+          f"{m.get('server_cpu_priority', 'background')}")
     for b, why in report["skipped"].items():
         print(f"failed/skipped {b}: {why.splitlines()[0]}")
     print()
@@ -1000,6 +1002,7 @@ def machine_info(args: argparse.Namespace) -> dict:
         "git": cmd_out(["git", "rev-parse", "--short", "HEAD"]) + ("+dirty" if dirty else ""),
         "workdir": os.path.realpath(args.workdir),
         "workdir_fs": _mounts.fs_type(args.workdir),
+        "server_cpu_priority": args.server_cpu_priority,
     }
 
 
@@ -1022,6 +1025,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-timeout", type=float, default=120.0,
                    help="seconds a protected mount may take to flush and exit (default 120)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, stores)")
+    p.add_argument("--server-cpu-priority", choices=("background", "normal"),
+                   default="background",
+                   help="the journal server's --cpu-priority (default background, as serve's)")
     args = p.parse_args(argv)
     args.bench_list = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     bad = [b for b in args.bench_list if b not in ALL_BENCHMARKS]

@@ -245,3 +245,44 @@ def test_background_work_runs_at_idle_cpu_priority_and_gives_the_thread_back() -
     t.start()
     t.join()
     assert seen == [os.SCHED_IDLE, os.SCHED_OTHER, os.SCHED_OTHER]
+
+
+@pytest.mark.parametrize("over_socket", [False, True])
+async def test_send_frames_sends_buffers_and_file_ranges_in_order(tmp_path, over_socket) -> None:
+    """The link's batch: frames as bytes, as buffers, and as ranges of a spool file, one
+    hand-off to a worker thread over a socket (a memory stream: one send each)."""
+    import os
+    from types import SimpleNamespace
+
+    a = frames.encode_frame([[1, 0, 9, 1, b"a" * 300_000, b"v"]])
+    b = frames.encode_frame([[2, 0, 9, 1, b"b", b"v"]])
+    c = frames.encode_frame([[3, 0, 9, 1, os.urandom(70_000), b"v"]])
+    path = tmp_path / "seg"
+    path.write_bytes(b"junk" + c + b"tail")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if over_socket:
+            s1, s2 = trio.socket.socketpair()
+            left = protocol.MessageStream(trio.SocketStream(s1))
+            right = protocol.MessageStream(trio.SocketStream(s2))
+        else:
+            left, right = _pair()
+        got: list[bytes] = []
+
+        async def reader() -> None:
+            for _ in range(3):
+                msg = await right.receive()
+                assert msg is not None and msg["t"] == "data"
+                got.append(bytes(msg["frame"]))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            sizes = await left.send_frames(
+                [a, [memoryview(b)[:10], memoryview(b)[10:]],
+                 SimpleNamespace(fd=fd, offset=4, length=len(c))])
+        assert sizes == [len(a), len(b), len(c)]
+        assert got == [a, b, c]
+        await left.aclose()
+        await right.aclose()
+    finally:
+        os.close(fd)

@@ -31,7 +31,7 @@ from zfsrep import protocol
 from zfsrep.barrier import CompletionGate
 from zfsrep.errors import OSFailure, StateError, ZfsrepError
 from zfsrep.scan import ScanProgress
-from zfsrep.spool import FileRange, SpoolReader, SpoolWriter, close_frames
+from zfsrep.spool import SpoolReader, SpoolWriter, close_frames
 
 log = logging.getLogger(__name__)
 
@@ -235,14 +235,8 @@ class VolumeShipper:
             else:
                 batch = held
             try:
-                for _first, last, frame in batch:
-                    if isinstance(frame, FileRange):
-                        size = frame.length
-                        await conn.send_file_data(frame.fd, frame.offset, size)
-                    else:
-                        parts = [memoryview(frame)] if isinstance(frame, bytes) else frame
-                        size = sum(p.nbytes for p in parts)
-                        await conn.send_data(parts)
+                sizes = await conn.send_frames([frame for _first, _last, frame in batch])
+                for (_first, last, _frame), size in zip(batch, sizes, strict=True):
                     self._inflight.append((last, size))
                     self._inflight_bytes += size
                     self.state.sent_frames += 1

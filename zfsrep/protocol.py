@@ -92,6 +92,21 @@ def in_background(fn: Callable[..., T], *args: object) -> T:
         return fn(*args)
 
 
+def _data_head(size: int) -> bytes:
+    """What goes before a frame of ``size`` bytes in a data message (MessageStream.send_data)."""
+    if size + len(_DATA_PREFIX) + 4 > MAX_MESSAGE:
+        raise ValueError(f"frame of {size} bytes exceeds the message limit")
+    return LEN.pack(len(_DATA_PREFIX) + 4 + size) + _DATA_PREFIX + struct.pack(">I", size)
+
+
+def _send_jobs(sock: socket.socket, jobs: list[tuple]) -> None:
+    for job in jobs:
+        if len(job) == 4:
+            _sendfile_all(sock, *job)
+        else:
+            _sendall(sock, [job[0], *job[1]])
+
+
 def _pread_all(fd: int, offset: int, size: int) -> bytes:
     data = os.pread(fd, size, offset)
     if len(data) != size:
@@ -138,9 +153,7 @@ class MessageStream:
         the frame's bytes (one buffer or several back to back) right after it."""
         parts = [frame] if isinstance(frame, bytes | bytearray | memoryview) else list(frame)
         size = sum(memoryview(p).nbytes for p in parts)
-        if size + len(_DATA_PREFIX) + 4 > MAX_MESSAGE:
-            raise ValueError(f"frame of {size} bytes exceeds the message limit")
-        head = LEN.pack(len(_DATA_PREFIX) + 4 + size) + _DATA_PREFIX + struct.pack(">I", size)
+        head = _data_head(size)
         async with self._send_lock:
             sock = self._blocking_socket()
             if sock is not None and size >= _DIRECT_MIN:
@@ -156,9 +169,7 @@ class MessageStream:
         """:meth:`send_data` of a frame that lies in a file (``size`` bytes at ``offset`` of
         ``fd``): the kernel copies it from the page cache to the socket (sendfile), with no
         copy through this process."""
-        if size + len(_DATA_PREFIX) + 4 > MAX_MESSAGE:
-            raise ValueError(f"frame of {size} bytes exceeds the message limit")
-        head = LEN.pack(len(_DATA_PREFIX) + 4 + size) + _DATA_PREFIX + struct.pack(">I", size)
+        head = _data_head(size)
         async with self._send_lock:
             sock = self._blocking_socket()
             if sock is None:  # not a socket (tests): read it and send it
@@ -167,6 +178,37 @@ class MessageStream:
                 return
             await trio.to_thread.run_sync(self._worker, _sendfile_all, sock, head, fd, offset,
                                           size)
+
+    async def send_frames(self, frames: Sequence[Any]) -> list[int]:
+        """:meth:`send_data` of each of ``frames`` in turn (bytes or buffers; or a file range,
+        an object with ``fd``, ``offset`` and ``length``, as :meth:`send_file_data`), in one
+        call of a worker thread: one hand-off for the event loop, which serves the
+        application, whatever the number of frames. Returns their sizes."""
+        jobs: list[tuple] = []
+        sizes: list[int] = []
+        for frame in frames:
+            if hasattr(frame, "fd"):
+                size = frame.length
+                jobs.append((_data_head(size), frame.fd, frame.offset, size))
+            else:
+                parts = ([frame] if isinstance(frame, bytes | bytearray | memoryview)
+                         else list(frame))
+                size = sum(memoryview(p).nbytes for p in parts)
+                jobs.append((_data_head(size), parts))
+            sizes.append(size)
+        async with self._send_lock:
+            sock = self._blocking_socket()
+            if sock is not None:
+                await trio.to_thread.run_sync(self._worker, _send_jobs, sock, jobs)
+                return sizes
+            for job in jobs:  # not a socket (tests)
+                if len(job) == 4:
+                    data = await trio.to_thread.run_sync(_pread_all, *job[1:])
+                    await self.stream.send_all(job[0] + data)
+                else:
+                    for part in [job[0], *job[1]]:
+                        await self.stream.send_all(part)
+        return sizes
 
     def _worker(self, fn: Callable[..., T], *args: object) -> T:
         return in_background(fn, *args) if self.background else fn(*args)
