@@ -88,9 +88,9 @@ class Pacer:
                     log.info("every VPG is within its RPO target again: back to background "
                              "CPU priority")
                 else:
-                    log.info("a VPG's RPO is %.0f%% of the way from its checkpoint "
-                                "interval to its target: the server and the links run at "
-                                "normal CPU priority until it is back", 100 * worst)
+                    log.info("a VPG's RPO is %.0f%% of the way from its checkpoint interval "
+                             "to its target: the server and the links run at normal CPU "
+                             "priority until it is back", 100 * worst)
                 try:
                     self._announce(background)
                 except Exception:  # (the loop is stopping)

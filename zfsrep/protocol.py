@@ -16,7 +16,7 @@ import select
 import socket
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import trio
 
@@ -82,6 +82,14 @@ def _sendfile_all(sock: socket.socket, head: bytes, fd: int, offset: int, size: 
 
 
 T = TypeVar("T")
+
+
+class FileSpan(NamedTuple):
+    """``length`` bytes at ``offset`` of the open file ``fd`` (a frame in a spool segment)."""
+
+    fd: int
+    offset: int
+    length: int
 
 
 def in_background(fn: Callable[..., T], *args: object) -> T:
@@ -151,39 +159,20 @@ class MessageStream:
         """Send ``{"t": "data", "frame": frame}`` without copying the frame into a message
         buffer: the msgpack prefix (a 2-entry map whose last value is a bin32) goes first,
         the frame's bytes (one buffer or several back to back) right after it."""
-        parts = [frame] if isinstance(frame, bytes | bytearray | memoryview) else list(frame)
-        size = sum(memoryview(p).nbytes for p in parts)
-        head = _data_head(size)
-        async with self._send_lock:
-            sock = self._blocking_socket()
-            if sock is not None and size >= _DIRECT_MIN:
-                # a worker thread does the copying into the kernel (on loopback also the
-                # peer's receive processing), so the event loop goes on serving meanwhile
-                await trio.to_thread.run_sync(self._worker, _sendall, sock, [head, *parts])
-                return
-            await self.stream.send_all(head)
-            for part in parts:
-                await self.stream.send_all(part)
+        await self.send_frames([frame])
 
     async def send_file_data(self, fd: int, offset: int, size: int) -> None:
         """:meth:`send_data` of a frame that lies in a file (``size`` bytes at ``offset`` of
         ``fd``): the kernel copies it from the page cache to the socket (sendfile), with no
         copy through this process."""
-        head = _data_head(size)
-        async with self._send_lock:
-            sock = self._blocking_socket()
-            if sock is None:  # not a socket (tests): read it and send it
-                data = await trio.to_thread.run_sync(_pread_all, fd, offset, size)
-                await self.stream.send_all(head + data)
-                return
-            await trio.to_thread.run_sync(self._worker, _sendfile_all, sock, head, fd, offset,
-                                          size)
+        await self.send_frames([FileSpan(fd, offset, size)])
 
     async def send_frames(self, frames: Sequence[Any]) -> list[int]:
         """:meth:`send_data` of each of ``frames`` in turn (bytes or buffers; or a file range,
-        an object with ``fd``, ``offset`` and ``length``, as :meth:`send_file_data`), in one
-        call of a worker thread: one hand-off for the event loop, which serves the
-        application, whatever the number of frames. Returns their sizes."""
+        an object with ``fd``, ``offset`` and ``length`` such as :class:`FileSpan`, as
+        :meth:`send_file_data`), over a socket in one call of a worker thread: one hand-off
+        for the event loop, which serves the application, whatever the number of frames.
+        Returns their sizes."""
         jobs: list[tuple] = []
         sizes: list[int] = []
         for frame in frames:

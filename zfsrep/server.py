@@ -652,13 +652,17 @@ class JournalServer:
         return self.pacer is not None and self.pacer.background
 
     def announce_pace(self) -> None:
-        """(event loop) Tell every connected mount the links' CPU priority now."""
-        assert self._nursery is not None
+        """(event loop, from the pacer's thread) Tell every connected mount the links' CPU
+        priority now. Nothing once the server is stopping (an exception here would end the
+        event loop)."""
         msg = {"t": "pace", "background": self.background}
-        for vpg in self.vpgs.values():
-            for vol in vpg.volumes.values():
-                if vol.conn is not None:
-                    self._nursery.start_soon(self._send_quietly, vol.conn.conn, msg)
+        for vpg in list(self.vpgs.values()):
+            for vol in list(vpg.volumes.values()):
+                if vol.conn is not None and self._nursery is not None:
+                    try:
+                        self._nursery.start_soon(self._send_quietly, vol.conn.conn, msg)
+                    except RuntimeError:  # the nursery is closed: stopping
+                        return
 
     @staticmethod
     async def _send_quietly(conn: protocol.MessageStream, msg: dict) -> None:
