@@ -296,7 +296,8 @@ def journal_server(env: Env, store: str) -> Iterator[Server]:
         d = Daemon(
             "serve",
             env.zargv("serve", "--store", store, "--listen", address, "--foreground",
-                      "--cpu-priority", env.args.server_cpu_priority),
+                      "--cpu-priority",
+                      getattr(env.args, "server_cpu_priority", "background")),
             os.path.join(os.path.dirname(store), "serve.log"),
             env.zenv(),
             env.root,
