@@ -431,9 +431,14 @@ def test_the_server_takes_idle_cpu_until_a_vpg_falls_behind_its_rpo_target(
     assert journal_server.proc is not None and m.proc is not None
     pid = journal_server.proc.pid
     _wait_policies(pid, {"pacer": {other}, "others": {idle}})
+    st = json.loads(journal_server.cli("status", VPG, "--json").stdout)[0]
+    assert st["replication_priority"] == "background"
+    assert "replication at background CPU priority" in journal_server.cli("status").stdout
     os.kill(m.proc.pid, signal.SIGSTOP)
     try:
         _wait_policies(pid, {"pacer": {other}, "others": {other}})
+        st = json.loads(journal_server.cli("status", VPG, "--json").stdout)[0]
+        assert st["replication_priority"] == "normal"
     finally:
         os.kill(m.proc.pid, signal.SIGCONT)
     _wait_policies(pid, {"pacer": {other}, "others": {idle}})

@@ -242,3 +242,34 @@ def test_the_pacer_switches_with_hysteresis_and_puts_threads_back(monkeypatch) -
 
         set_threads_idle(False)  # (this is the test process)
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+def test_a_pacer_that_fails_leaves_the_server_at_normal_priority(caplog) -> None:
+    """A bug in the pacer must not leave the server in the background with nobody watching
+    its RPO: it logs, puts every thread back to normal priority and says so."""
+    import os
+    import threading
+
+    from zfsrep import pacer as pacer_mod
+    from zfsrep.syscalls import set_threads_idle
+
+    class Broken:
+        @property
+        def volumes(self):
+            raise RuntimeError("boom")
+
+    said: list[bool] = []
+    worker = threading.Thread(target=threading.Event().wait, args=(5,), daemon=True)
+    worker.start()
+    set_threads_idle(True)  # as a server in the background is
+    try:
+        p = pacer_mod.Pacer({"v": Broken()}, said.append)
+        p.start()
+        assert p._thread is not None
+        p._thread.join(5)
+        assert not p._thread.is_alive()
+        assert not p.background and said == [False]
+        assert os.sched_getscheduler(worker.native_id) == os.SCHED_OTHER
+        assert "pacer failed" in caplog.text
+    finally:
+        set_threads_idle(False)

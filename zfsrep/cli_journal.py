@@ -618,7 +618,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"VPG {v['vpg']}: {v['status']}{sub}")
         print(f"  RPO {rpo} (target {v['rpo_target_s']:g} s), history held "
               f"{_human(v['history_s'])} of {_human(v['history_target_s'])}, "
-              f"{v['checkpoints']} checkpoints, journal {_size(v['journal_bytes'])}")
+              f"{v['checkpoints']} checkpoints, journal {_size(v['journal_bytes'])}; "
+              f"replication at {v.get('replication_priority', 'normal')} CPU priority")
         op = v.get("operation")
         if op:
             print(f"  {op['op']} of checkpoint {op['checkpoint']}: {op['phase']} since "

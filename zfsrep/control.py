@@ -275,8 +275,11 @@ async def _status(server: JournalServer, args: dict) -> list[dict]:
     out = []
     for vpg in vpgs:
         used = await trio.to_thread.run_sync(server.store.bytes_used, vpg.name)
-        out.append(vpg_status(vpg, time.time(), journal_bytes=used,
-                              recovery_dir=str(server.store.recovery_dir(vpg.settings))))
+        st = vpg_status(vpg, time.time(), journal_bytes=used,
+                        recovery_dir=str(server.store.recovery_dir(vpg.settings)))
+        # the server's CPU priority for replication now (zfsrep.pacer): the same for all
+        st["replication_priority"] = "background" if server.background else "normal"
+        out.append(st)
     return out
 
 

@@ -15,6 +15,7 @@ event loop gets no CPU, no checkpoint is recorded, the RPO grows, and the thread
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -79,23 +80,34 @@ class Pacer:
         name_thread("zfsrep-pacer")
         me = threading.get_native_id()
         while True:
-            worst = max((p for vpg in list(self._vpgs.values())
-                         if (p := rpo_pressure(vpg, time.time())) is not None), default=0.0)
-            background = worst < (CALM_AT if not self.background else HURRY_AT)
-            if background != self.background:
-                self.background = background
-                if background:
-                    log.info("every VPG is within its RPO target again: back to background "
-                             "CPU priority")
-                else:
-                    log.info("a VPG's RPO is %.0f%% of the way from its checkpoint interval "
-                             "to its target: the server and the links run at normal CPU "
-                             "priority until it is back", 100 * worst)
-                try:
-                    self._announce(background)
-                except Exception:  # (the loop is stopping)
-                    log.debug("could not tell the mounts", exc_info=True)
-            # every tick, for the threads started since
-            set_threads_idle(self.background, skip=me)
+            try:
+                self._tick(me)
+            except Exception:  # a bug: the server must go on, at normal priority then
+                log.exception("CPU priority pacer failed; the server runs at normal priority")
+                self.background = False
+                set_threads_idle(False, skip=me)
+                with contextlib.suppress(Exception):
+                    self._announce(False)
+                return
             if self._stop.wait(PACE_INTERVAL):
                 return
+
+    def _tick(self, me: int) -> None:
+        worst = max((p for vpg in list(self._vpgs.values())
+                     if (p := rpo_pressure(vpg, time.time())) is not None), default=0.0)
+        background = worst < (CALM_AT if not self.background else HURRY_AT)
+        if background != self.background:
+            self.background = background
+            if background:
+                log.info("every VPG is within its RPO target again: back to background CPU "
+                         "priority")
+            else:
+                log.info("a VPG's RPO is %.0f%% of the way from its checkpoint interval to "
+                         "its target: the server and the links run at normal CPU priority "
+                         "until it is back", 100 * worst)
+            try:
+                self._announce(background)
+            except Exception:  # (the event loop is stopping)
+                log.debug("could not tell the mounts", exc_info=True)
+        # every tick, for the threads started since
+        set_threads_idle(self.background, skip=me)
