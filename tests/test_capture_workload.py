@@ -247,7 +247,8 @@ def test_large_writes_reuse_request_buffers(mount_factory) -> None:
     in 1 MiB writes allocates about the limit's worth of request buffers (13-19 for this 16
     MiB limit; 33 seen while the disk was still writing back earlier tests' files: a buffer
     the limit leaves no room to pool is freed; 48 allocated and 124 reused seen on a fresh
-    machine) and reuses them for the rest (before buffers were pooled, one per write)."""
+    machine, 43 and 82 in CI on a noisy host) and reuses them for the rest (before buffers
+    were pooled, one per write: none reused)."""
     m = mount_factory("rss", extra=("--memory-limit", "16"))
     m.start()
     grown = _write_mib(m, 256)
@@ -256,7 +257,7 @@ def test_large_writes_reuse_request_buffers(mount_factory) -> None:
     assert found, m.log.read_text()
     allocated, reused = int(found[1]), int(found[2])
     # (writes over the limit go to Python, in buffers of its own: fewer than 256 are used)
-    assert allocated <= 64 and reused >= 2 * allocated, (allocated, reused)
+    assert allocated <= 64 and reused >= allocated, (allocated, reused)
     # the limit, plus what writes waiting for the spool hold (see the next test), plus the
     # O_DIRECT spool's buffer of one frame (4-6 MiB; 54 MiB seen with an 8 MiB buffer)
     assert grown < 56 << 10, f"peak memory grew {grown >> 10} MiB for a 16 MiB limit"
