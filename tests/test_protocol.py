@@ -22,7 +22,7 @@ async def test_messages_round_trip_including_the_data_message() -> None:
     frame = frames.encode_frame([[1, 0, 9, 1, b"name", b"value"]])
     left, right = _pair()
     await left.send({"t": "hello", "n": 1, "b": b"\x00\xff"})
-    await left.send_data(frame)
+    await left.send_frames([frame])
     assert await right.receive() == {"t": "hello", "n": 1, "b": b"\x00\xff"}
     got = await right.receive()
     assert got is not None and got["t"] == "data" and bytes(got["frame"]) == frame
@@ -86,7 +86,7 @@ async def test_large_data_message_is_read_into_its_own_buffer() -> None:
     frame = frames.encode_frame([[1, 0, 5, 7, 0, os.urandom(300_000), None, 0]])
     left, right = _pair()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(left.send_data, [frame[:100], memoryview(frame)[100:]])
+        nursery.start_soon(left.send_frames, [[frame[:100], memoryview(frame)[100:]]])
         got = await right.receive()
     assert got is not None and bytes(got["frame"]) == frame
     header, records = frames.decode_frame(got["frame"])
@@ -135,9 +135,9 @@ def test_the_blocking_call_times_out_and_refuses_malformed_answers() -> None:
 
 
 async def test_a_frame_in_a_file_is_sent_by_the_kernel_as_a_data_message(tmp_path) -> None:
-    """send_file_data over a real socket: the bytes at the offset arrive as one data message
-    (the sender waits while the peer's small buffer is full), and the file's own position
-    is left where it was."""
+    """send_frames of a file range over a real socket: the bytes at the offset arrive as one
+    data message (the sender waits while the peer's small buffer is full), and the file's
+    own position is left where it was."""
     import os
     import socket
 
@@ -152,7 +152,7 @@ async def test_a_frame_in_a_file_is_sent_by_the_kernel_as_a_data_message(tmp_pat
     try:
         os.lseek(fd, 7, os.SEEK_SET)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(left.send_file_data, fd, 1000, len(frame))
+            nursery.start_soon(left.send_frames, [protocol.FileSpan(fd, 1000, len(frame))])
             await trio.sleep(0.2)  # the sender fills the buffers and waits for the reader
             got = await right.receive()
         assert got is not None and got["t"] == "data" and bytes(got["frame"]) == frame
@@ -202,8 +202,8 @@ def test_sending_a_file_frame_to_a_peer_that_reads_nothing_times_out(tmp_path, m
 
 
 async def test_a_frame_in_a_file_goes_over_a_stream_without_a_socket_too(tmp_path) -> None:
-    """send_file_data on a stream that has no socket (read, then sent) gives the same data
-    message; a file shorter than the frame is an error, not a short message."""
+    """send_frames of a file range on a stream that has no socket (read, then sent) gives
+    the same data message; a file shorter than the frame is an error, not a short message."""
     import os
 
     frame = frames.encode_frame([[1, 0, 5, 7, 0, os.urandom(300_000), None, 0]])
@@ -213,11 +213,11 @@ async def test_a_frame_in_a_file_goes_over_a_stream_without_a_socket_too(tmp_pat
     fd = os.open(path, os.O_RDONLY)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(left.send_file_data, fd, 10, len(frame))
+            nursery.start_soon(left.send_frames, [protocol.FileSpan(fd, 10, len(frame))])
             got = await right.receive()
         assert got is not None and bytes(got["frame"]) == frame
         with pytest.raises(OSError, match="ended before the frame"):
-            await left.send_file_data(fd, 11, len(frame))
+            await left.send_frames([protocol.FileSpan(fd, 11, len(frame))])
     finally:
         os.close(fd)
 

@@ -101,7 +101,7 @@ def in_background(fn: Callable[..., T], *args: object) -> T:
 
 
 def _data_head(size: int) -> bytes:
-    """What goes before a frame of ``size`` bytes in a data message (MessageStream.send_data)."""
+    """What goes before a frame of ``size`` bytes in a data message (MessageStream.send_frames)."""
     if size + len(_DATA_PREFIX) + 4 > MAX_MESSAGE:
         raise ValueError(f"frame of {size} bytes exceeds the message limit")
     return LEN.pack(len(_DATA_PREFIX) + 4 + size) + _DATA_PREFIX + struct.pack(">I", size)
@@ -123,7 +123,7 @@ def _pread_all(fd: int, offset: int, size: int) -> bytes:
 
 
 def _unpack_data(body: bytes | memoryview) -> dict[str, Any] | None:
-    """A data message in the exact form :meth:`MessageStream.send_data` writes, without
+    """A data message in the exact form :meth:`MessageStream.send_frames` writes, without
     copying its frame out (None for anything else: the general decoder handles it)."""
     n = len(_DATA_PREFIX)
     if len(body) < n + 4 or body[:n] != _DATA_PREFIX:
@@ -150,29 +150,20 @@ class MessageStream:
         head, body = pack_parts(msg)
         async with self._send_lock:
             sock = self._blocking_socket() if len(body) >= _DIRECT_MIN else None
-            if sock is not None:  # a large answer (file data): as send_data does
+            if sock is not None:  # a large answer (file data): as send_frames does
                 await trio.to_thread.run_sync(_sendall, sock, [head, body])
                 return
             await self.stream.send_all(head + body)
 
-    async def send_data(self, frame: bytes | Sequence[bytes | memoryview]) -> None:
-        """Send ``{"t": "data", "frame": frame}`` without copying the frame into a message
-        buffer: the msgpack prefix (a 2-entry map whose last value is a bin32) goes first,
-        the frame's bytes (one buffer or several back to back) right after it."""
-        await self.send_frames([frame])
-
-    async def send_file_data(self, fd: int, offset: int, size: int) -> None:
-        """:meth:`send_data` of a frame that lies in a file (``size`` bytes at ``offset`` of
-        ``fd``): the kernel copies it from the page cache to the socket (sendfile), with no
-        copy through this process."""
-        await self.send_frames([FileSpan(fd, offset, size)])
-
     async def send_frames(self, frames: Sequence[Any]) -> list[int]:
-        """:meth:`send_data` of each of ``frames`` in turn (bytes or buffers; or a file range,
-        an object with ``fd``, ``offset`` and ``length`` such as :class:`FileSpan`, as
-        :meth:`send_file_data`), over a socket in one call of a worker thread: one hand-off
-        for the event loop, which serves the application, whatever the number of frames.
-        Returns their sizes."""
+        """Send ``{"t": "data", "frame": frame}`` for each of ``frames`` in turn, without
+        copying a frame into a message buffer: the msgpack prefix (a 2-entry map whose last
+        value is a bin32) goes first, the frame's bytes right after it. A frame is bytes or
+        buffers sent back to back, or a range of a file (an object with ``fd``, ``offset``
+        and ``length``, such as :class:`FileSpan`) that the kernel sends itself (sendfile),
+        with no copy through this process. Over a socket, all of them in one call of a worker
+        thread: one hand-off for the event loop, which serves the application. Returns the
+        frames' sizes."""
         jobs: list[tuple] = []
         sizes: list[int] = []
         for frame in frames:
