@@ -11,6 +11,7 @@ import trio.testing
 
 from zfsrep import frames, protocol, wire
 from zfsrep.errors import ZfsrepError
+from zfsrep.spool import FileRange
 
 
 def _pair() -> tuple[protocol.MessageStream, protocol.MessageStream]:
@@ -152,7 +153,7 @@ async def test_a_frame_in_a_file_is_sent_by_the_kernel_as_a_data_message(tmp_pat
     try:
         os.lseek(fd, 7, os.SEEK_SET)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(left.send_frames, [protocol.FileSpan(fd, 1000, len(frame))])
+            nursery.start_soon(left.send_frames, [FileRange(fd, 1000, len(frame))])
             await trio.sleep(0.2)  # the sender fills the buffers and waits for the reader
             got = await right.receive()
         assert got is not None and got["t"] == "data" and bytes(got["frame"]) == frame
@@ -213,11 +214,11 @@ async def test_a_frame_in_a_file_goes_over_a_stream_without_a_socket_too(tmp_pat
     fd = os.open(path, os.O_RDONLY)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(left.send_frames, [protocol.FileSpan(fd, 10, len(frame))])
+            nursery.start_soon(left.send_frames, [FileRange(fd, 10, len(frame))])
             got = await right.receive()
         assert got is not None and bytes(got["frame"]) == frame
         with pytest.raises(OSError, match="ended before the frame"):
-            await left.send_frames([protocol.FileSpan(fd, 11, len(frame))])
+            await left.send_frames([FileRange(fd, 11, len(frame))])
     finally:
         os.close(fd)
 

@@ -16,7 +16,7 @@ import select
 import socket
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -82,14 +82,6 @@ def _sendfile_all(sock: socket.socket, head: bytes, fd: int, offset: int, size: 
 
 
 T = TypeVar("T")
-
-
-class FileSpan(NamedTuple):
-    """``length`` bytes at ``offset`` of the open file ``fd`` (a frame in a spool segment)."""
-
-    fd: int
-    offset: int
-    length: int
 
 
 def in_background(fn: Callable[..., T], *args: object) -> T:
@@ -160,10 +152,10 @@ class MessageStream:
         copying a frame into a message buffer: the msgpack prefix (a 2-entry map whose last
         value is a bin32) goes first, the frame's bytes right after it. A frame is bytes or
         buffers sent back to back, or a range of a file (an object with ``fd``, ``offset``
-        and ``length``, such as :class:`FileSpan`) that the kernel sends itself (sendfile),
-        with no copy through this process. Over a socket, all of them in one call of a worker
-        thread: one hand-off for the event loop, which serves the application. Returns the
-        frames' sizes."""
+        and ``length``, such as :class:`zfsrep.spool.FileRange`) that the kernel sends
+        itself (sendfile), with no copy through this process. Over a socket, all of them in
+        one call of a worker thread: one hand-off for the event loop, which serves the
+        application. Returns the frames' sizes."""
         jobs: list[tuple] = []
         sizes: list[int] = []
         for frame in frames:
