@@ -590,13 +590,14 @@ def read_frame(f: BinaryIO, *, padded: bool = False) -> tuple[FrameHeader, list[
     return header, decode_payload(header, payload)
 
 
-#: A spool segment written with O_DIRECT ends with fewer than this many zero bytes.
+#: A segment written with O_DIRECT (spool or open journal segment) ends with fewer than this
+#: many zero bytes after its last frame (zfsrep.directio).
 SEGMENT_PAD = 4096
 
 
 def padding_to_end(f: BinaryIO, head: bytes | bytearray) -> bool:
     """Whether ``head``, just read from ``f`` where a frame header would start, begins a
-    spool segment's padding: zero bytes (a header starts with the magic), fewer than
+    segment's O_DIRECT padding: zero bytes (a header starts with the magic), fewer than
     SEGMENT_PAD of them, through the end of the file. Zero bytes followed by data (a frame
     whose header was not written) are no padding; ``f`` is then moved past ``head``."""
     if any(head):

@@ -4,10 +4,13 @@ Layout (see docs/journal-format.md)::
 
     JOURNAL/<first seq, 20 digits>.zfr    frames back to back, in sequence order
 
-The last segment is the *open* one: frames are appended to it with ``write(2)`` and made
-durable by :meth:`VolumeJournal.sync` (one fsync for everything appended since the last one:
-group commit). When it reaches ``segment_bytes`` it is fsynced whole and a new segment, named
-after the next sequence number, is started. Earlier segments are therefore always complete and
+The last segment is the *open* one: frames are appended to it and made durable by
+:meth:`VolumeJournal.sync` (one fsync for everything appended since the last one: group
+commit). Appends use O_DIRECT where the file system takes it (zfsrep.directio), so the open
+segment may end with up to 4095 zero bytes after its last frame; elsewhere (tmpfs, or
+``ZFSREP_JOURNAL_DIRECT=0``) they go through the page cache. When it reaches
+``segment_bytes`` it is fsynced whole and a new segment, named after the next sequence
+number, is started. Earlier segments are therefore always complete and
 durable; opening a journal reads (and checksums) only the last segment, cutting a torn or
 corrupt tail with a WARNING. The open segment always exists, even empty, so that its name says
 where the stream continues however much has been trimmed.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import threading
@@ -29,7 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from zfsrep import frames
+from zfsrep import directio, frames
 from zfsrep.errors import CorruptDataError, FrameError, NotFoundError, OSFailure, StateError
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,8 @@ SUFFIX = ".zfr"
 SEGMENT_BYTES = 64 << 20
 ROTATE_TRIMMED_BYTES = 1 << 20
 _NAME_DIGITS = 20
+#: False: segments are always written through the page cache (ZFSREP_JOURNAL_DIRECT=0).
+DIRECT = os.environ.get("ZFSREP_JOURNAL_DIRECT", "1") != "0"
 
 Buffer = bytes | bytearray | memoryview
 
@@ -55,6 +61,7 @@ class JournalFS(Protocol):
 
     def open(self, path: Path, flags: int, mode: int = 0o600) -> int: ...
     def write(self, fd: int, data: Buffer) -> int: ...
+    def pwrite(self, fd: int, data: Buffer, offset: int) -> int: ...
     def fsync(self, fd: int) -> None: ...
     def fsync_dir(self, path: Path) -> None: ...
     def truncate(self, fd: int, length: int) -> None: ...
@@ -72,6 +79,9 @@ class OSJournalFS:
 
     def write(self, fd: int, data: Buffer) -> int:
         return os.write(fd, data)
+
+    def pwrite(self, fd: int, data: Buffer, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
 
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
@@ -164,6 +174,19 @@ class FaultInjectingFS(OSJournalFS):
             action()
         return super().write(fd, data)
 
+    def pwrite(self, fd: int, data: Buffer, offset: int) -> int:
+        """Labelled ``write`` too. A crash in it writes its first ``keep`` bytes through the
+        page cache (an O_DIRECT descriptor takes only whole blocks): a torn write."""
+        action = self._fault("write", self._names.get(fd, "?"))
+        if isinstance(action, int):
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+            os.pwrite(fd, memoryview(data)[:action], offset)
+            raise SimulatedCrash(f"crashed after writing {action} of {len(data)} bytes")
+        if callable(action):
+            action()
+        return super().pwrite(fd, data, offset)
+
     def fsync(self, fd: int) -> None:
         self._run("fsync", self._names.get(fd, "?"))
         super().fsync(fd)
@@ -209,6 +232,15 @@ def write_all(fs: JournalFS, fd: int, data: Buffer) -> None:
     while view.nbytes:
         n = fs.write(fd, view)
         view = view[n:]
+
+
+def pwrite_all(fs: JournalFS, fd: int, data: Buffer, offset: int) -> None:
+    """Write every byte of ``data`` at ``offset`` (a short write continues)."""
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        n = fs.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
 
 
 def describe(exc: OSError) -> str:
@@ -261,7 +293,7 @@ def _scan_segment(path: Path, expected_first: int) -> tuple[int, int, str | None
     with open(path, "rb") as f:
         while True:
             head = _read_exact(f, frames.HEADER_SIZE)
-            if not head:
+            if not head or frames.padding_to_end(f, head):  # (an O_DIRECT segment's end)
                 return good, expected - 1, None
             try:
                 header = frames.parse_header(head)
@@ -293,11 +325,12 @@ class VolumeJournal:
     """
 
     def __init__(self, path: Path, *, fs: JournalFS | None = None,
-                 segment_bytes: int = SEGMENT_BYTES, first_seq: int = 1) -> None:
+                 segment_bytes: int = SEGMENT_BYTES, first_seq: int = 1,
+                 direct: bool = DIRECT) -> None:
         """Open (or create) the journal in directory ``path``.
 
         ``first_seq`` is where a *new* journal's stream starts; an existing journal continues
-        where its files say.
+        where its files say. ``direct``: append with O_DIRECT where the file system takes it.
         """
         if first_seq < 1:
             raise ValueError("first_seq must be at least 1")
@@ -314,6 +347,9 @@ class VolumeJournal:
         self._durable_seq = 0
         self._broken: str | None = None  # why appends are refused until reopened
         self._rotate_next = False  # the indexer has reached the open segment: close it
+        self.direct = direct
+        self._direct = False  # the open segment is written with O_DIRECT
+        self._appender = directio.DirectAppender()
         self._open(first_seq)
 
     # -- opening
@@ -326,8 +362,7 @@ class VolumeJournal:
                 fs.fsync_dir(self.path.parent)
             firsts = _segment_firsts(self.path)
             if not firsts:
-                fd = fs.open(self._seg_path(first_seq),
-                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND)
+                fd = fs.open(self._seg_path(first_seq), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
                 try:
                     fs.fsync_dir(self.path)
                 except BaseException:
@@ -336,11 +371,12 @@ class VolumeJournal:
                 self._firsts = [first_seq]
                 self._fd = fd
                 self._durable_seq = self._written_seq = first_seq - 1
+                self._start_appending(fd, b"")
                 return
             last_first = firsts[-1]
             last_path = self._seg_path(last_first)
             good, last_seq, problem = _scan_segment(last_path, last_first)
-            fd = fs.open(last_path, os.O_WRONLY | os.O_APPEND)
+            fd = fs.open(last_path, os.O_WRONLY)
             try:
                 if problem is not None:
                     size = last_path.stat().st_size
@@ -349,6 +385,9 @@ class VolumeJournal:
                                 size - good, problem)
                     fs.truncate(fd, good)
                     fs.fsync(fd)
+                with open(last_path, "rb") as f:  # the last partial block, for O_DIRECT
+                    f.seek(good - good % directio.ALIGN)
+                    tail = _read_exact(f, good % directio.ALIGN)
             except BaseException:
                 fs.close(fd)
                 raise
@@ -358,6 +397,19 @@ class VolumeJournal:
         self._fd = fd
         self._size = self._durable_size = good
         self._durable_seq = self._written_seq = last_seq
+        self._start_appending(fd, tail)
+
+    def _cut_padding(self, fd: int) -> None:
+        """Cut the zero bytes O_DIRECT appends leave after the last frame of a segment that
+        is closed: only the open segment of a running journal (or one that crashed) ends
+        with padding."""
+        if self._direct and self._size % directio.ALIGN and self._broken is None:
+            self._fs.truncate(fd, self._size)
+
+    def _start_appending(self, fd: int, tail: bytes) -> None:
+        """Appends to ``fd`` (at ``_size``, which ends in the bytes ``tail``) from now on."""
+        self._direct = self.direct and directio.try_direct(fd)
+        self._appender.reset(tail)
 
     def _seg_path(self, first_seq: int) -> Path:
         return self.path / segment_name(first_seq)
@@ -427,7 +479,14 @@ class VolumeJournal:
     def _write(self, frame: Buffer) -> None:
         assert self._fd is not None
         try:
-            write_all(self._fs, self._fd, frame)
+            if self._direct:
+                slot = self._appender.slot(len(frame))
+                slot[:] = memoryview(frame).cast("B")
+                block, lead = self._appender.block()
+                pwrite_all(self._fs, self._fd, block, self._size - lead)
+                self._appender.done()
+            else:
+                pwrite_all(self._fs, self._fd, frame, self._size)
         except OSError as e:
             # Take the partial frame back out so the next append follows the last whole one.
             try:
@@ -443,6 +502,7 @@ class VolumeJournal:
         assert self._fd is not None
         fs = self._fs
         try:
+            self._cut_padding(self._fd)
             fs.fsync(self._fd)
             if self._dir_dirty:
                 fs.fsync_dir(self.path)
@@ -453,11 +513,11 @@ class VolumeJournal:
         self._dir_dirty = False
         try:
             fs.close(old)
-            self._fd = fs.open(self._seg_path(first_seq),
-                               os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND)
+            self._fd = fs.open(self._seg_path(first_seq), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         except OSError as e:
             self._broken = f"cannot start segment {segment_name(first_seq)}: {describe(e)}"
             raise OSFailure(f"journal {self.path}: {self._broken}") from None
+        self._start_appending(self._fd, b"")
         self._firsts.append(first_seq)
         self._size = self._durable_size = 0
         self._dir_dirty = True
@@ -516,9 +576,11 @@ class VolumeJournal:
     def close(self) -> None:
         """Release the open segment (without syncing: call :meth:`sync` first)."""
         with self._lock:
+            self._appender.close()
             if self._fd is not None:
                 fd, self._fd = self._fd, None
                 try:
+                    self._cut_padding(fd)
                     self._fs.close(fd)
                 except OSError as e:
                     raise OSFailure(f"journal {self.path}: close failed: {describe(e)}") from None

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from zfsrep import frames
+from zfsrep import directio, frames
 from zfsrep.errors import CorruptDataError, FrameError, NotFoundError, StateError
 from zfsrep.syscalls import lower_thread_priority, pwritev_all, try_lock
 
@@ -316,24 +316,12 @@ def _scan_segment(path: Path) -> tuple[int, int | None, str | None]:
             good = f.tell()
 
 
-#: Segments are written with O_DIRECT where the file system takes it, in blocks of this
-#: size from a buffer aligned to it; a segment then ends with up to DIRECT_ALIGN - 1 zero
-#: bytes after its last frame (read as its end: docs/spool-format.md).
-DIRECT_ALIGN = frames.SEGMENT_PAD
+#: Segments are written with O_DIRECT where the file system takes it (zfsrep.directio); a
+#: segment then ends with up to DIRECT_ALIGN - 1 zero bytes after its last frame (read as its
+#: end: docs/spool-format.md).
+DIRECT_ALIGN = directio.ALIGN
 #: False: segments are always written through the page cache (ZFSREP_SPOOL_DIRECT=0).
 DIRECT = os.environ.get("ZFSREP_SPOOL_DIRECT", "1") != "0"
-
-
-def _try_direct(fd: int) -> bool:
-    """Switch ``fd`` to O_DIRECT; False where the file system does not take it (tmpfs)."""
-    import fcntl
-
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-    except OSError:
-        return False
-    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
 
 
 class SpoolWriter:
@@ -359,9 +347,7 @@ class SpoolWriter:
         #: reads back from the disk, at background CPU priority.
         self.direct = DIRECT
         self._direct = False  # the segment is written with O_DIRECT
-        self._tail = b""  # its last partial block (O_DIRECT rewrites it with the next frame)
-        self._stage: mmap.mmap | None = None
-        self._stage_view: memoryview | None = None
+        self._appender = directio.DirectAppender()
         self.next_seq = 1
         #: Bytes of segments on disk; writing past ``limit`` fails with ENOSPC (capture then
         #: stops, the application goes on: see docs/spool-format.md).
@@ -446,8 +432,8 @@ class SpoolWriter:
         path = self.path / SEGMENTS / _segment_name(first_seq)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._size = 0
-        self._direct = self.direct and _try_direct(self._fd)
-        self._tail = b""
+        self._direct = self.direct and directio.try_direct(self._fd)
+        self._appender.reset()
         self._closing.append(self._closer.submit(_retire, old, self.path / SEGMENTS))
 
     #: :meth:`write_frame` takes :class:`frames.PendingFrame` (the capture pipeline asks).
@@ -497,42 +483,19 @@ class SpoolWriter:
         """Write one frame at the end of an O_DIRECT segment (the class docstring); the
         frame as buffers."""
         assert self._fd is not None
-        lead = len(self._tail)
-        end = lead + size
-        need = -(-end // DIRECT_ALIGN) * DIRECT_ALIGN
-        stage = self._staging(need)
-        stage[:lead] = self._tail
+        slot = self._appender.slot(size)
         if isinstance(frame, frames.PendingFrame):
-            parts = [memoryview(p) for p in frame.stage(stage[lead:end])]
+            parts = [memoryview(p) for p in frame.stage(slot)]
         else:
-            at = lead
+            at = 0
             for p in parts:
-                stage[at:at + p.nbytes] = p.cast("B")
+                slot[at:at + p.nbytes] = p.cast("B")
                 at += p.nbytes
-        stage[end:need] = bytes(need - end)
-        if os.pwrite(self._fd, stage[:need], self._size - lead) != need:
+        block, lead = self._appender.block()
+        if os.pwrite(self._fd, block, self._size - lead) != len(block):
             raise OSError(errno.EIO, f"short write to spool segment in {self.path}")
-        keep = end % DIRECT_ALIGN
-        self._tail = bytes(stage[end - keep:end])
+        self._appender.done()
         return parts
-
-    def _staging(self, need: int) -> memoryview:
-        """An aligned buffer (anonymous memory is page-aligned) of at least ``need`` bytes,
-        in whole MiB, kept for the next frames: about one frame (4-6 MiB) of memory beyond
-        ``--memory-limit``."""
-        if self._stage_view is None or len(self._stage_view) < need:
-            self._free_staging()
-            self._stage = mmap.mmap(-1, -(-need >> 20) << 20)
-            self._stage_view = memoryview(self._stage)
-        return self._stage_view
-
-    def _free_staging(self) -> None:
-        if self._stage_view is not None:
-            self._stage_view.release()
-            self._stage_view = None
-        if self._stage is not None:
-            self._stage.close()
-            self._stage = None
 
     def recent(self, start_seq: int, upto_seq: int, max_bytes: int
                ) -> list[tuple[int, int, list[memoryview]]] | None:
@@ -598,7 +561,7 @@ class SpoolWriter:
         if self._fd is not None:
             _fsync_close(self._fd)
             self._fd = None
-        self._free_staging()
+        self._appender.close()
         while self._closing:
             self._closing.popleft().result()
         self._closer.shutdown(wait=True)
