@@ -387,40 +387,60 @@ def test_incomplete_spool_is_refused_by_readers_and_writers(spool: Path):
         SpoolWriter(spool, IDENT)
 
 
-def test_the_link_reader_hands_large_frames_out_as_file_ranges(spool: Path):
-    """SpoolReader.read: small frames as bytes, frames of SENDFILE_MIN or more as ranges of
-    their segment (own descriptors, closed by close_frames), across a segment boundary; a
-    range the segment does not hold whole is refused before anything is handed out."""
-    from zfsrep.spool import SENDFILE_MIN, FileRange, SpoolReader, close_frames
+@pytest.mark.parametrize("direct", [False, True])
+def test_the_link_reader_reads_large_frames_direct_or_hands_them_out_as_ranges(
+        spool: Path, direct: bool):
+    """SpoolReader.read: small frames as bytes; frames of READ_DIRECT_MIN or more read with
+    O_DIRECT into the reader's buffer (views, valid until the next read), or without it as
+    ranges of their segment (own descriptors, closed by close_frames); across a segment
+    boundary. A frame the segment does not hold whole is refused before anything is handed
+    out."""
+    from zfsrep.spool import READ_DIRECT_MIN, FileRange, SpoolReader, close_frames
 
-    big = [[seq, 0, Op.WRITE, 7, 0, os.urandom(SENDFILE_MIN), None, 0] for seq in (2, 3)]
+    big = [[seq, 0, Op.WRITE, 7, 0, os.urandom(READ_DIRECT_MIN), None, 0] for seq in (2, 3)]
     frames_in = [_frame(1, 1), frames.encode_frame([big[0]]), frames.encode_frame([big[1]]),
                  _frame(4, 2)]
-    w = SpoolWriter(spool, IDENT, segment_bytes=2 * SENDFILE_MIN)
+    w = SpoolWriter(spool, IDENT, segment_bytes=2 * READ_DIRECT_MIN)
+    w.direct = direct
     for f, (first, last) in zip(frames_in, [(1, 1), (2, 2), (3, 3), (4, 5)], strict=True):
         w.write_frame(f, first, last)
+    if direct:
+        _direct_or_skip(w)
     w.close()
     assert len(segment_paths(spool)) == 2
-    reader = SpoolReader(spool)
+    reader = SpoolReader(spool, direct=direct)
     got = reader.read(1, 5, 1 << 30)
     assert [(g[0], g[1]) for g in got] == [(1, 1), (2, 2), (3, 3), (4, 5)]
     kinds = [type(g[2]) for g in got]
-    assert kinds == [bytes, FileRange, FileRange, bytes]
+    assert kinds == [bytes, memoryview if direct else FileRange,
+                     memoryview if direct else FileRange, bytes]
     for (_first, _last, frame), want in zip(got, frames_in, strict=True):
-        data = frame if isinstance(frame, bytes) else os.pread(frame.fd, frame.length,
-                                                              frame.offset)
+        data = os.pread(frame.fd, frame.length, frame.offset) if isinstance(
+            frame, FileRange) else bytes(frame)
         assert data == want
     fds = [g[2].fd for g in got if isinstance(g[2], FileRange)]
     close_frames(got)
     for fd in fds:
         with pytest.raises(OSError):
             os.fstat(fd)
+    if direct:  # a batch larger than the buffer: the rest in memory of its own
+        reader.close()
+        reader = SpoolReader(spool, direct=True)
+        import zfsrep.spool as spool_module
+        small = spool_module.READ_BUFFER_BYTES
+        spool_module.READ_BUFFER_BYTES = READ_DIRECT_MIN
+        try:
+            got = reader.read(2, 3, 1 << 30)
+        finally:
+            spool_module.READ_BUFFER_BYTES = small
+        assert [bytes(g[2]) for g in got] == frames_in[1:3]
     reader.close()
     # a segment cut inside a large frame: refused, no descriptor left open
     seg = segment_paths(spool)[0]
-    os.truncate(seg, seg.stat().st_size - 100)
+    os.truncate(seg, seg.stat().st_size - 100 - (seg.stat().st_size - sum(
+        len(f) for f in frames_in[:2])))
     before = len(os.listdir("/proc/self/fd"))
-    reader = SpoolReader(spool)
+    reader = SpoolReader(spool, direct=direct)
     with pytest.raises(CorruptDataError, match="truncated"):
         reader.read(1, 5, 1 << 30)
     reader.close()

@@ -195,7 +195,7 @@ class VolumeShipper:
                 await self.gate.quiesce()
             else:
                 self.gate.resume()
-            reader = self._reader = SpoolReader(self.spool.path)
+            reader = self._reader = SpoolReader(self.spool.path, direct=self.spool.direct)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._receive, conn, nursery)
