@@ -601,9 +601,8 @@ def bench_throughput(env: Env, res: Results, run: int, sz: dict) -> None:
                       judged=False, fmt="{:,.0f}"))
     res.define(Metric("tp.repl", "seq write 1M: replicated", "MiB/s", "spool-only", ">= 0.9x",
                       lambda v, b, r: r is not None and r >= 0.9, fmt="{:,.0f}"))
-    res.define(Metric("tp.repl.shm", "  replicated, store on its own device", "MiB/s",
-                      "spool-only", ">= 0.9x", lambda v, b, r: r is not None and r >= 0.9,
-                      fmt="{:,.0f}"))
+    res.define(Metric("tp.repl.shm", "  replicated, store in memory (tmpfs)", "MiB/s",
+                      "spool-only", judged=False, fmt="{:,.0f}"))
     vals: dict[str, float] = {}
     notes: dict[str, str] = {}
     order = ["spool", "repl", "repl.shm"]
@@ -617,8 +616,10 @@ def bench_throughput(env: Env, res: Results, run: int, sz: dict) -> None:
                               bs="1M", size=sz["seq"], end_fsync=1)
             vals[cfg] = fio_mibps(job)
         else:
-            # repl.shm: the store on tmpfs stands for a recovery site with its own disk (the
-            # one disk here is then not shared by three write streams); CPU is still shared
+            # repl.shm: the store on tmpfs, so the one disk here is not shared by three write
+            # streams (CPU still is). Reported, not judged: it no longer stands for a store
+            # on a disk of its own, as tmpfs takes no O_DIRECT and the journal is then
+            # written through the page cache (docs/journal-format.md)
             where = "/dev/shm" if cfg == "repl.shm" else None
             with replicated(env, "tp-repl", store_parent=where) as (_base, srv, m):
                 job = run_fio("seq1m", os.path.join(m.mountpoint, "seq1m"), 900, rw="write",
