@@ -395,6 +395,27 @@ def test_an_fsync_failure_while_rotating_refuses_the_append(jpath: Path, logs):
     j.close()
 
 
+def test_an_o_direct_write_the_file_system_refuses_goes_through_the_page_cache(
+        jpath: Path, logs):
+    fs = FaultInjectingFS()
+    j = VolumeJournal(jpath, fs=fs, direct=True)
+    if not j._direct:
+        pytest.skip("the file system under tmp_path does not take O_DIRECT")
+    j.append(_frame(1))
+    fs.fail("write", errno.EINVAL)
+    assert j.append(_frame(4))
+    (warned,) = logs.take()
+    assert "refused an O_DIRECT write" in warned and "page cache" in warned
+    assert not j._direct
+    j.append(_frame(7))
+    j.sync()
+    j.close()
+    seg = jpath / segment_name(1)
+    assert seg.stat().st_size == sum(len(_frame(f)) for f in (1, 4, 7))
+    with VolumeJournal(jpath) as j:
+        assert _seqs(j, 1) == list(range(1, 10))
+
+
 @pytest.mark.parametrize("direct", [False, True])
 def test_a_crash_half_way_through_a_write_loses_only_that_frame(jpath: Path, logs,
                                                                  direct: bool):

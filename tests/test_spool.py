@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -385,6 +386,34 @@ def test_incomplete_spool_is_refused_by_readers_and_writers(spool: Path):
     assert [r[0] for r in iter_records(spool, allow_incomplete=True)] == [1, 2]
     with pytest.raises(StateError, match="incomplete"):
         SpoolWriter(spool, IDENT)
+
+
+@pytest.mark.direct
+def test_an_o_direct_write_the_file_system_refuses_goes_through_the_page_cache(
+        spool: Path, monkeypatch, caplog):
+    import fcntl
+
+    w = SpoolWriter(spool, IDENT)
+    _write(w, 1, 1)
+    _direct_or_skip(w)
+    real = os.pwrite
+    refused = []
+
+    def pwrite(fd: int, data, offset: int) -> int:
+        if not refused and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    caplog.set_level(logging.WARNING, logger="zfsrep.spool")
+    _write(w, 2, 3)
+    monkeypatch.undo()
+    assert refused and not w._direct and not w.direct
+    assert any("refused an O_DIRECT write" in r.getMessage() for r in caplog.records)
+    _write(w, 5, 2)
+    w.close()
+    assert _seqs(spool) == list(range(1, 7))
 
 
 @pytest.mark.parametrize("direct", [False, True])

@@ -37,6 +37,14 @@ def try_direct(fd: int) -> bool:
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
 
 
+def leave_direct(fd: int) -> None:
+    """Clear O_DIRECT on ``fd``: the file system took the flag but refused an aligned write
+    (EINVAL; a device with larger blocks, a file system that checks more). The caller
+    writes the same block again through the page cache and appends there from then on."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+
+
 def round_up(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 

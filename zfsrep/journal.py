@@ -403,7 +403,8 @@ class VolumeJournal:
         """Cut the zero bytes O_DIRECT appends leave after the last frame of a segment that
         is closed: only the open segment of a running journal (or one that crashed) ends
         with padding."""
-        if self._direct and self._size % directio.ALIGN and self._broken is None:
+        if self._size % directio.ALIGN and self._broken is None and \
+                os.fstat(fd).st_size > self._size:
             self._fs.truncate(fd, self._size)
 
     def _start_appending(self, fd: int, tail: bytes) -> None:
@@ -483,7 +484,17 @@ class VolumeJournal:
                 slot = self._appender.slot(len(frame))
                 slot[:] = memoryview(frame).cast("B")
                 block, lead = self._appender.block()
-                pwrite_all(self._fs, self._fd, block, self._size - lead)
+                try:
+                    pwrite_all(self._fs, self._fd, block, self._size - lead)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    log.warning("journal %s: the file system refused an O_DIRECT write "
+                                "(%s); writing through the page cache from now on",
+                                self.path, describe(e))
+                    directio.leave_direct(self._fd)
+                    self._direct = self.direct = False
+                    pwrite_all(self._fs, self._fd, block, self._size - lead)
                 self._appender.done()
             else:
                 pwrite_all(self._fs, self._fd, frame, self._size)

@@ -492,7 +492,17 @@ class SpoolWriter:
                 slot[at:at + p.nbytes] = p.cast("B")
                 at += p.nbytes
         block, lead = self._appender.block()
-        if os.pwrite(self._fd, block, self._size - lead) != len(block):
+        try:
+            written = os.pwrite(self._fd, block, self._size - lead)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            log.warning("spool %s: the file system refused an O_DIRECT write (%s); writing "
+                        "through the page cache from now on", self.path, e.strerror or e)
+            directio.leave_direct(self._fd)
+            self._direct = self.direct = False
+            written = os.pwrite(self._fd, block, self._size - lead)
+        if written != len(block):
             raise OSError(errno.EIO, f"short write to spool segment in {self.path}")
         self._appender.done()
         return parts
