@@ -17,11 +17,16 @@ them as its end).
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import mmap
 import os
+from collections.abc import Callable
 
 from zfsrep import frames
+
+log = logging.getLogger(__name__)
 
 #: The block size of O_DIRECT appends (a multiple of every logical block size we meet).
 ALIGN = frames.SEGMENT_PAD
@@ -89,6 +94,27 @@ class DirectAppender:
         assert self._pending is not None and self._view is not None
         lead, _end, need = self._pending
         return self._view[:need], lead
+
+    def write(self, fd: int, write_at: Callable[[memoryview, int], object], end: int,
+              what: str) -> bool:
+        """Write the block (:meth:`block`) with ``write_at(block, offset)`` at ``end`` (the
+        file's length before the append) minus its lead, then :meth:`done`. A write the
+        file system refuses (EINVAL) is made again through the page cache, with a WARNING
+        naming ``what``: returns False then, and ``fd`` is no longer O_DIRECT."""
+        block, lead = self.block()
+        direct = True
+        try:
+            write_at(block, end - lead)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            log.warning("%s: the file system refused an O_DIRECT write (%s); writing "
+                        "through the page cache from now on", what, e.strerror or e)
+            leave_direct(fd)
+            write_at(block, end - lead)
+            direct = False
+        self.done()
+        return direct
 
     def done(self) -> None:
         """The block was written: its last partial block is the new tail."""

@@ -483,19 +483,11 @@ class VolumeJournal:
             if self._direct:
                 slot = self._appender.slot(len(frame))
                 slot[:] = memoryview(frame).cast("B")
-                block, lead = self._appender.block()
-                try:
-                    pwrite_all(self._fs, self._fd, block, self._size - lead)
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
-                    log.warning("journal %s: the file system refused an O_DIRECT write "
-                                "(%s); writing through the page cache from now on",
-                                self.path, describe(e))
-                    directio.leave_direct(self._fd)
+                fd, fs = self._fd, self._fs
+                if not self._appender.write(
+                        fd, lambda block, at: pwrite_all(fs, fd, block, at), self._size,
+                        f"journal {self.path}"):
                     self._direct = self.direct = False
-                    pwrite_all(self._fs, self._fd, block, self._size - lead)
-                self._appender.done()
             else:
                 pwrite_all(self._fs, self._fd, frame, self._size)
         except OSError as e:

@@ -491,20 +491,14 @@ class SpoolWriter:
             for p in parts:
                 slot[at:at + p.nbytes] = p.cast("B")
                 at += p.nbytes
-        block, lead = self._appender.block()
-        try:
-            written = os.pwrite(self._fd, block, self._size - lead)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            log.warning("spool %s: the file system refused an O_DIRECT write (%s); writing "
-                        "through the page cache from now on", self.path, e.strerror or e)
-            directio.leave_direct(self._fd)
+        fd = self._fd
+
+        def write_at(block: memoryview, offset: int) -> None:
+            if os.pwrite(fd, block, offset) != len(block):
+                raise OSError(errno.EIO, f"short write to spool segment in {self.path}")
+
+        if not self._appender.write(fd, write_at, self._size, f"spool {self.path}"):
             self._direct = self.direct = False
-            written = os.pwrite(self._fd, block, self._size - lead)
-        if written != len(block):
-            raise OSError(errno.EIO, f"short write to spool segment in {self.path}")
-        self._appender.done()
         return parts
 
     def recent(self, start_seq: int, upto_seq: int, max_bytes: int
