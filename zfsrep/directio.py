@@ -17,6 +17,7 @@ them as its end).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -52,6 +53,32 @@ def leave_direct(fd: int) -> None:
 
 def round_up(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
+
+
+#: Transparent huge pages are this large (x86-64, arm64 with 4 KiB pages).
+HUGE_PAGE = 2 << 20
+
+
+def aligned_buffer(size: int) -> mmap.mmap:
+    """Page-aligned memory for O_DIRECT transfers, private to this process, of at least
+    ``size`` bytes: from 2 MiB on in whole 2 MiB and backed by transparent huge pages where
+    the system gives them (``madvise``; best effort).
+
+    A 4 MiB transfer from 4 KiB pages is 1,024 scattered pages: the block layer splits it
+    into requests of at most ``max_segments`` pages each (5 to 8 requests on the virtual
+    disks we measure on), and each request costs an interrupt and, with the mq-deadline
+    scheduler, a dispatch on a high-priority kernel worker that preempts whatever runs on
+    that CPU, the mount's request thread included. From huge pages the same transfer is a
+    few contiguous segments: one or two requests (bench/README.md, sixteenth session).
+    Not inherited by child processes (MADV_DONTFORK), so a fork during a transfer cannot
+    make the parent's pages copy-on-write under the device."""
+    huge = size >= HUGE_PAGE
+    unit = HUGE_PAGE if huge else mmap.PAGESIZE
+    buf = mmap.mmap(-1, -(-size // unit) * unit, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for advice in (mmap.MADV_DONTFORK, *([mmap.MADV_HUGEPAGE] if huge else [])):
+        with contextlib.suppress(OSError):  # (a kernel without THP: ordinary pages)
+            buf.madvise(advice)
+    return buf
 
 
 class DirectAppender:
@@ -125,11 +152,11 @@ class DirectAppender:
         self._pending = None
 
     def _staging(self, need: int) -> memoryview:
-        """An aligned buffer (anonymous memory is page-aligned) of at least ``need`` bytes,
-        in whole MiB, kept for the next appends: about one frame of memory."""
+        """An aligned buffer (:func:`aligned_buffer`) of at least ``need`` bytes, kept for
+        the next appends: about one frame of memory."""
         if self._view is None or len(self._view) < need:
             self.close()
-            self._map = mmap.mmap(-1, -(-need >> 20) << 20)
+            self._map = aligned_buffer(need)
             self._view = memoryview(self._map)
         return self._view
 

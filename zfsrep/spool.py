@@ -855,11 +855,11 @@ class SpoolReader:
         span = directio.round_up(at + length) - start
         if self._view is None or self._used + span > len(self._view):
             if self._used:  # frames of this read() are in the buffer: one of its own
-                dest = memoryview(mmap.mmap(-1, span))
+                dest = memoryview(directio.aligned_buffer(span))
             else:
                 if self._view is not None:
                     self._view.release()
-                self._buf = mmap.mmap(-1, max(span, READ_BUFFER_BYTES))
+                self._buf = directio.aligned_buffer(max(span, READ_BUFFER_BYTES))
                 self._view = memoryview(self._buf)
                 dest = self._view[:span]
                 self._used = span
