@@ -152,11 +152,12 @@ class DirectAppender:
         self._pending = None
 
     def _staging(self, need: int) -> memoryview:
-        """An aligned buffer (:func:`aligned_buffer`) of at least ``need`` bytes, kept for
-        the next appends: about one frame of memory."""
+        """An aligned buffer (:func:`aligned_buffer`) of at least ``need`` bytes and at
+        least 1 MiB (frames that grow a little at a time do not each allocate anew), kept
+        for the next appends: about one frame of memory."""
         if self._view is None or len(self._view) < need:
             self.close()
-            self._map = aligned_buffer(need)
+            self._map = aligned_buffer(max(need, 1 << 20))
             self._view = memoryview(self._map)
         return self._view
 
