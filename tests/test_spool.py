@@ -65,7 +65,8 @@ def _direct_or_skip(w: SpoolWriter) -> None:
 @pytest.mark.direct
 def test_direct_segments_end_in_zero_padding_that_readers_take_as_their_end(spool: Path,
                                                                            caplog):
-    from zfsrep.spool import DIRECT_ALIGN, SpoolReader, close_frames
+    from zfsrep.directio import ALIGN as DIRECT_ALIGN
+    from zfsrep.spool import SpoolReader, close_frames
 
     big = _frame(1, 1)
     w = SpoolWriter(spool, IDENT, segment_bytes=3 * DIRECT_ALIGN)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import threading
@@ -179,8 +178,7 @@ class FaultInjectingFS(OSJournalFS):
         page cache (an O_DIRECT descriptor takes only whole blocks): a torn write."""
         action = self._fault("write", self._names.get(fd, "?"))
         if isinstance(action, int):
-            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+            directio.leave_direct(fd)
             os.pwrite(fd, memoryview(data)[:action], offset)
             raise SimulatedCrash(f"crashed after writing {action} of {len(data)} bytes")
         if callable(action):

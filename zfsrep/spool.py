@@ -317,9 +317,8 @@ def _scan_segment(path: Path) -> tuple[int, int | None, str | None]:
 
 
 #: Segments are written with O_DIRECT where the file system takes it (zfsrep.directio); a
-#: segment then ends with up to DIRECT_ALIGN - 1 zero bytes after its last frame (read as its
-#: end: docs/spool-format.md).
-DIRECT_ALIGN = directio.ALIGN
+#: segment then ends with up to directio.ALIGN - 1 zero bytes after its last frame (read as
+#: its end: docs/spool-format.md).
 #: False: segments are always written through the page cache (ZFSREP_SPOOL_DIRECT=0).
 DIRECT = os.environ.get("ZFSREP_SPOOL_DIRECT", "1") != "0"
 
