@@ -561,8 +561,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from zfsrep.cli import daemon_main
+    from zfsrep.syscalls import use_ordinary_cpu
 
     args = build_parser().parse_args(argv)
+    # it serves the live volume to applications: not at the background priority of a
+    # journal server that started it again after a restart (zfsrep.server, resume)
+    use_ordinary_cpu()
     opts = PromoteOptions(volume_dir=args.volume_dir, seq=args.seq, work=args.work,
                           mountpoint=args.mountpoint, label=args.label,
                           rate=args.rate if args.rate and args.rate > 0 else None)

@@ -452,6 +452,35 @@ def test_resume_brings_a_moved_volume_back_up_before_commit_move(
 
 
 @pytest.mark.mount
+def test_a_restarted_server_serves_the_live_volume_again_by_itself(
+        journal_server, mount_factory, recovery: Path) -> None:
+    """As after a restart of the recovery host (the promotion daemon and the server both
+    gone): the server, started again, brings the live volume back up without a `resume`,
+    at ordinary CPU priority although the server runs under SCHED_IDLE, and at the rate
+    the failover was started with."""
+    m, live, oracle = _volume(journal_server, mount_factory, recovery)
+    journal_server.cli("failover-live", VPG, "t", "--promote-rate", "0.5")
+    pid = _kill_daemon(live)
+    journal_server.kill()
+    if mount_at(live) is not None:  # (a reboot leaves no mount behind)
+        subprocess.run(["fusermount3", "-u", "-z", str(live)], capture_output=True)
+    journal_server.expected_log += ["served again at the live path"]
+    journal_server.start()
+    deadline = time.monotonic() + 60
+    while not (mount_at(live) and mount_at(live)[1] == "fuse.zfsrep"):
+        assert time.monotonic() < deadline, "the live volume was not served again"
+        time.sleep(0.1)
+    state = _state(live)
+    assert state["pid"] != pid and state["rate"] == MIB // 2
+    assert os.sched_getscheduler(state["pid"]) == os.SCHED_OTHER
+    assert "served again at the live path" in journal_server.log.read_text()
+    r = journal_server.cli("resume", VPG)
+    assert "nothing to resume" in r.stdout
+    journal_server.cli("commit", VPG)
+    _assert_committed(journal_server, m, live, oracle, {})
+
+
+@pytest.mark.mount
 def test_rollback_during_promotion_stops_it_and_protection_resumes(
         journal_server, mount_factory, recovery: Path) -> None:
     m, live, _ = _volume(journal_server, mount_factory, recovery)

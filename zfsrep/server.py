@@ -792,8 +792,9 @@ async def serve(store_dir: Path, listen: tuple[str, int], ready: Callable[[], No
         server.pacer.start()
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(server.run, listen)
+            listeners = await nursery.start(server.run, listen)
             ready()
+            nursery.start_soon(resume_promotions, server, listeners[0].socket.getsockname())
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
                                            signal.SIGHUP) as sigs:
                 async for signum in sigs:
@@ -803,3 +804,32 @@ async def serve(store_dir: Path, listen: tuple[str, int], ready: Callable[[], No
     finally:
         if server.pacer is not None:
             server.pacer.stop()
+
+
+async def resume_promotions(server: JournalServer, bound: tuple) -> None:
+    """After a restart of the recovery host, serve the live volumes of every failover-live
+    or move that is before commit again, as ``zfsrep resume`` does (zfsrep.recovery): the
+    applications moved there should not wait for an administrator. What cannot be started
+    is logged; ``zfsrep resume`` tries again."""
+    import argparse
+
+    from zfsrep import recovery
+
+    host, port = bound[0], bound[1]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    for name, vpg in list(server.vpgs.items()):
+        op = vpg.operation
+        if not op or op.get("op") not in ("failover-live", "move") \
+                or op.get("phase") != "before-commit":
+            continue
+        args = argparse.Namespace(vpg=name, server=address, promote_rate=None, json=True)
+        try:
+            done = await trio.to_thread.run_sync(recovery.resume, args)
+        except Exception as e:  # (logged; the server goes on serving)
+            log.error("VPG %s: the %s before commit could not be served again: %s; "
+                      "`zfsrep resume %s` tries again", name, op.get("op"), e, name)
+            continue
+        if done.get("resumed"):
+            log.warning("VPG %s: %s before commit: served again at the live path, its "
+                        "promotion going on: %s", name, op.get("op"), ", ".join(done["resumed"]))

@@ -121,6 +121,15 @@ def use_idle_cpu() -> bool:
     return True
 
 
+def use_ordinary_cpu() -> None:
+    """Put the calling thread back under ordinary time-sharing, whatever it inherited (a
+    daemon that serves applications, started by a journal server under SCHED_IDLE). Best
+    effort."""
+    with contextlib.suppress(OSError, AttributeError):
+        if os.sched_getscheduler(0) != os.SCHED_OTHER:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
 def name_thread(name: str) -> None:
     """Name the calling thread for ``top -H``, ``ps -L`` and /proc (at most 15 bytes)."""
     _libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
