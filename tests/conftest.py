@@ -113,6 +113,15 @@ class ProtectedMount:
         assert self.stop() == 0
         self.start()
 
+    def kill(self) -> None:
+        """kill -9 the daemon, then clear the dead mount as an administrator would."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+        if is_mounted(self.mnt):
+            subprocess.run([FUSERMOUNT, "-u", "-z", str(self.mnt)], capture_output=True)
+
     def log_problems(self) -> list[str]:
         return log_problems(self.log, self.expected_log)
 

@@ -8,24 +8,14 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FUSERMOUNT, is_mounted, zfsrep
+from conftest import zfsrep
 
 from zfsrep.spool import RUN_STATE, read_incomplete
 
 pytestmark = pytest.mark.mount
-
-
-def _kill(m) -> None:
-    """kill -9 the daemon, then clear the dead mount as an administrator would."""
-    m.proc.kill()
-    m.proc.wait()
-    m.proc = None
-    if is_mounted(m.mnt):
-        subprocess.run([FUSERMOUNT, "-u", "-z", str(m.mnt)], capture_output=True)
 
 
 def _start_refused(m) -> str:
@@ -40,7 +30,7 @@ def test_killed_when_everything_was_written_the_mount_goes_on(mount_factory, tmp
     (m.mnt / "f").write_bytes(os.urandom(3 << 20))
     os.sync()
     _wait_spooled(m)
-    _kill(m)
+    m.kill()
     shown = json.loads(zfsrep("spool", "show", str(m.spool), "--json").stdout)
     assert shown["daemon"]["state"] == "died without a clean shutdown"
     assert shown["daemon"]["next_protect"].startswith("goes on")
@@ -147,7 +137,7 @@ def test_kill_9_right_after_fsync_never_loses_changes(mount_factory, tmp_path):
             for _ in range(48):
                 f.write(os.urandom(1 << 20))
             os.fsync(f.fileno())
-        _kill(m)
+        m.kill()
         m.start()
         assert m.stop() == 0
         log = m.log.read_text()

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import is_mounted
 from test_capture_workload import RandomWorkload
 from test_replication import (
     VOL,
@@ -100,11 +98,7 @@ def _crash_and_start(m, server, spools: int) -> int:
     """kill -9 the mount daemon at whatever it was doing and start it again. A crash that
     lost a change of names is refused (exit 4): then the documented way back, remove-volume
     and a new spool (the volume's checkpoints stay). Returns how many spools were used."""
-    m.proc.kill()
-    m.proc.wait()
-    m.proc = None
-    if is_mounted(m.mnt):
-        subprocess.run(["fusermount3", "-u", "-z", str(m.mnt)], capture_output=True)
+    m.kill()
     try:
         m.start()
         return spools
